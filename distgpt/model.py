@@ -1,0 +1,514 @@
+"""GPT-2 in NumPy: the flat parameter layout, forward and backward over reused buffers, KV cache.
+
+Every parameter lives in one flat vector; each named tensor is a view into it. The gradient
+buffer has the same layout, so one allreduce covers all gradients, the optimizer runs one
+vectorised update over a slice, and a checkpoint shard is a byte range of the same vector.
+
+The layout order is [wte, wpe, layer 0 ... layer L-1, ln_f]. Layers are contiguous so that the
+backward pass, which finishes them last-to-first, can hand each finished layer's gradient slice
+to the communicator while it works on the next one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from distgpt import ops
+
+LAYER_PARAMS = (  # name, shape as a function of C, decayed (2-D matmul weights only)
+    ("ln_1.weight", lambda c: (c,), False),
+    ("ln_1.bias", lambda c: (c,), False),
+    ("attn.c_attn.weight", lambda c: (c, 3 * c), True),
+    ("attn.c_attn.bias", lambda c: (3 * c,), False),
+    ("attn.c_proj.weight", lambda c: (c, c), True),
+    ("attn.c_proj.bias", lambda c: (c,), False),
+    ("ln_2.weight", lambda c: (c,), False),
+    ("ln_2.bias", lambda c: (c,), False),
+    ("mlp.c_fc.weight", lambda c: (c, 4 * c), True),
+    ("mlp.c_fc.bias", lambda c: (4 * c,), False),
+    ("mlp.c_proj.weight", lambda c: (4 * c, c), True),
+    ("mlp.c_proj.bias", lambda c: (c,), False),
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    attention: str = "dense"  # dense | alternating_banded (GPT-3: odd layers see a local band)
+    window: int = 128  # band width for alternating_banded
+    vocab_multiple: int = 64  # wte rows are padded to a multiple of this; padded rows stay 0
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.attention == "alternating_banded" and layer % 2 == 1:
+            return self.window
+        return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    decay: bool
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+class Layout:
+    """Names, shapes and offsets of every parameter in the flat vector."""
+
+    def __init__(self, cfg: ModelConfig):
+        C = cfg.n_embd
+        entries: list[Entry] = []
+        offset = 0
+
+        def add(name: str, shape: tuple[int, ...], decay: bool) -> None:
+            nonlocal offset
+            entries.append(Entry(name, shape, offset, decay))
+            offset += math.prod(shape)
+
+        add("wte", (cfg.padded_vocab, C), True)
+        add("wpe", (cfg.block_size, C), True)
+        self.layer_ranges: list[tuple[int, int]] = []
+        for layer in range(cfg.n_layer):
+            start = offset
+            for name, shape, decay in LAYER_PARAMS:
+                add(f"h.{layer}.{name}", shape(C), decay)
+            self.layer_ranges.append((start, offset))
+        add("ln_f.weight", (C,), False)
+        add("ln_f.bias", (C,), False)
+        self.entries = entries
+        self.by_name = {e.name: e for e in entries}
+        self.size = offset
+        self.cfg = cfg
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        assert flat.shape == (self.size,), (flat.shape, self.size)
+        return {e.name: flat[e.offset : e.offset + e.size].reshape(e.shape) for e in self.entries}
+
+    def decay_segments(self, start: int = 0, end: int | None = None) -> list[tuple[int, int, bool]]:
+        """[(lo, hi, decayed)] runs covering [start, end), relative to start, merging neighbours
+        with the same flag: weight decay applies to 2-D weights (matmuls, embeddings) only."""
+        end = self.size if end is None else end
+        runs: list[tuple[int, int, bool]] = []
+        for e in self.entries:
+            lo, hi = max(e.offset, start) - start, min(e.offset + e.size, end) - start
+            if lo >= hi:
+                continue
+            if runs and runs[-1][2] == e.decay and runs[-1][1] == lo:
+                runs[-1] = (runs[-1][0], hi, e.decay)
+            else:
+                runs.append((lo, hi, e.decay))
+        return runs
+
+    def describe(self) -> list[dict]:
+        return [{"name": e.name, "shape": list(e.shape), "offset": e.offset} for e in self.entries]
+
+    def n_params(self, count_padding: bool = False) -> int:
+        pad = 0 if count_padding else (self.cfg.padded_vocab - self.cfg.vocab_size) * self.cfg.n_embd
+        return self.size - pad
+
+
+def init_params(layout: Layout, params: np.ndarray, seed: int) -> None:
+    """GPT-2 initialisation: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 L),
+    zero biases, unit LayerNorm gains; padded vocabulary rows zero."""
+    cfg = layout.cfg
+    rng = np.random.default_rng(seed)
+    p = layout.views(params)
+    params[:] = 0.0
+    for e in layout.entries:
+        leaf = e.name.rsplit(".", 1)[-1]
+        if e.name.endswith("ln_1.weight") or e.name.endswith("ln_2.weight") or e.name == "ln_f.weight":
+            p[e.name][...] = 1.0
+        elif leaf == "bias":
+            continue
+        else:
+            std = 0.02
+            if e.name.endswith("c_proj.weight"):
+                std = 0.02 / math.sqrt(2 * cfg.n_layer)
+            p[e.name][...] = rng.standard_normal(e.shape, dtype=np.float64) * std
+    p["wte"][cfg.vocab_size :] = 0.0
+
+
+class _Acts:
+    """Activation buffers for one (B, T), allocated once and reused every step."""
+
+    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype):
+        C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
+        hs = C // nh
+        BT = B * T
+        z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
+        self.x = z(BT, C)  # residual stream
+        self.ln1_xhat, self.ln1_out, self.ln1_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
+        self.qkv = z(L, 3, B, nh, T, hs)
+        self.att = z(L, B, nh, T, T)
+        self.attn_y = z(L, BT, C)
+        self.ln2_xhat, self.ln2_out, self.ln2_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
+        self.fc_pre = z(L, BT, 4 * C)
+        self.lnf_xhat, self.lnf_out, self.lnf_rstd = z(BT, C), z(BT, C), z(BT)
+        self.dlnf_out = z(BT, C)
+        # scratch, reused inside a layer
+        self.s_qkv = z(BT, 3 * C)
+        self.s_c = z(BT, C)
+        self.s_c2 = z(BT, C)
+        self.s_4c = z(BT, 4 * C)
+        self.s_heads = z(3, B, nh, T, hs)
+        self.s_y = z(B, nh, T, hs)
+
+
+def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4) -> int:
+    """Bytes of the training buffers `_Acts` allocates for a (B, T) micro-batch, plus the head's chunk."""
+    C, L, BT = cfg.n_embd, cfg.n_layer, B * T
+    per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T * T
+    scratch = 15 * BT * C + BT
+    head = min(BT, head_chunk_rows) * cfg.vocab_size
+    return itemsize * (L * per_layer + scratch + head)
+
+
+class GPT:
+    """Owns the flat parameter and gradient buffers and the activations of the last forward."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: type = np.float32,
+        params: np.ndarray | None = None,
+        head_chunk_rows: int = 512,
+    ):
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        self.layout = Layout(cfg)
+        self.params = np.zeros(self.layout.size, self.dtype) if params is None else params
+        self.grads = np.zeros(self.layout.size, self.dtype)
+        self.p = self.layout.views(self.params)
+        self.g = self.layout.views(self.grads)
+        self.head_chunk_rows = head_chunk_rows
+        self._acts: dict[tuple[int, int], _Acts] = {}
+        self._masks = {}
+        self._last: tuple | None = None
+        self.layer_done_hook = None  # called with the layer index as its gradients finish
+
+    # ------------------------------------------------------------------ helpers
+    def _buffers(self, B: int, T: int) -> _Acts:
+        key = (B, T)
+        if key not in self._acts:
+            if len(self._acts) >= 2:  # training and eval shapes; drop anything older
+                self._acts.pop(next(iter(self._acts)))
+            self._acts[key] = _Acts(self.cfg, B, T, self.dtype)
+        return self._acts[key]
+
+    def _blocked(self, T: int, layer: int) -> np.ndarray:
+        w = self.cfg.layer_window(layer)
+        key = (T, w)
+        if key not in self._masks:
+            self._masks[key] = ops.causal_mask(T, w)
+        return self._masks[key]
+
+    def _dropout_masks(self, B: int, T: int, seed: tuple[int, ...], row0: int) -> dict[str, np.ndarray]:
+        """Inverted-dropout keep masks drawn per global row from (seed..., row): the same rows
+        get the same masks whatever the number of ranks or micro-batches."""
+        cfg, p = self.cfg, self.cfg.dropout
+        C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
+        masks = {
+            "emb": np.empty((B, T, C), bool),
+            "att": np.empty((L, B, nh, T, T), bool),
+            "res1": np.empty((L, B, T, C), bool),
+            "res2": np.empty((L, B, T, C), bool),
+        }
+        for b in range(B):
+            rng = np.random.default_rng([*seed, row0 + b])
+            masks["emb"][b] = rng.random((T, C), dtype=np.float32) >= p
+            for layer in range(L):
+                masks["att"][layer, b] = rng.random((nh, T, T), dtype=np.float32) >= p
+                masks["res1"][layer, b] = rng.random((T, C), dtype=np.float32) >= p
+                masks["res2"][layer, b] = rng.random((T, C), dtype=np.float32) >= p
+        return masks
+
+    def _drop(self, a: np.ndarray, keep: np.ndarray) -> None:
+        a *= keep.reshape(a.shape)
+        a *= 1.0 / (1.0 - self.cfg.dropout)
+
+    # ------------------------------------------------------------------ training forward/backward
+    def forward(
+        self,
+        idx: np.ndarray,
+        targets: np.ndarray | None = None,
+        grad_scale: float | None = None,
+        dropout_seed: tuple[int, ...] | None = None,
+        row0: int = 0,
+        return_logits: bool = False,
+    ):
+        """Mean cross-entropy of `targets` given `idx` (both (B, T) ints).
+
+        grad_scale: when given, this forward is followed by backward(); the loss gradient is scaled
+        by it (1 / (accumulation steps x ranks) makes a SUM-allreduce give the global mean).
+        dropout_seed: (seed, step) when dropout is active (training); None disables dropout.
+        return_logits: also return (B, T, vocab_size) logits (tests, sampling); costs memory.
+        """
+        cfg, p = self.cfg, self.p
+        B, T = idx.shape
+        if T > cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
+        C, nh = cfg.n_embd, cfg.n_head
+        a = self._buffers(B, T)
+        use_dropout = dropout_seed is not None and cfg.dropout > 0.0
+        masks = self._dropout_masks(B, T, dropout_seed, row0) if use_dropout else None
+
+        x = a.x
+        np.take(p["wte"], idx.reshape(-1), axis=0, out=x)
+        x.reshape(B, T, C)[...] += p["wpe"][:T]
+        if use_dropout:
+            self._drop(x, masks["emb"])
+        for layer in range(cfg.n_layer):
+            lp = f"h.{layer}."
+            a.ln1_rstd[layer] = ops.layernorm_forward(
+                x, p[lp + "ln_1.weight"], p[lp + "ln_1.bias"], a.ln1_out[layer], a.ln1_xhat[layer]
+            )
+            ops.linear_forward(
+                a.ln1_out[layer], p[lp + "attn.c_attn.weight"], p[lp + "attn.c_attn.bias"], a.s_qkv
+            )
+            ops.split_heads(a.s_qkv, B, T, nh, a.qkv[layer])
+            q, k, v = a.qkv[layer]
+            ops.attention_forward(q, k, v, self._blocked(T, layer), a.att[layer], a.s_y)
+            if use_dropout:
+                # keep the undropped probabilities for backward; only y sees the dropped ones
+                dropped = a.att[layer] * masks["att"][layer]
+                dropped *= 1.0 / (1.0 - cfg.dropout)
+                np.matmul(dropped, v, out=a.s_y)
+            ops.merge_heads(a.s_y, a.attn_y[layer])
+            ops.linear_forward(
+                a.attn_y[layer], p[lp + "attn.c_proj.weight"], p[lp + "attn.c_proj.bias"], a.s_c
+            )
+            if use_dropout:
+                self._drop(a.s_c, masks["res1"][layer])
+            x += a.s_c
+            a.ln2_rstd[layer] = ops.layernorm_forward(
+                x, p[lp + "ln_2.weight"], p[lp + "ln_2.bias"], a.ln2_out[layer], a.ln2_xhat[layer]
+            )
+            ops.linear_forward(
+                a.ln2_out[layer], p[lp + "mlp.c_fc.weight"], p[lp + "mlp.c_fc.bias"], a.fc_pre[layer]
+            )
+            ops.gelu_forward(a.fc_pre[layer], a.s_4c)
+            ops.linear_forward(a.s_4c, p[lp + "mlp.c_proj.weight"], p[lp + "mlp.c_proj.bias"], a.s_c)
+            if use_dropout:
+                self._drop(a.s_c, masks["res2"][layer])
+            x += a.s_c
+        a.lnf_rstd[:] = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a.lnf_out, a.lnf_xhat)
+
+        V = cfg.vocab_size
+        logits = np.empty((B * T, V), self.dtype) if return_logits else None
+        if targets is None:
+            np.matmul(a.lnf_out, p["wte"][:V].T, out=logits)
+            return logits.reshape(B, T, V)
+        loss = ops.head_loss(
+            a.lnf_out,
+            p["wte"][:V],
+            targets.reshape(-1),
+            grad_scale,
+            a.dlnf_out if grad_scale is not None else None,
+            self.g["wte"][:V] if grad_scale is not None else None,
+            self.head_chunk_rows,
+            logits,
+        )
+        self._last = (idx, masks, B, T) if grad_scale is not None else None
+        if return_logits:
+            return loss, logits.reshape(B, T, V)
+        return loss
+
+    def backward(self) -> None:
+        """Accumulates the gradient of the last training forward into self.grads."""
+        if self._last is None:
+            raise RuntimeError("backward() needs a forward() with grad_scale set")
+        idx, masks, B, T = self._last
+        self._last = None
+        cfg, p, g = self.cfg, self.p, self.g
+        a = self._buffers(B, T)
+        nh = cfg.n_head
+        dx = a.x  # the residual stream's buffer now carries its gradient
+        ops.layernorm_backward(
+            a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx
+        )
+        for layer in reversed(range(cfg.n_layer)):
+            lp = f"h.{layer}."
+            # MLP: x = x + proj(gelu(fc(ln2(x))))
+            dres = a.s_c
+            if masks is not None:
+                np.multiply(dx, masks["res2"][layer].reshape(dx.shape), out=dres)
+                dres *= 1.0 / (1.0 - cfg.dropout)
+            else:
+                dres = dx
+            ops.gelu_forward(a.fc_pre[layer], a.s_4c)  # recompute gelu output instead of storing it
+            ops.linear_backward(
+                dres,
+                a.s_4c,
+                p[lp + "mlp.c_proj.weight"],
+                g[lp + "mlp.c_proj.weight"],
+                g[lp + "mlp.c_proj.bias"],
+                a.s_4c,
+            )
+            ops.gelu_backward(a.s_4c, a.fc_pre[layer], a.s_4c)
+            ops.linear_backward(
+                a.s_4c,
+                a.ln2_out[layer],
+                p[lp + "mlp.c_fc.weight"],
+                g[lp + "mlp.c_fc.weight"],
+                g[lp + "mlp.c_fc.bias"],
+                a.s_c2,
+            )
+            ops.layernorm_backward(
+                a.s_c2,
+                a.ln2_xhat[layer],
+                a.ln2_rstd[layer],
+                p[lp + "ln_2.weight"],
+                g[lp + "ln_2.weight"],
+                g[lp + "ln_2.bias"],
+                a.s_c2,
+            )
+            dx += a.s_c2
+            # attention: x = x + proj(attn(ln1(x)))
+            if masks is not None:
+                dres = a.s_c
+                np.multiply(dx, masks["res1"][layer].reshape(dx.shape), out=dres)
+                dres *= 1.0 / (1.0 - cfg.dropout)
+            else:
+                dres = dx
+            ops.linear_backward(
+                dres,
+                a.attn_y[layer],
+                p[lp + "attn.c_proj.weight"],
+                g[lp + "attn.c_proj.weight"],
+                g[lp + "attn.c_proj.bias"],
+                a.s_c2,
+            )
+            dy = a.s_y
+            dy[...] = a.s_c2.reshape(B, T, nh, -1).transpose(0, 2, 1, 3)
+            q, k, v = a.qkv[layer]
+            dq, dk, dv = a.s_heads
+            if masks is not None:
+                self._attention_backward_dropout(dy, q, k, v, a.att[layer], masks["att"][layer], dq, dk, dv)
+            else:
+                ops.attention_backward(dy, q, k, v, a.att[layer], dq, dk, dv)
+            a.s_qkv.reshape(B, T, 3, nh, -1)[...] = a.s_heads.transpose(1, 3, 0, 2, 4)
+            ops.linear_backward(
+                a.s_qkv,
+                a.ln1_out[layer],
+                p[lp + "attn.c_attn.weight"],
+                g[lp + "attn.c_attn.weight"],
+                g[lp + "attn.c_attn.bias"],
+                a.s_c2,
+            )
+            ops.layernorm_backward(
+                a.s_c2,
+                a.ln1_xhat[layer],
+                a.ln1_rstd[layer],
+                p[lp + "ln_1.weight"],
+                g[lp + "ln_1.weight"],
+                g[lp + "ln_1.bias"],
+                a.s_c2,
+            )
+            dx += a.s_c2
+            if self.layer_done_hook is not None:
+                self.layer_done_hook(layer)
+        if masks is not None:
+            dx *= masks["emb"].reshape(dx.shape)
+            dx *= 1.0 / (1.0 - cfg.dropout)
+        g["wpe"][:T] += dx.reshape(B, T, -1).sum(axis=0)
+        np.add.at(g["wte"], idx.reshape(-1), dx)
+
+    def _attention_backward_dropout(self, dy, q, k, v, probs, keep, dq, dk, dv) -> None:
+        scale_keep = 1.0 / (1.0 - self.cfg.dropout)
+        dropped = probs * keep * scale_keep
+        np.matmul(dropped.swapaxes(-1, -2), dy, out=dv)
+        dp = dy @ v.swapaxes(-1, -2)
+        dp *= keep
+        dp *= scale_keep
+        rowdot = np.einsum("...ij,...ij->...i", dp, probs)[..., None]
+        dp -= rowdot
+        dp *= probs
+        dp *= 1.0 / math.sqrt(q.shape[-1])
+        np.matmul(dp, k, out=dq)
+        np.matmul(dp.swapaxes(-1, -2), q, out=dk)
+
+    def zero_grad(self) -> None:
+        self.grads[:] = 0.0
+
+    # ------------------------------------------------------------------ inference with a KV cache
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        return KVCache(self.cfg, batch, max_len or self.cfg.block_size, self.dtype)
+
+    def forward_cached(self, idx: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Logits (B, Tn, V) for the new tokens idx (B, Tn) at positions cache.length.., appending
+        their keys and values to the cache: each new token costs one position, not a full pass."""
+        cfg, p = self.cfg, self.p
+        B, Tn = idx.shape
+        t0 = cache.length
+        if t0 + Tn > cache.max_len:
+            raise ValueError(f"KV cache full: {t0} + {Tn} > {cache.max_len} positions")
+        C, nh = cfg.n_embd, cfg.n_head
+        hs = C // nh
+        x = p["wte"][idx.reshape(-1)] + np.tile(p["wpe"][t0 : t0 + Tn], (B, 1))
+        xhat = np.empty_like(x)
+        h = np.empty_like(x)
+        t_all = np.arange(t0 + Tn)
+        t_new = np.arange(t0, t0 + Tn)
+        for layer in range(cfg.n_layer):
+            lp = f"h.{layer}."
+            ops.layernorm_forward(x, p[lp + "ln_1.weight"], p[lp + "ln_1.bias"], h, xhat)
+            qkv = h @ p[lp + "attn.c_attn.weight"] + p[lp + "attn.c_attn.bias"]
+            qkv = qkv.reshape(B, Tn, 3, nh, hs).transpose(2, 0, 3, 1, 4)
+            cache.k[layer, :, :, t0 : t0 + Tn] = qkv[1]
+            cache.v[layer, :, :, t0 : t0 + Tn] = qkv[2]
+            k = cache.k[layer, :, :, : t0 + Tn]
+            v = cache.v[layer, :, :, : t0 + Tn]
+            att = (qkv[0] @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))
+            blocked = t_all[None, :] > t_new[:, None]
+            w = cfg.layer_window(layer)
+            if w is not None:
+                blocked |= t_all[None, :] <= t_new[:, None] - w
+            att[..., blocked] = -np.inf
+            ops.softmax_lastaxis_(att)
+            y = (att @ v).transpose(0, 2, 1, 3).reshape(B * Tn, C)
+            x += y @ p[lp + "attn.c_proj.weight"] + p[lp + "attn.c_proj.bias"]
+            ops.layernorm_forward(x, p[lp + "ln_2.weight"], p[lp + "ln_2.bias"], h, xhat)
+            f = h @ p[lp + "mlp.c_fc.weight"] + p[lp + "mlp.c_fc.bias"]
+            x += (
+                ops.gelu_forward(f, np.empty_like(f)) @ p[lp + "mlp.c_proj.weight"]
+                + p[lp + "mlp.c_proj.bias"]
+            )
+        ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], h, xhat)
+        cache.length = t0 + Tn
+        return (h @ p["wte"][: cfg.vocab_size].T).reshape(B, Tn, cfg.vocab_size)
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, length), per sequence in the batch."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: np.dtype):
+        hs = cfg.n_embd // cfg.n_head
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, hs)
+        self.k = np.zeros(shape, dtype)
+        self.v = np.zeros(shape, dtype)
+        self.length = 0
+        self.max_len = max_len
+
+    def reorder(self, rows: np.ndarray) -> None:
+        """Keep sequence rows[i] as row i (beam search reshuffles its beams)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]

@@ -1,0 +1,95 @@
+"""AdamW over a slice of the flat parameter vector, the learning-rate schedule, gradient clipping.
+
+The optimizer never sees tensors: it updates params[start:end] from grads of the same slice.
+Replicated data parallelism gives it the whole vector; ZeRO-1 gives each rank its own slice,
+so the moments m and v exist only for that slice.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to min_lr at
+    max_steps (the GPT-3 recipe). `step` counts from 0."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+def clip_coefficient(grad_norm: float, max_norm: float) -> float:
+    """The factor torch.nn.utils.clip_grad_norm_ applies: shrink only when the norm exceeds max_norm."""
+    if max_norm <= 0.0:
+        return 1.0
+    return min(1.0, max_norm / (grad_norm + 1e-6))
+
+
+class AdamW:
+    """Decoupled weight decay (Loshchilov & Hutter), bias-corrected moments, the same arithmetic
+    as torch.optim.AdamW so that the two agree to float rounding.
+
+    The update walks the slice in cache-sized chunks: the temporaries stay small (no extra copies
+    of a 124M-parameter vector) and each chunk is still one vectorised expression. A chunk never
+    straddles a decayed and an undecayed tensor, so weight decay is a per-chunk constant.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(
+        self,
+        n: int,
+        decay_segments: list[tuple[int, int, bool]],
+        beta1: float,
+        beta2: float,
+        eps: float,
+        weight_decay: float,
+        dtype: type = np.float32,
+    ):
+        self.m = np.zeros(n, dtype)
+        self.v = np.zeros(n, dtype)
+        self.beta1, self.beta2, self.eps, self.weight_decay = beta1, beta2, eps, weight_decay
+        self.chunks = [
+            (lo, min(hi, lo + self.CHUNK), decay)
+            for start, hi, decay in decay_segments
+            for lo in range(start, hi, self.CHUNK)
+        ]
+        covered = sum(hi - lo for lo, hi, _ in self.chunks)
+        if covered != n:
+            raise ValueError(f"decay segments cover {covered} elements, the slice has {n}")
+        self.t = 0
+        self._tmp = np.empty(self.CHUNK, dtype)
+        self._tmp2 = np.empty(self.CHUNK, dtype)
+
+    def step(self, params: np.ndarray, grads: np.ndarray, lr: float, grad_scale: float = 1.0) -> None:
+        """params -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * params), in place.
+        grad_scale multiplies the gradient first (clipping) without touching `grads`."""
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        step_size = lr / (1.0 - b1**self.t)
+        inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - b2**self.t)
+        for lo, hi, decay in self.chunks:
+            p, g, m, v = params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi]
+            tmp, tmp2 = self._tmp[: hi - lo], self._tmp2[: hi - lo]
+            if decay and self.weight_decay:
+                p *= 1.0 - lr * self.weight_decay
+            # m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+            np.multiply(g, grad_scale * (1.0 - b1), out=tmp)
+            m *= b1
+            m += tmp
+            np.multiply(g, g, out=tmp)
+            tmp *= (1.0 - b2) * grad_scale * grad_scale
+            v *= b2
+            v += tmp
+            # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+            np.sqrt(v, out=tmp)
+            tmp *= inv_sqrt_bias2
+            tmp += self.eps
+            np.divide(m, tmp, out=tmp2)
+            tmp2 *= step_size
+            p -= tmp2

@@ -1,0 +1,363 @@
+"""Training entry point: `[mpirun -n N] python -m distgpt.train --config configs/X.yaml [key=value ...]`.
+
+One optimizer step, on every rank:
+  for each of this rank's micro-batches of the global batch (fixed by seed and step):
+      forward + backward, gradients accumulate in the flat buffer;
+      on the last one, finished layers' gradient buckets are reduced while backward goes on
+  wait for the reductions; clip by the global norm; AdamW on this rank's slice (the whole
+  vector when replicated); ZeRO-1 then allgathers the updated parameters
+  log (rank 0), evaluate, checkpoint, and stop cleanly if any rank was signalled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from distgpt import dist
+from distgpt.config import Config, ConfigError, check_batch_layout, load_config
+from distgpt.model import GPT, Layout, ModelConfig, activation_bytes, init_params
+from distgpt.optim import AdamW, clip_coefficient, lr_at
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the user's input: reported as one line, exit code 2."""
+    from distgpt.checkpoint import CheckpointError
+    from distgpt.data import DataError
+
+    return (ConfigError, DataError, CheckpointError)
+
+
+# ----------------------------------------------------------------------------- summary
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) + 12 L T C for attention."""
+    return 6 * n_params + 12 * mcfg.n_layer * seq_len * mcfg.n_embd
+
+
+def summary(cfg: Config, world: int, accum: int) -> list[str]:
+    m, t = cfg.model, cfg.train
+    layout = Layout(m)
+    n = layout.n_params()
+    shard = (layout.size + world - 1) // world
+    mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
+    moments = 2 * 4 * (shard if cfg.parallel.zero else layout.size)
+    acts = activation_bytes(m, t.micro_batch_size, t.seq_len)
+    total = 2 * 4 * layout.size + moments + acts
+    return [
+        f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
+        f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
+        f"parameters: {n:,} ({layout.size:,} in the flat buffer with padding)",
+        f"FLOPs per token: {flops_per_token(m, t.seq_len, n):,} (6N + 12LTC)",
+        f"batch: {t.batch_size} sequences x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step; "
+        f"{world} ranks x {t.micro_batch_size} micro-batch x {accum} accumulation steps",
+        f"optimizer: AdamW lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
+        f"wd {t.weight_decay}, clip {t.grad_clip}, {'ZeRO-1' if cfg.parallel.zero else 'replicated'}",
+        f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
+        f"AdamW moments {mb(moments)}, activations {mb(acts)}; total {mb(total)}",
+    ]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (a scheduler's preemption warning); acted on at a step boundary."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+
+def params_checksum(params: np.ndarray) -> int:
+    return zlib.crc32(params.view(np.uint8))
+
+
+def check_params_agree(comm: dist.Comm, params: np.ndarray, step: int) -> None:
+    sums = comm.allgather_obj(params_checksum(params))
+    if len(set(sums)) > 1:
+        bad = [r for r, s in enumerate(sums) if s != sums[0]]
+        raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0")
+
+
+class Metrics:
+    """metrics.jsonl on rank 0: one JSON object per logged step (floats round-trip exactly)."""
+
+    def __init__(self, out_dir: Path, resume_step: int | None):
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            # drop records past the checkpoint we resume from: they will be produced again
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            os.replace(tmp, self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+
+def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int) -> float:
+    """Mean loss over the fixed val set: token-loss sums and counts are summed over ranks, so the
+    number is the same whatever the number of ranks."""
+    acc = np.zeros(2, np.float64)
+    for x, y in val.rank_windows(comm.rank, comm.size, micro_batch_size):
+        acc[0] += model.forward(x, y) * x.size
+        acc[1] += x.size
+    comm.allreduce_(acc)
+    return float(acc[0] / acc[1])
+
+
+def build_model(cfg: Config, explicit_model_keys: dict[str, int]) -> tuple[Config, GPT]:
+    if cfg.init_from == "scratch":
+        model = GPT(cfg.model)
+        init_params(model.layout, model.params, cfg.train.seed)
+        return cfg, model
+    from distgpt import weights
+
+    mcfg, params = weights.load_init(cfg.init_from, cfg.model)
+    weights.check_shape(explicit_model_keys, mcfg, cfg.init_from)
+    cfg = dataclasses.replace(cfg, model=mcfg)
+    return cfg, GPT(mcfg, params=params)
+
+
+def print_sample(model: GPT, tokenizer, cfg: Config, step: int) -> None:
+    from distgpt.sample import generate
+
+    rng = np.random.default_rng([cfg.train.seed, step, 7])
+    ids = generate(model, [tokenizer.eot], cfg.train.sample_tokens, temperature=0.8, top_k=50, rng=rng,
+                   eot=tokenizer.eot)
+    text = tokenizer.decode(ids).replace("\n", "\n  | ")
+    print(f"sample at step {step}:\n  | {text}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_run: bool) -> None:
+    from distgpt import checkpoint, data
+
+    t = cfg.train
+    rank0 = comm.rank == 0
+    log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
+    threads = dist.setup_threads(comm, cfg.parallel.threads_per_rank)
+    accum = check_batch_layout(cfg, comm.size)
+
+    if dry_run:
+        log("\n".join(summary(cfg, comm.size, accum)))
+        log(json.dumps(cfg.to_dict(), indent=2))
+        return
+
+    if cfg.data.train is None:
+        raise ConfigError("data.train is not set: expected a glob of token shard files (see distgpt.prepare)")
+    cfg, model = build_model(cfg, explicit_model_keys)
+    shards = data.open_shards(cfg.data.train, cfg.model.vocab_size, cfg.data.tokenizer, what="data.train")
+    loader = data.TrainLoader(shards, t.seq_len, t.batch_size, t.micro_batch_size, comm.rank, comm.size,
+                              t.seed)
+    val = None
+    if cfg.data.val:
+        val_shards = data.open_shards(cfg.data.val, cfg.model.vocab_size, cfg.data.tokenizer, what="data.val")
+        val = data.ValSet(val_shards, t.seq_len, t.eval_steps * t.batch_size)
+    tokenizer_name = cfg.data.tokenizer or shards.tokenizer
+
+    layout, N = model.layout, model.layout.size
+    zero = cfg.parallel.zero and comm.size > 1
+    shard = dist.shard_range(N, comm.rank, comm.size)
+    s, e = shard if zero else (0, N)
+    opt = AdamW(e - s, layout.decay_segments(s, e), t.beta1, t.beta2, t.eps, t.weight_decay)
+    reducer = dist.GradReducer(comm, layout.layer_ranges, N, model.grads, zero,
+                               int(cfg.parallel.bucket_mb * 2**20))
+    ranges = reducer.ranges
+
+    out_dir = Path(cfg.out_dir)
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    step, tokens_seen = 0, 0
+    resume_from = checkpoint.resolve_resume(out_dir, cfg.resume, comm) if cfg.resume else None
+    if resume_from is not None:
+        p_sh, m_sh, v_sh, manifest = checkpoint.load_checkpoint(resume_from, comm, layout, shard)
+        meta = manifest["meta"]
+        saved_tok = meta.get("tokenizer")
+        if saved_tok and tokenizer_name and saved_tok != tokenizer_name:
+            raise checkpoint.CheckpointError(
+                f"{resume_from}: saved with tokenizer {saved_tok}, the data uses {tokenizer_name}")
+        a, b = shard
+        model.params[a:b] = p_sh
+        comm.allgatherv_(model.params, ranges)
+        if zero:
+            opt.m[:], opt.v[:] = m_sh, v_sh
+        else:
+            opt.m[a:b], opt.v[a:b] = m_sh, v_sh
+            comm.allgatherv_(opt.m, ranges)
+            comm.allgatherv_(opt.v, ranges)
+        opt.t = meta["opt_t"]
+        loader.load_state_dict(meta["loader"])
+        step, tokens_seen = meta["step"], meta["tokens_seen"]
+    elif comm.size > 1:
+        comm.bcast_(model.params)            # identical starting point, whatever each rank computed
+    check_params_agree(comm, model.params, step)
+
+    log("\n".join(summary(cfg, comm.size, accum)))
+    log(f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
+        f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}")
+    if threads.oversubscribed:
+        log(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
+            f"{os.cpu_count()} cores: expect slowdowns (set parallel.threads_per_rank)")
+    if resume_from is not None:
+        log(f"resumed from {resume_from} at step {step}")
+
+    metrics = Metrics(out_dir, step if resume_from is not None else None) if rank0 else None
+    stop = StopFlag()
+    tokenizer = data.get_tokenizer(tokenizer_name) if (t.sample_every and tokenizer_name and rank0) else None
+    tokens_per_step = t.batch_size * t.seq_len
+    grad_scale = 1.0 / (accum * comm.size)
+    overlap = cfg.parallel.overlap and comm.size > 1
+    last_ckpt_step = step if resume_from is not None else -1
+    timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
+
+    def save(at_step: int) -> None:
+        nonlocal last_ckpt_step
+        meta = {"config": cfg.to_dict(), "step": at_step, "tokens_seen": tokens_seen, "opt_t": opt.t,
+                "loader": loader.state_dict(), "tokenizer": tokenizer_name,
+                "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)",
+                        "seed": t.seed}}
+        a, b = shard
+        if zero:
+            m_sh, v_sh = opt.m, opt.v
+        else:
+            m_sh, v_sh = opt.m[a:b], opt.v[a:b]
+        path = checkpoint.save_checkpoint(out_dir, at_step, comm, layout, shard, model.params[a:b],
+                                          m_sh, v_sh, meta, cfg.checkpoint.keep)
+        last_ckpt_step = at_step
+        log(f"checkpoint: {path}")
+
+    t_run = time.perf_counter()
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        model.zero_grad()
+        loss_sum = 0.0
+        micro = loader.micro_batches(step)
+        for i, (x, y, row0) in enumerate(micro):
+            model.layer_done_hook = reducer.layer_done if (overlap and i == len(micro) - 1) else None
+            ta = time.perf_counter()
+            dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
+            loss_sum += model.forward(x, y, grad_scale=grad_scale, dropout_seed=dropout_seed, row0=row0)
+            tb = time.perf_counter()
+            model.backward()
+            timing["forward"] += tb - ta
+            timing["backward"] += time.perf_counter() - tb
+        loader.step = step + 1
+        tc = time.perf_counter()
+        reducer.finish()
+        timing["comm"] += time.perf_counter() - tc
+        # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
+        stats = np.array([loss_sum, reducer.grad_sq_sum() if zero else 0.0, float(stop.signum)])
+        comm.allreduce_(stats)
+        train_loss = stats[0] / (accum * comm.size)
+        grad_norm = float(np.sqrt(stats[1] if zero else reducer.grad_sq_sum()))
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        td = time.perf_counter()
+        opt.step(model.params[s:e], reducer.shard_grads, lr, clip_coefficient(grad_norm, t.grad_clip))
+        if zero:
+            comm.allgatherv_(model.params, ranges)
+        timing["optim"] += time.perf_counter() - td
+        step += 1
+        tokens_seen += tokens_per_step
+        dt = time.perf_counter() - t0
+        if not np.isfinite(train_loss):
+            raise FloatingPointError(f"loss is {train_loss} at step {step}: lower train.lr or check the data")
+
+        logged = step % t.log_every == 0 or step == t.max_steps or step == 1
+        evaluated = val is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
+        record = {"step": step, "train_loss": float(train_loss), "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000, "tokens": tokens_seen,
+                  "time_s": time.perf_counter() - t_run}
+        if logged:
+            log(f"step {step:6d}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                f"grad norm {grad_norm:.3f} | {dt * 1000:8.1f} ms/step | {tokens_per_step / dt:9.0f} tok/s")
+        if evaluated:
+            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size)
+            log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
+        if (logged or evaluated) and metrics is not None:
+            metrics.write(record)
+        if tokenizer is not None and step % t.sample_every == 0:
+            print_sample(model, tokenizer, cfg, step)
+        if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
+            check_params_agree(comm, model.params, step)
+        if stats[2]:
+            log(f"signal received: checkpointing at step {step} and exiting")
+            save(step)
+            return
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            save(step)
+    if last_ckpt_step != step:
+        save(step)
+    total = sum(timing.values())
+    if total > 0:
+        log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in timing.items()))
+
+
+def explicit_keys(config_path: str | None, overrides: list[str]) -> dict[str, int]:
+    """Model shape keys the user set on purpose (file or command line): checked against pretrained weights."""
+    import yaml
+
+    from distgpt.config import parse_override
+
+    tree = {}
+    if config_path:
+        tree = (yaml.safe_load(Path(config_path).read_text()) or {}).get("model", {}) or {}
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.startswith("model."):
+            tree[key.split(".", 1)[1]] = value
+    return {k: v for k, v in tree.items() if k in ("n_layer", "n_head", "n_embd", "vocab_size")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distgpt.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and estimates, then exit")
+    parser.add_argument("--resume", help="auto | path of a checkpoint (same as resume=...)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+
+    comm = dist.init()
+    try:
+        cfg = load_config(args.config, overrides)
+        run(cfg, comm, explicit_keys(args.config, overrides), args.dry_run)
+        return 0
+    except Exception as exc:  # every failure ends the whole job, never leaves ranks waiting
+        user = isinstance(exc, _user_errors())
+        where = f"rank {comm.rank}: " if comm.size > 1 else ""
+        if user:
+            if comm.rank == 0 or not isinstance(exc, ConfigError):
+                print(f"distgpt.train: error: {where}{exc}", file=sys.stderr, flush=True)
+        else:
+            print(f"distgpt.train: {where}failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        code = 2 if user else 1
+        if comm.size > 1:
+            comm.abort(code)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
