@@ -247,8 +247,15 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
         last_ckpt_step = at_step
         log(f"checkpoint: {path}")
 
+    # test hook: DISTGPT_FAIL_AT="RANK:STEP" raises on that rank at that step, "RANK:STEP:9" SIGKILLs it
+    fail_at = tuple(int(v) for v in os.environ["DISTGPT_FAIL_AT"].split(":")) \
+        if os.environ.get("DISTGPT_FAIL_AT") else None
     t_run = time.perf_counter()
     while step < t.max_steps:
+        if fail_at is not None and fail_at[:2] == (comm.rank, step):
+            if fail_at[2:] == (9,):
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure (DISTGPT_FAIL_AT) at step {step}")
         t0 = time.perf_counter()
         model.zero_grad()
         loss_sum = 0.0
@@ -347,14 +354,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # every failure ends the whole job, never leaves ranks waiting
         user = isinstance(exc, _user_errors())
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        if user:
-            if comm.rank == 0 or not isinstance(exc, ConfigError):
-                print(f"distgpt.train: error: {where}{exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, ConfigError):
+            if comm.rank == 0:
+                print(f"distgpt.train: error: {exc}", file=sys.stderr, flush=True)
+        elif user:
+            print(f"distgpt.train: error: {where}{exc}", file=sys.stderr, flush=True)
         else:
             print(f"distgpt.train: {where}failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             traceback.print_exc()
         code = 2 if user else 1
-        if comm.size > 1:
+        # a config error happens identically on every rank before any rank-specific work, so all
+        # of them return; anything else may be one rank's alone and must take the others down
+        if comm.size > 1 and not isinstance(exc, ConfigError):
             comm.abort(code)
         return code
 

@@ -1,0 +1,459 @@
+"""Sharded, crash-safe checkpoints of the flat parameter vector and the AdamW moments.
+
+A checkpoint is a folder OUT/ckpt/step_XXXXXXX/ holding one shard per rank and a manifest:
+
+    shard_RRRRR.npy   float32 (3, n_r): params, m, v of rank r's slice [start_r, end_r) of the flat
+                      vector. Plain .npy, so any reader can memory-map it and read only a byte range.
+    manifest.json     format, version, step, world size, the parameter layout, every shard's range,
+                      size and sha256, and the caller's meta (config, loader state, rng, ...).
+
+The manifest decides: a folder is a checkpoint only if it has one, and a folder only gets its final
+name after every shard and the manifest are on disk (written to temporary names, fsynced, renamed).
+A crash at any point therefore leaves either the complete new checkpoint or a dot-folder that
+nothing reads and the next save clears.
+
+A checkpoint written by W ranks loads on any number of ranks: each rank works out which old shards
+overlap its new slice and reads just those byte ranges through a memory map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "distgpt-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "latest"
+STEP_RE = re.compile(r"step_(\d{7,})")
+CHUNK = 4 << 20  # elements per write/hash chunk: 16 MB of float32, so no copy of a whole shard is made
+CRASH_ENV = "DISTGPT_CKPT_CRASH_AT"
+
+
+class CheckpointError(RuntimeError):
+    """Something on disk is missing, incomplete or inconsistent; the message names the file."""
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _message(e: Exception, where: Path) -> str:
+    """One-line description of a failure inside a collective section. These sections catch every
+    exception, because one that escaped on a single rank would leave the others waiting forever."""
+    return str(e) if isinstance(e, CheckpointError) else f"{where}: {type(e).__name__}: {e}"
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: with DISTGPT_CKPT_CRASH_AT=<name>, die here as abruptly as a power cut or OOM kill.
+    Unset, it is one dictionary lookup per named point (a handful per save)."""
+    if os.environ.get(CRASH_ENV) == name:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- small file-system helpers
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames and new entries inside `path` durable (a file's fsync does not cover its name)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on a directory; nothing more we can do there
+    finally:
+        os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a checkpoint folder by first renaming it to a dot-name: a crash half way through the
+    deletion then leaves a folder nobody reads instead of a manifest whose shards are gone."""
+    doomed = path.with_name(".del_" + path.name)
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _clear_leftovers(ckpt_dir: Path) -> None:
+    """Remove what crashed saves left behind (.tmp_step_*, .old_step_*, .del_step_*): only one run
+    writes into an output directory, so none of them belongs to a save still in progress."""
+    for p in ckpt_dir.glob(".*step_*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _write_shard(path: Path, rows: tuple[np.ndarray, ...]) -> tuple[int, str]:
+    """Write rows as one float32 (len(rows), n) .npy: the header, then the raw bytes in chunks,
+    hashing exactly the bytes written (one pass, no reread). Returns (file size, sha256)."""
+    n = len(rows[0])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (len(rows), n)})
+    h = hashlib.sha256(header.getvalue())
+    size = len(header.getvalue())
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.getvalue())
+        for i, row in enumerate(rows):
+            for lo in range(0, n, CHUNK):
+                chunk = np.ascontiguousarray(row[lo:lo + CHUNK], dtype="<f4")  # no copy if already so
+                h.update(chunk)
+                f.write(chunk)
+                size += chunk.nbytes
+            if i == 0:
+                _crash_point("mid_shard")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return size, h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- saving
+
+def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[int, int],
+                    params: np.ndarray, m: np.ndarray, v: np.ndarray, meta: dict, keep: int) -> Path:
+    """Collective: every rank writes its slice [start, end) of params, m, v; rank 0 writes the
+    manifest and publishes the folder. Returns OUT/ckpt/step_XXXXXXX on every rank.
+
+    Failures on any rank are gathered and raised as CheckpointError on all ranks, so no rank is
+    left waiting in a collective that the failed one never reaches.
+    """
+    ckpt_dir = Path(out_dir) / "ckpt"
+    name = step_name(step)
+    final, tmp_dir = ckpt_dir / name, ckpt_dir / f".tmp_{name}"
+
+    # 1. rank 0 prepares an empty temporary folder; the broadcast doubles as the barrier
+    err = None
+    if comm.rank == 0:
+        try:
+            try:
+                json.dumps(meta)  # fail before writing gigabytes, not after
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"{final}: meta is not JSON-serialisable: {e}") from None
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            _clear_leftovers(ckpt_dir)
+            tmp_dir.mkdir()
+        except Exception as e:
+            err = _message(e, tmp_dir)
+    err = comm.bcast_obj(err)
+    if err:
+        raise CheckpointError(err)
+
+    # 2. every rank writes its shard into the temporary folder
+    start, end = shard
+    file = f"shard_{comm.rank:05d}.npy"
+    try:
+        for label, a in (("params", params), ("m", m), ("v", v)):
+            if a.shape != (end - start,):
+                raise CheckpointError(f"rank {comm.rank}: {label} has shape {a.shape}, "
+                                      f"shard [{start}, {end}) needs ({end - start},)")
+        nbytes, digest = _write_shard(tmp_dir / file, (params, m, v))
+        _fsync_dir(tmp_dir)
+        record: dict | str = {"file": file, "start": start, "end": end, "bytes": nbytes, "sha256": digest}
+    except Exception as e:
+        record = _message(e, tmp_dir / file)
+    _crash_point("after_shard")
+    records = comm.allgather_obj(record)
+    errors = [r for r in records if isinstance(r, str)]
+    if errors:
+        raise CheckpointError(errors[0])
+
+    # 3. rank 0 writes the manifest, then publishes the folder under its final name
+    err = None
+    if comm.rank == 0:
+        try:
+            _crash_point("before_manifest")
+            _finish(ckpt_dir, tmp_dir, final, step, comm.size, layout, records, meta, keep)
+        except Exception as e:
+            err = _message(e, final)
+    # every rank waits here until the checkpoint is complete (or has failed) on rank 0
+    err = comm.bcast_obj(err)
+    if err:
+        raise CheckpointError(err)
+    return final
+
+
+def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, layout,
+            records: list[dict], meta: dict, keep: int) -> None:
+    """Rank 0's half of save_checkpoint, after every shard is on disk."""
+    # the shards must tile [0, N) and be visible here: a run whose nodes write to local disks would
+    # otherwise produce a manifest for files that this node cannot read
+    pos = 0
+    for r in records:
+        if r["start"] != pos:
+            raise CheckpointError(f"{tmp_dir / r['file']}: covers [{r['start']}, {r['end']}), expected to "
+                                  f"start at {pos} (shards must tile the flat vector)")
+        path = tmp_dir / r["file"]
+        if not path.is_file() or path.stat().st_size != r["bytes"]:
+            raise CheckpointError(f"{path}: not visible from rank 0 with {r['bytes']} bytes "
+                                  f"(the output directory must be on a file system shared by all nodes)")
+        pos = r["end"]
+    if pos != layout.size:
+        raise CheckpointError(f"{tmp_dir}: shards cover [0, {pos}), the model has {layout.size} values")
+
+    manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
+                "layout": layout.describe(), "n_params": layout.size, "dtype": "float32",
+                "shards": records, "meta": meta}
+    _write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _fsync_dir(tmp_dir)
+    _crash_point("after_manifest")
+
+    # an older run may have left a checkpoint of the same step; keep it until the new one replaces it
+    aside = ckpt_dir / f".old_{final.name}"
+    if final.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(tmp_dir, final)
+    _fsync_dir(ckpt_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+
+    _crash_point("before_latest")
+    _write_text_atomic(ckpt_dir / LATEST, final.name + "\n")
+    _fsync_dir(ckpt_dir)
+
+    # prune: keep the one just written and the newest keep-1 others that are complete. Completeness
+    # here is the cheap check (manifest and shard sizes); rehashing gigabytes every save would stall
+    # all ranks, and a bad hash is still caught at resume time, which then falls back further.
+    kept = 1
+    for path in list_checkpoints(ckpt_dir.parent):
+        if path == final:
+            continue
+        if kept < keep and _is_complete(path):
+            kept += 1
+        else:
+            _remove_tree(path)
+    _fsync_dir(ckpt_dir)
+
+
+# ----------------------------------------------------------------------------- finding and validating
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoint folders in out_dir/ckpt, newest step first (temporary dot-folders are ignored)."""
+    ckpt_dir = Path(out_dir) / "ckpt"
+    if not ckpt_dir.is_dir():
+        return []
+    found = [(int(mt.group(1)), p) for p in ckpt_dir.iterdir()
+             if (mt := STEP_RE.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of checkpoint folder `path`, with its structure checked (no shard is opened)."""
+    mf = path / MANIFEST
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder")
+    if not mf.is_file():
+        raise CheckpointError(f"{mf}: missing (incomplete checkpoint)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{mf}: unreadable: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mf}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{mf}: version {manifest.get('version')!r}, this code reads version {VERSION}")
+    for key, kind in (("step", int), ("world_size", int), ("n_params", int), ("layout", list),
+                      ("shards", list), ("meta", dict), ("dtype", str)):
+        if not isinstance(manifest.get(key), kind):
+            raise CheckpointError(f"{mf}: field {key!r} missing or not a {kind.__name__}")
+    if manifest["dtype"] != "float32":
+        raise CheckpointError(f"{mf}: dtype {manifest['dtype']!r}, expected 'float32'")
+    if len(manifest["shards"]) != manifest["world_size"]:
+        raise CheckpointError(f"{mf}: {len(manifest['shards'])} shards, world size {manifest['world_size']}")
+    pos = 0
+    for s in manifest["shards"]:
+        ok = isinstance(s, dict) and all(isinstance(s.get(k), int) for k in ("start", "end", "bytes"))
+        ok = ok and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"] and s["start"] == pos
+        if not ok or s["end"] < s["start"] or not isinstance(s.get("sha256"), str):
+            raise CheckpointError(f"{mf}: bad shard record {s!r}")
+        pos = s["end"]
+    if pos != manifest["n_params"]:
+        raise CheckpointError(f"{mf}: shards cover [0, {pos}), n_params is {manifest['n_params']}")
+    return manifest
+
+
+def _check_shard_size(path: Path, record: dict) -> Path:
+    file = path / record["file"]
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing")
+    size = file.stat().st_size
+    if size != record["bytes"]:
+        raise CheckpointError(f"{file}: {size} bytes, the manifest records {record['bytes']} (truncated?)")
+    return file
+
+
+def _check_shard_hash(file: Path, record: dict) -> None:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    if h.hexdigest() != record["sha256"]:
+        raise CheckpointError(f"{file}: sha256 mismatch (corrupted)")
+
+
+def validate(path: str | Path, check_hash: bool = True) -> dict:
+    """Check a checkpoint folder: manifest readable and well-formed, every shard present with its
+    recorded size and (with check_hash) sha256. Returns the manifest; CheckpointError otherwise."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for record in manifest["shards"]:
+        file = _check_shard_size(path, record)
+        if check_hash:
+            try:
+                _check_shard_hash(file, record)
+            except OSError as e:
+                raise CheckpointError(f"{file}: unreadable: {e}") from None
+    return manifest
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        validate(path, check_hash=False)
+        return True
+    except CheckpointError:
+        return False
+
+
+def _newest_valid(out_dir: Path) -> Path | None:
+    """Newest checkpoint in out_dir that validates in full, warning about each newer one skipped."""
+    for path in list_checkpoints(out_dir):
+        try:
+            validate(path)
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+    return None
+
+
+def _resolve_local(out_dir: str | Path, spec: str) -> Path | None:
+    """Single-process half of resolve_resume (also used by read_params)."""
+    if spec == "auto":
+        return _newest_valid(Path(out_dir))
+    path = Path(spec)
+    if (path / MANIFEST).exists() or STEP_RE.fullmatch(path.name):
+        validate(path)
+        return path
+    if (path / "ckpt").is_dir():
+        found = _newest_valid(path)
+        if found is None:
+            raise CheckpointError(f"{path / 'ckpt'}: no valid checkpoint")
+        return found
+    raise CheckpointError(f"{path}: neither a checkpoint folder nor an output directory with checkpoints")
+
+
+def resolve_resume(out_dir: str | Path, spec: str, comm) -> Path | None:
+    """Collective: which checkpoint to resume from. spec "auto" -> the newest valid one in
+    out_dir/ckpt, or None if there is none; otherwise spec is a checkpoint folder (or an output
+    directory, meaning its newest valid checkpoint) that must validate.
+
+    Only rank 0 reads and hashes; its answer (or its error) is broadcast so all ranks agree."""
+    answer: tuple[str, str | None] = ("ok", None)
+    if comm.rank == 0:
+        try:
+            found = _resolve_local(out_dir, spec)
+            answer = ("ok", None if found is None else str(found))
+        except Exception as e:
+            answer = ("error", _message(e, Path(spec)))
+    status, value = comm.bcast_obj(answer)
+    if status == "error":
+        raise CheckpointError(value)
+    return None if value is None else Path(value)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _check_layout(mf: Path, saved: list, layout) -> None:
+    """Refuse a checkpoint of a different model, naming the first tensor that differs."""
+    ours = layout.describe()
+    for i in range(max(len(saved), len(ours))):
+        a = saved[i] if i < len(saved) else None
+        b = ours[i] if i < len(ours) else None
+        if a == b:
+            continue
+        if b is None:
+            raise CheckpointError(f"{mf}: layout differs: the checkpoint has an extra tensor {a!r}")
+        if not isinstance(a, dict):
+            raise CheckpointError(f"{mf}: layout differs: the checkpoint lacks tensor {b['name']}")
+        raise CheckpointError(
+            f"{mf}: layout differs at tensor {b['name']}: checkpoint has {a.get('name')} "
+            f"shape {a.get('shape')} offset {a.get('offset')}, "
+            f"the model has shape {b['shape']} offset {b['offset']}")
+
+
+def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int) -> np.ndarray:
+    """Rows [0, rows) of the flat range [start, end), assembled from whichever shards overlap it.
+    Each shard is memory-mapped, so only the overlapping byte ranges are read."""
+    out = np.empty((rows, end - start), np.float32)
+    for record in manifest["shards"]:
+        a, b = max(start, record["start"]), min(end, record["end"])
+        if a >= b:
+            continue
+        file = _check_shard_size(path, record)
+        try:
+            mm = np.load(file, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: not a readable .npy: {e}") from None
+        n = record["end"] - record["start"]
+        if mm.shape != (3, n) or mm.dtype != np.float32:
+            raise CheckpointError(f"{file}: holds {mm.dtype} {mm.shape}, expected float32 (3, {n})")
+        out[:, a - start:b - start] = mm[:rows, a - record["start"]:b - record["start"]]
+        del mm  # unmap now rather than holding every overlapping shard open
+    return out
+
+
+def load_checkpoint(path: str | Path, comm, layout, shard: tuple[int, int],
+                    verify: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Collective: this rank's slices params[start:end], m[start:end], v[start:end] and the manifest.
+
+    The saving world size does not matter: the slice is read from the overlapping old shards.
+    verify=True rehashes every shard first, the shards split round-robin across ranks.
+    Any rank's failure is raised as CheckpointError on all ranks."""
+    path = Path(path)
+    start, end = shard
+    err = None
+    try:
+        manifest = _read_manifest(path)
+        mf = path / MANIFEST
+        _check_layout(mf, manifest["layout"], layout)
+        if manifest["n_params"] != layout.size:
+            raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
+        if verify:
+            for record in manifest["shards"][comm.rank::comm.size]:
+                _check_shard_hash(_check_shard_size(path, record), record)
+        rows = _read_range(path, manifest, start, end, 3)
+    except Exception as e:
+        err = _message(e, path)
+    errors = [e for e in comm.allgather_obj(err) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return rows[0], rows[1], rows[2], manifest
+
+
+def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
+    """Single process: (manifest, the full flat float32 parameter vector) of a checkpoint folder, or of
+    the newest valid checkpoint of an output directory. Validates in full (sample/export run once)."""
+    found = _resolve_local(path, str(path))
+    assert found is not None  # an explicit path either resolves or raises
+    manifest = _read_manifest(found)
+    params = _read_range(found, manifest, 0, manifest["n_params"], 1)[0]
+    return manifest, params

@@ -1,0 +1,61 @@
+"""Shared helpers for tests that run the real command-line tools, with and without mpirun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TINYSHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+MPIRUN = Path(sys.executable).parent / "mpirun"
+
+
+def run_cli(module: str, *args: str, ranks: int = 0, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m distgpt.<module> args`, under `mpirun -n ranks` when ranks > 0."""
+    cmd = [sys.executable, "-m", f"distgpt.{module}", *args]
+    if ranks:
+        cmd = [str(MPIRUN), "-n", str(ranks), *cmd]
+    full_env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken_cache"),
+                "DISTGPT_TINYSHAKESPEARE": str(TINYSHAKESPEARE), "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.fixture(scope="session")
+def shakespeare_bytes(tmp_path_factory) -> Path:
+    """Tiny Shakespeare as byte-level shards (from the shared fixture, no network)."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare_bytes"
+    r = run_cli("prepare", "--source", "tinyshakespeare", "--tokenizer", "bytes", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
+    """A small byte-level model config file; `sections` update its sections (model=..., train=...)."""
+    import yaml
+
+    cfg = {
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 257,
+                  "vocab_multiple": 1},
+        "data": {"train": str(data_dir / "train_*.bin"), "val": str(data_dir / "val_*.bin")},
+        "train": {"batch_size": 12, "micro_batch_size": 4, "seq_len": 32, "max_steps": 5, "lr": 1e-3,
+                  "min_lr": 1e-4, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "eval_steps": 2},
+        "out_dir": str(tmp_path / "out"),
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict):
+            cfg.setdefault(name, {}).update(values)
+        else:
+            cfg[name] = values
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -1,0 +1,105 @@
+"""Data-parallel training over real mpirun: the same numbers on any number of ranks, and a failing
+rank takes the job down quickly."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from distgpt import dist
+from distgpt.checkpoint import read_params
+from distgpt.train import check_params_agree
+
+from conftest import read_metrics, run_cli, tiny_config
+
+# (ranks, micro_batch_size, zero): global batch 12 -> accumulation 12 / (micro x ranks)
+LAYOUTS = [(1, 12, False), (1, 4, False), (2, 6, False), (2, 2, False), (3, 4, False), (3, 2, False),
+           (2, 2, True), (3, 4, True), (3, 2, True)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, shakespeare_bytes):
+    return _train(tmp_path_factory.mktemp("ref"), shakespeare_bytes, 1, 12, False)
+
+
+def _train(tmp_path, data_dir, ranks, micro, zero):
+    cfg = tiny_config(tmp_path, data_dir, train={"micro_batch_size": micro, "max_steps": 5, "eval_every": 5},
+                      parallel={"zero": zero, "bucket_mb": 0.01})     # small buckets: several in flight
+    r = run_cli("train", "--config", str(cfg), ranks=ranks if ranks > 1 else 0, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(tmp_path / "out")
+    _, params = read_params(tmp_path / "out")
+    return [row["train_loss"] for row in rows], rows[-1]["val_loss"], params
+
+
+@pytest.mark.parametrize("ranks, micro, zero", LAYOUTS[1:])
+def test_world_size_invariance(tmp_path, shakespeare_bytes, reference, ranks, micro, zero):
+    ref_losses, ref_val, ref_params = reference
+    losses, val, params = _train(tmp_path, shakespeare_bytes, ranks, micro, zero)
+    assert len(losses) == 5
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert abs(val - ref_val) <= 1e-6 * abs(ref_val)
+    assert np.linalg.norm(params - ref_params) <= 1e-5 * np.linalg.norm(ref_params)
+
+
+@pytest.mark.parametrize("how, rank", [("raise", 1), ("raise", 0), ("kill", 1)])
+def test_failing_rank_brings_job_down(tmp_path, shakespeare_bytes, how, rank):
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"micro_batch_size": 6, "max_steps": 50})
+    start = time.monotonic()
+    fail = f"{rank}:2" + (":9" if how == "kill" else "")
+    r = run_cli("train", "--config", str(cfg), ranks=2, timeout=60, env={"DISTGPT_FAIL_AT": fail})
+    elapsed = time.monotonic() - start
+    assert r.returncode != 0
+    assert elapsed < 30
+    if how == "raise":
+        assert f"distgpt.train: rank {rank}: failed: RuntimeError: injected failure" in r.stderr
+
+
+def test_auto_threads_share_the_cores_between_ranks(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"micro_batch_size": 6, "max_steps": 1})
+    r = run_cli("train", "--config", str(cfg), ranks=2, timeout=60)
+    assert r.returncode == 0, r.stderr
+    per_rank = max(1, (os.cpu_count() or 1) // 2)
+    assert f"ranks: 2 on 1 node(s), 2 per node; threads per rank: {per_rank}" in r.stdout
+    assert "MPI: MPICH" in r.stdout or "MPI: Open MPI" in r.stdout
+
+
+def test_oversubscription_warns(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"micro_batch_size": 6, "max_steps": 1})
+    threads = f"parallel.threads_per_rank={os.cpu_count()}"
+    r = run_cli("train", "--config", str(cfg), threads, ranks=2, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "warning: 2 ranks x" in r.stdout
+
+
+class _DisagreeingComm(dist.Comm):
+    size = 3
+
+    def allgather_obj(self, obj):
+        return [obj, obj + 1, obj]
+
+
+def test_parameter_mismatch_across_ranks_is_an_error():
+    params = np.ones(10, np.float32)
+    check_params_agree(dist.Comm(), params, 0)
+    with pytest.raises(RuntimeError, match=r"parameters differ across ranks at step 7: ranks \[1\]"):
+        check_params_agree(_DisagreeingComm(), params, 7)
+
+
+def test_shard_ranges_cover_the_vector_exactly():
+    for n in (1, 7, 1000, 1003):
+        for world in (1, 2, 3, 4):
+            ranges = [dist.shard_range(n, r, world) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+
+
+def test_single_process_without_mpi(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 2})
+    r = run_cli("train", "--config", str(cfg), env={"DISTGPT_NO_MPI": "1"})
+    assert r.returncode == 0, r.stderr
+    assert "MPI: none (single process)" in r.stdout

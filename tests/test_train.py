@@ -1,0 +1,101 @@
+"""The training command as a user runs it: loss goes down, metrics are exact, bad configs stop early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_metrics, run_cli, tiny_config
+
+
+def test_training_lowers_train_and_val_loss(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes,
+                      model={"n_embd": 64, "n_head": 4, "block_size": 64},
+                      train={"batch_size": 16, "micro_batch_size": 8, "seq_len": 64, "max_steps": 60,
+                             "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "log_every": 10,
+                             "eval_every": 20, "eval_steps": 4})
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    rows = read_metrics(tmp_path / "out")
+    assert [row["step"] for row in rows] == [1, 10, 20, 30, 40, 50, 60]
+    vals = [row["val_loss"] for row in rows if "val_loss" in row]
+    assert len(vals) == 3
+    assert rows[0]["train_loss"] > 5.0                       # ~ln(257) at initialisation
+    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 2.0
+    assert vals[-1] < vals[0] - 0.2 and vals[-1] < 3.3
+    assert "step     60/60 | loss" in r.stdout and "tok/s" in r.stdout
+
+
+def test_metrics_floats_read_back_exactly(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 3, "eval_every": 3})
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        row = json.loads(line)
+        assert json.dumps(row) == line                       # repr-exact floats survive the round trip
+        for key in ("step", "train_loss", "lr", "grad_norm", "tokens_per_s"):
+            assert key in row
+    assert "val_loss" in json.loads(lines[-1])
+
+
+def test_dry_run_prints_the_plan_without_data(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {n_layer: 12, n_head: 12, n_embd: 768, block_size: 1024}\n"
+                   "train: {batch_size: 8, micro_batch_size: 4, seq_len: 1024}\n")
+    r = run_cli("train", "--config", str(cfg), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "parameters: 124,439,808" in r.stdout             # GPT-2 124M, vocab 50257
+    assert "2 accumulation steps" in r.stdout
+    assert "memory per rank (estimate)" in r.stdout and "FLOPs per token" in r.stdout
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
+    ("modle.n_layer=2", "unknown config key 'modle'; did you mean 'model'?"),
+    ("train.max_steps=ten", "train.max_steps = 'ten': expected an integer"),
+    ("train.lr=-1", "train.lr = -1.0: expected a finite number >= 0"),
+    ("model.n_head=5", "model.n_embd = 32: expected a multiple of model.n_head (5)"),
+    ("model.dropout=1.5", "model.dropout = 1.5: expected a probability in [0, 1)"),
+    ("train.seq_len=64", "train.seq_len = 64: expected at most model.block_size (32)"),
+    ("train.micro_batch_size=5", "train.batch_size = 12: expected a multiple of train.micro_batch_size (5)"),
+    ("parallel.threads_per_rank=many",
+     "parallel.threads_per_rank = 'many': expected auto or a positive integer"),
+    ("data.train=/nonexistent/*.bin", "/nonexistent/*.bin"),
+])
+def test_bad_config_stops_with_one_line(tmp_path, shakespeare_bytes, override, message):
+    cfg = tiny_config(tmp_path, shakespeare_bytes)
+    r = run_cli("train", "--config", str(cfg), override)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("distgpt.train: error: ") and message in lines[0]
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_missing_config_file_and_missing_data_key(tmp_path):
+    r = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "nope.yaml does not exist" in r.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {n_layer: 1}\n")
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 2 and "data.train is not set" in r.stderr
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  n_layer: [1\n")
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 2 and str(cfg) in r.stderr and "not valid YAML" in r.stderr
+
+
+def test_batch_that_does_not_divide_over_ranks(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes)                 # batch 12, micro 4: 12 = 4 x 3 ranks
+    r = run_cli("train", "--config", str(cfg), "train.max_steps=1", ranks=3, timeout=60)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--config", str(cfg), "train.micro_batch_size=3", ranks=3, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == ("distgpt.train: error: train.batch_size = 12: expected a multiple of "
+                                "train.micro_batch_size x ranks = 3 x 3 = 9")
