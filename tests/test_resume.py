@@ -1,0 +1,169 @@
+"""Checkpoint and resume through the real training command: exact continuation, resharding to a
+different number of ranks, preemption by signal, and refusal of checkpoints that do not fit."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distgpt.checkpoint import list_checkpoints, load_checkpoint
+from distgpt.dist import Comm
+from distgpt.model import Layout, ModelConfig
+
+from conftest import MPIRUN, read_metrics, run_cli, tiny_config
+
+
+def _state(ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Full params, m, v of a checkpoint, whatever world size wrote it."""
+    layout = Layout(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=257,
+                                vocab_multiple=1))
+    p, m, v, _ = load_checkpoint(ckpt, Comm(), layout, (0, layout.size))
+    return p, m, v
+
+
+def _config(tmp_path, data, name, **train):
+    out = tmp_path / name
+    out.mkdir()
+    return tiny_config(out, data, model={"dropout": 0.1},
+                       train={"max_steps": 10, "micro_batch_size": 2, **train},
+                       checkpoint={"every": 5, "keep": 5}), out / "out"
+
+
+def _continue_from(src_out: Path, step: int, dst_out: Path) -> None:
+    """Start a new out_dir that holds only the checkpoint of `step` from src_out."""
+    (dst_out / "ckpt").mkdir(parents=True)
+    shutil.copytree(src_out / "ckpt" / f"step_{step:07d}", dst_out / "ckpt" / f"step_{step:07d}")
+
+
+@pytest.mark.parametrize("ranks, zero", [(1, False), (2, True)])
+def test_resume_is_bit_identical(tmp_path, shakespeare_bytes, ranks, zero):
+    mpi = ranks if ranks > 1 else 0
+    cfg, out = _config(tmp_path, shakespeare_bytes, "straight")
+    r = run_cli("train", "--config", str(cfg), f"parallel.zero={zero}", ranks=mpi, timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg2, out2 = _config(tmp_path, shakespeare_bytes, "resumed")
+    _continue_from(out, 5, out2)
+    r = run_cli("train", "--config", str(cfg2), f"parallel.zero={zero}", "--resume", "auto", ranks=mpi,
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "at step 5" in r.stdout
+    straight = {row["step"]: row["train_loss"] for row in read_metrics(out)}
+    resumed = {row["step"]: row["train_loss"] for row in read_metrics(out2)}
+    assert min(resumed) == 6 and max(resumed) == 10
+    assert all(resumed[s] == straight[s] for s in resumed)           # bit-identical losses
+    final = "ckpt/step_0000010"
+    for a, b in zip(_state(out / final), _state(out2 / final), strict=True):
+        assert np.array_equal(a, b)                                   # params, m, v
+
+
+@pytest.mark.parametrize("save_ranks, save_zero, load_ranks, load_zero",
+                         [(2, False, 1, False), (2, True, 3, False), (1, False, 2, True), (3, True, 2, True)])
+def test_resume_on_a_different_number_of_ranks(tmp_path, shakespeare_bytes, save_ranks, save_zero,
+                                               load_ranks, load_zero):
+    # batch 12 divides over micro 2 x {1, 2, 3} ranks; dropout off so the reference does not depend on ranks
+    cfg, out = _config(tmp_path, shakespeare_bytes, "straight")
+    common = ["model.dropout=0.0"]
+    mpi = lambda n: n if n > 1 else 0  # noqa: E731
+    r = run_cli("train", "--config", str(cfg), *common, f"parallel.zero={save_zero}", ranks=mpi(save_ranks),
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    cfg2, out2 = _config(tmp_path, shakespeare_bytes, "resumed")
+    _continue_from(out, 5, out2)
+    r = run_cli("train", "--config", str(cfg2), *common, f"parallel.zero={load_zero}", "resume=auto",
+                ranks=mpi(load_ranks), timeout=120)
+    assert r.returncode == 0, r.stderr
+    straight = {row["step"]: row["train_loss"] for row in read_metrics(out)}
+    resumed = {row["step"]: row["train_loss"] for row in read_metrics(out2)}
+    assert sorted(resumed) == [6, 7, 8, 9, 10]
+    np.testing.assert_allclose([resumed[s] for s in resumed], [straight[s] for s in resumed], rtol=1e-5)
+    p1, m1, v1 = _state(out / "ckpt" / "step_0000010")
+    p2, m2, v2 = _state(out2 / "ckpt" / "step_0000010")
+    assert np.linalg.norm(p1 - p2) <= 1e-5 * np.linalg.norm(p1)
+
+
+def _rank_pids(config: Path) -> dict[int, int]:
+    """pids of the training ranks started with `config`, by their PMI rank."""
+    pids = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            env_items = (entry / "environ").read_bytes().split(b"\0")
+            env = dict(kv.split(b"=", 1) for kv in env_items if b"=" in kv)
+        except OSError:
+            continue
+        if b"distgpt.train" in cmd and str(config).encode() in cmd and b"PMI_RANK" in env:
+            pids[int(env[b"PMI_RANK"])] = int(entry.name)
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the ranks")
+def test_sigterm_to_one_rank_checkpoints_and_exits_zero(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=100000)
+    env = {**os.environ, "DISTGPT_NO_MPI": "0"}
+    cmd = [str(MPIRUN), "-n", "2", sys.executable, "-m", "distgpt.train", "--config", str(cfg),
+           "checkpoint.every=0", "train.log_every=1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        pids = _rank_pids(cfg)
+        assert set(pids) == {0, 1}, pids
+        os.kill(pids[1], signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert "signal received: checkpointing at step" in stdout
+    saved = list_checkpoints(out)
+    assert len(saved) == 1
+    step = int(saved[0].name.split("_")[1])
+    r = run_cli("train", "--config", str(cfg), f"train.max_steps={step + 2}", "resume=auto", ranks=2,
+                timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {saved[0]} at step {step}" in r.stdout
+    steps = [row["step"] for row in read_metrics(out)]
+    assert steps[-2:] == [step + 1, step + 2] and steps == sorted(steps)
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    r = run_cli("train", "--config", str(cfg), "model.n_embd=64", "resume=auto")
+    assert r.returncode == 2
+    assert "layout differs at tensor wte" in r.stderr and "manifest.json" in r.stderr
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    ckpt = out / "ckpt" / "step_0000005"
+    shard = ckpt / "shard_00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run_cli("train", "--config", str(cfg), f"resume={ckpt}")
+    assert r.returncode == 2
+    assert "shard_00000.npy" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=2)
+    r = run_cli("train", "--config", str(cfg), "resume=auto")
+    assert r.returncode == 0, r.stderr
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]
