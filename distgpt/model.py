@@ -264,6 +264,7 @@ class GPT:
         """
         cfg, p = self.cfg, self.p
         B, T = idx.shape
+        self._last = None  # only a training forward may be followed by backward(); this one overwrites it
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         C, nh = cfg.n_embd, cfg.n_head
@@ -313,10 +314,9 @@ class GPT:
         a.lnf_rstd[:] = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a.lnf_out, a.lnf_xhat)
 
         V = cfg.vocab_size
-        logits = np.empty((B * T, V), self.dtype) if return_logits else None
         if targets is None:
-            np.matmul(a.lnf_out, p["wte"][:V].T, out=logits)
-            return logits.reshape(B, T, V)
+            return (a.lnf_out @ p["wte"][:V].T).reshape(B, T, V)
+        logits = np.empty((B * T, V), self.dtype) if return_logits else None
         loss = ops.head_loss(
             a.lnf_out,
             p["wte"][:V],

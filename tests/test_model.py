@@ -1,0 +1,290 @@
+"""The NumPy GPT-2 (distgpt/model.py): forward, backward, dropout, banded attention and the KV cache,
+checked against Hugging Face's GPT2LMHeadModel, a PyTorch reference and finite differences."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from distgpt.model import GPT, ModelConfig
+from distgpt.weights import from_hf_state_dict, to_hf_state_dict
+
+V, C, NH, BLOCK = 1000, 48, 3, 32  # odd sizes: head size 16, vocab padded 1000 -> 1024
+B, T = 3, 17
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def tokens(seed: int, shape: tuple[int, int], vocab: int = V) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab, shape), rng.integers(0, vocab, shape)
+
+
+def randomize(m: GPT, seed: int, weight_std: float = 0.1) -> None:
+    """Parameters well away from GPT-2's init (gains != 1, biases != 0) so every gradient is exercised."""
+    rng = np.random.default_rng(seed)
+    for e in m.layout.entries:
+        leaf = e.name.rsplit(".", 1)[-1]
+        if ".ln_" in f".{e.name}" and leaf == "weight":
+            val = 1.0 + 0.2 * rng.standard_normal(e.shape)
+        elif leaf == "bias":
+            val = 0.1 * rng.standard_normal(e.shape)
+        else:
+            val = weight_std * rng.standard_normal(e.shape)
+        m.p[e.name][...] = val
+    m.p["wte"][m.cfg.vocab_size :] = 0.0
+
+
+def train_step(m: GPT, idx, tgt, grad_scale=1.0, **kw):
+    m.zero_grad()
+    loss, logits = m.forward(idx, tgt, grad_scale=grad_scale, return_logits=True, **kw)
+    m.backward()
+    return loss, logits
+
+
+# ----------------------------------------------------------------------------- against Hugging Face
+
+
+def hf_reference(n_layer: int, seed: int = 0) -> transformers.GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    hc = transformers.GPT2Config(
+        vocab_size=V, n_positions=BLOCK, n_embd=C, n_layer=n_layer, n_head=NH,
+        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    hc._attn_implementation = "eager"
+    hf = transformers.GPT2LMHeadModel(hc).eval()
+    with torch.no_grad():  # perturb in float32, so the weights are exact in both models
+        for name, p in hf.named_parameters():
+            if ".ln_" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:  # biases and weights alike: N(0, 0.1)
+                p.copy_(0.1 * torch.randn_like(p))
+    return hf.double()
+
+
+def ours_from_hf(hf, n_layer: int) -> GPT:
+    m = GPT(ModelConfig(n_layer=n_layer, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V))
+    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+    from_hf_state_dict(m.layout, sd, m.params)
+    return m
+
+
+@pytest.mark.parametrize("n_layer", [2, 3])
+def test_logits_loss_and_every_gradient_match_hugging_face(n_layer):
+    hf = hf_reference(n_layer)
+    m = ours_from_hf(hf, n_layer)
+    idx, tgt = tokens(1, (B, T))
+
+    loss, logits = train_step(m, idx, tgt)
+    ref_logits = hf(input_ids=torch.tensor(idx)).logits
+    ref_loss = F.cross_entropy(ref_logits.reshape(-1, V), torch.tensor(tgt).reshape(-1))
+    ref_loss.backward()
+
+    assert logits.shape == (B, T, V)  # padded vocabulary rows are not logits
+    assert rel(logits, ref_logits.detach()) < 1e-5
+    assert abs(loss - ref_loss.item()) < 1e-5 * ref_loss.item()
+    ours = to_hf_state_dict(m.layout, m.grads)
+    ref = {n: p.grad.numpy() for n, p in hf.named_parameters()}
+    assert set(ours) == set(ref)
+    for name, g in ref.items():
+        assert rel(ours[name], g) < 1e-4, name
+    assert np.all(m.g["wte"][V:] == 0.0)
+
+
+def test_hf_state_dict_round_trips():
+    hf = hf_reference(2)
+    m = ours_from_hf(hf, 2)
+    back = to_hf_state_dict(m.layout, m.params)
+    sd = hf.state_dict()
+    for name, arr in back.items():
+        np.testing.assert_array_equal(arr, sd[name].numpy().astype(np.float32), err_msg=name)
+    assert np.all(m.p["wte"][V:] == 0.0)
+
+
+def test_padded_vocabulary_rows_never_reach_the_logits_or_the_loss():
+    hf = hf_reference(2)
+    m = ours_from_hf(hf, 2)
+    idx, tgt = tokens(2, (B, T))
+    loss, logits = train_step(m, idx, tgt)
+    grads = m.grads.copy()
+    m.p["wte"][V:] = 50.0  # garbage in the padding would dominate any softmax it leaked into
+    loss2, logits2 = train_step(m, idx, tgt)
+    assert loss2 == loss
+    np.testing.assert_array_equal(logits2, logits)
+    np.testing.assert_array_equal(m.grads, grads)
+    assert np.all(m.g["wte"][V:] == 0.0)
+
+
+# ----------------------------------------------------------------------------- finite differences
+
+
+FD_SAMPLES = 5
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"dropout": 0.2}, {"attention": "alternating_banded", "window": 2}],
+    ids=["dense", "dropout", "banded"],
+)
+def test_every_parameter_gradient_matches_float64_finite_differences(extra):
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11, **extra)
+    m = GPT(cfg, dtype=np.float64)
+    randomize(m, seed=3, weight_std=0.3)
+    Bf, Tf = 2, 5
+    idx, tgt = tokens(4, (Bf, Tf), cfg.vocab_size)
+    kw = {"dropout_seed": (7, 3), "row0": 4} if cfg.dropout else {}
+    if cfg.dropout:  # the masks are really applied, and fixed for this seed
+        assert m.forward(idx, tgt, **kw) != m.forward(idx, tgt)
+        assert m.forward(idx, tgt, **kw) == m.forward(idx, tgt, **kw)
+    scale = 0.75
+    train_step(m, idx, tgt, grad_scale=scale, **kw)
+    assert np.all(m.g["wte"][cfg.vocab_size :] == 0.0)
+
+    rng = np.random.default_rng(5)
+    h = 1e-5
+    for e in m.layout.entries:
+        view = m.p[e.name]
+        live = view[: cfg.vocab_size] if e.name == "wte" else view[:Tf] if e.name == "wpe" else view
+        flat_ids = rng.choice(live.size, FD_SAMPLES, replace=False)
+        analytic, numeric = [], []
+        for i in flat_ids:
+            pos = np.unravel_index(i, live.shape)
+            orig = view[pos]
+            view[pos] = orig + h
+            up = m.forward(idx, tgt, **kw)
+            view[pos] = orig - h
+            down = m.forward(idx, tgt, **kw)
+            view[pos] = orig
+            numeric.append(scale * (up - down) / (2 * h))
+            analytic.append(m.g[e.name][pos])
+        err = np.linalg.norm(np.subtract(analytic, numeric))
+        assert err <= 1e-6 * np.linalg.norm(numeric) + 1e-9, (e.name, analytic, numeric)
+
+
+# ----------------------------------------------------------------------------- banded attention
+
+
+def torch_gpt_logits(tp: dict, cfg: ModelConfig, idx: np.ndarray) -> torch.Tensor:
+    """GPT-2 written directly in PyTorch; even layers causal, odd layers a causal band of `window`."""
+    Bt, Tt = idx.shape
+    hs = cfg.n_embd // cfg.n_head
+    t = torch.arange(Tt)
+    causal = t[None, :] <= t[:, None]
+    band = causal & (t[None, :] > t[:, None] - cfg.window)
+    x = tp["wte"][torch.tensor(idx)] + tp["wpe"][:Tt]
+    for layer in range(cfg.n_layer):
+        p = {k.split(".", 2)[2]: v for k, v in tp.items() if k.startswith(f"h.{layer}.")}
+        h = F.layer_norm(x, (cfg.n_embd,), p["ln_1.weight"], p["ln_1.bias"], eps=1e-5)
+        q, k, v = (h @ p["attn.c_attn.weight"] + p["attn.c_attn.bias"]).split(cfg.n_embd, dim=-1)
+        q, k, v = (z.reshape(Bt, Tt, cfg.n_head, hs).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(hs)
+        allowed = band if layer % 2 == 1 else causal
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(Bt, Tt, cfg.n_embd)
+        x = x + y @ p["attn.c_proj.weight"] + p["attn.c_proj.bias"]
+        h = F.layer_norm(x, (cfg.n_embd,), p["ln_2.weight"], p["ln_2.bias"], eps=1e-5)
+        f = F.gelu(h @ p["mlp.c_fc.weight"] + p["mlp.c_fc.bias"], approximate="tanh")
+        x = x + f @ p["mlp.c_proj.weight"] + p["mlp.c_proj.bias"]
+    x = F.layer_norm(x, (cfg.n_embd,), tp["ln_f.weight"], tp["ln_f.bias"], eps=1e-5)
+    return x @ tp["wte"][: cfg.vocab_size].T
+
+
+def test_alternating_banded_attention_matches_a_masked_torch_reference():
+    cfg = ModelConfig(n_layer=3, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V)
+    cfg = ModelConfig(**{**cfg.__dict__, "attention": "alternating_banded", "window": 4})
+    m = GPT(cfg)
+    randomize(m, seed=6)
+    idx, tgt = tokens(7, (B, T))
+    loss, logits = train_step(m, idx, tgt)
+
+    tp = {n: torch.tensor(v, dtype=torch.float64, requires_grad=True) for n, v in m.p.items()}
+    ref_logits = torch_gpt_logits(tp, cfg, idx)
+    ref_loss = F.cross_entropy(ref_logits.reshape(-1, V), torch.tensor(tgt).reshape(-1))
+    ref_loss.backward()
+    assert rel(logits, ref_logits.detach()) < 1e-5
+    assert abs(loss - ref_loss.item()) < 1e-5 * ref_loss.item()
+    for name, t in tp.items():
+        assert rel(m.g[name], t.grad) < 1e-4, name
+
+    dense = GPT(ModelConfig(n_layer=3, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V), params=m.params)
+    assert rel(dense.forward(idx, return_logits=True), logits) > 1e-3  # the band does mask something
+
+
+# ----------------------------------------------------------------------------- accumulation, dropout
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_two_half_scaled_micro_batches_accumulate_to_the_full_batch_gradient(dropout):
+    cfg = ModelConfig(n_layer=2, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V, dropout=dropout)
+    m = GPT(cfg, dtype=np.float64)  # float64: the sums are re-associated, so only rounding may differ
+    randomize(m, seed=8)
+    idx, tgt = tokens(9, (4, T))
+    seed, row0 = (11, 2), 6  # dropout masks follow the global row, whatever the micro-batching
+    full_loss, _ = train_step(m, idx, tgt, dropout_seed=seed, row0=row0)
+    full = m.grads.copy()
+
+    m.zero_grad()
+    losses = []
+    for part in (slice(0, 2), slice(2, 4)):
+        kw = {"dropout_seed": seed, "row0": row0 + part.start}
+        losses.append(m.forward(idx[part], tgt[part], grad_scale=0.5, **kw))
+        m.backward()
+    assert np.mean(losses) == pytest.approx(full_loss, rel=1e-12)
+    assert rel(m.grads, full) < 1e-10
+    assert np.all(m.g["wte"][V:] == 0.0)
+
+
+def test_dropout_needs_a_seed_and_is_deterministic_per_seed():
+    cfg = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11, dropout=0.3)
+    m = GPT(cfg, dtype=np.float64)
+    randomize(m, seed=10, weight_std=0.3)
+    plain = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11), np.float64, m.params)
+    idx, tgt = tokens(11, (2, 6), 11)
+    assert m.forward(idx, tgt) == plain.forward(idx, tgt)
+    a = m.forward(idx, tgt, dropout_seed=(1, 0))
+    assert a == m.forward(idx, tgt, dropout_seed=(1, 0))
+    assert a != m.forward(idx, tgt, dropout_seed=(1, 1))  # a new step draws new masks
+    assert a != plain.forward(idx, tgt)
+
+
+def test_backward_is_scaled_by_grad_scale():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11)
+    m = GPT(cfg, dtype=np.float64)
+    randomize(m, seed=12, weight_std=0.3)
+    idx, tgt = tokens(13, (2, 5), 11)
+    train_step(m, idx, tgt, grad_scale=1.0)
+    unit = m.grads.copy()
+    train_step(m, idx, tgt, grad_scale=0.25)
+    np.testing.assert_allclose(m.grads, 0.25 * unit, rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def test_inference_forward_returns_logits():
+    m = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    randomize(m, seed=14, weight_std=0.3)
+    idx, _ = tokens(15, (2, 5), 11)
+    expected = m.forward(idx, return_logits=True)
+    np.testing.assert_array_equal(m.forward(idx), expected)
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
+def test_kv_cache_over_the_whole_sequence_equals_the_full_forward(attention):
+    cfg = ModelConfig(
+        n_layer=3, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V, attention=attention, window=5
+    )
+    m = GPT(cfg)
+    randomize(m, seed=16)
+    idx, _ = tokens(17, (B, T))
+    expected = m.forward(idx, return_logits=True)
+    cache = m.new_cache(B)
+    got = m.forward_cached(idx, cache)
+    assert cache.length == T
+    assert rel(got, expected) < 1e-5

@@ -1,0 +1,216 @@
+"""The layer kernels of distgpt/ops.py against torch autograd, in float64."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distgpt import ops
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def t64(a: np.ndarray, grad: bool = True) -> torch.Tensor:
+    return torch.tensor(a, dtype=torch.float64, requires_grad=grad)
+
+
+TOL = 1e-12  # float64 against float64: only rounding separates the two
+
+
+# ----------------------------------------------------------------------------- layernorm
+
+
+def test_layernorm_forward_and_backward_match_torch():
+    rng = np.random.default_rng(0)
+    N, C = 13, 10
+    x = rng.standard_normal((N, C)) * 3 + 1.5
+    w, b = 1 + 0.3 * rng.standard_normal(C), 0.5 * rng.standard_normal(C)
+    dout = rng.standard_normal((N, C))
+
+    out, xhat = np.empty((N, C)), np.empty((N, C))
+    rstd = ops.layernorm_forward(x, w, b, out, xhat)
+    dw0, db0 = rng.standard_normal(C), rng.standard_normal(C)  # backward must accumulate into these
+    dw, db, dx = dw0.copy(), db0.copy(), np.empty((N, C))
+    ops.layernorm_backward(dout, xhat, rstd, w, dw, db, dx)
+
+    xt, wt, bt = t64(x), t64(w), t64(b)
+    ref = F.layer_norm(xt, (C,), wt, bt, eps=1e-5)
+    ref.backward(torch.tensor(dout))
+    assert rel(out, ref.detach()) < TOL
+    assert rel(dx, xt.grad) < TOL
+    assert rel(dw - dw0, wt.grad) < TOL
+    assert rel(db - db0, bt.grad) < TOL
+
+
+def test_layernorm_backward_may_write_dx_over_dout():
+    rng = np.random.default_rng(1)
+    N, C = 6, 8
+    x, w = rng.standard_normal((N, C)), 1 + 0.3 * rng.standard_normal(C)
+    out, xhat = np.empty((N, C)), np.empty((N, C))
+    rstd = ops.layernorm_forward(x, w, np.zeros(C), out, xhat)
+    dout = rng.standard_normal((N, C))
+    dx = np.empty((N, C))
+    ops.layernorm_backward(dout, xhat, rstd, w, np.zeros(C), np.zeros(C), dx)
+    aliased = dout.copy()
+    ops.layernorm_backward(aliased, xhat, rstd, w, np.zeros(C), np.zeros(C), aliased)
+    np.testing.assert_allclose(aliased, dx, rtol=1e-13, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- gelu and linear
+
+
+def test_gelu_is_the_tanh_approximation_and_its_backward_matches_torch():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 9)) * 3
+    out = ops.gelu_forward(x, np.empty_like(x))
+    xt = t64(x)
+    ref = F.gelu(xt, approximate="tanh")
+    dout = rng.standard_normal(x.shape)
+    ref.backward(torch.tensor(dout))
+    assert rel(out, ref.detach()) < TOL
+
+    dx = np.empty_like(x)
+    ops.gelu_backward(dout, x, dx)
+    assert rel(dx, xt.grad) < TOL
+    aliased = dout.copy()  # the model writes dx over dout
+    ops.gelu_backward(aliased, x, aliased)
+    np.testing.assert_allclose(aliased, dx, rtol=1e-13, atol=1e-15)
+
+
+def test_linear_backward_accumulates_weight_grads_and_writes_dx():
+    rng = np.random.default_rng(3)
+    x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 6)), rng.standard_normal(6)
+    out = ops.linear_forward(x, w, b, np.empty((5, 6)))
+    xt, wt, bt = t64(x), t64(w), t64(b)
+    ref = xt @ wt + bt
+    dout = rng.standard_normal((5, 6))
+    ref.backward(torch.tensor(dout))
+    dw0, db0 = rng.standard_normal((4, 6)), rng.standard_normal(6)
+    dw, db, dx = dw0.copy(), db0.copy(), np.empty((5, 4))
+    ops.linear_backward(dout, x, w, dw, db, dx)
+    assert rel(out, ref.detach()) < TOL
+    assert rel(dx, xt.grad) < TOL
+    assert rel(dw - dw0, wt.grad) < TOL
+    assert rel(db - db0, bt.grad) < TOL
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def test_causal_mask_blocks_the_future_and_keys_outside_the_band():
+    T, w = 7, 3
+    for window in (None, w):
+        blocked = ops.causal_mask(T, window)
+        for t in range(T):
+            for s in range(T):
+                visible = s <= t and (window is None or s > t - window)
+                assert blocked[t, s] == (not visible), (window, t, s)
+
+
+def torch_attention(q, k, v, blocked):
+    scores = (q @ k.transpose(-1, -2)) / np.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.tensor(blocked), float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("window", [None, 2, 4])
+def test_attention_forward_and_backward_match_torch(window):
+    rng = np.random.default_rng(4)
+    B, nh, T, hs = 2, 3, 9, 4
+    q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
+    blocked = ops.causal_mask(T, window)
+    att, y = np.empty((B, nh, T, T)), np.empty((B, nh, T, hs))
+    ops.attention_forward(q, k, v, blocked, att, y)
+
+    qt, kt, vt = t64(q), t64(k), t64(v)
+    ref = torch_attention(qt, kt, vt, blocked)
+    dy = rng.standard_normal(y.shape)
+    ref.backward(torch.tensor(dy))
+    assert rel(y, ref.detach()) < TOL
+    assert np.all(att[..., blocked] == 0.0)
+    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-14)
+
+    dq, dk, dv = (np.empty_like(q) for _ in range(3))
+    ops.attention_backward(dy, q, k, v, att, dq, dk, dv)
+    assert rel(dq, qt.grad) < TOL
+    assert rel(dk, kt.grad) < TOL
+    assert rel(dv, vt.grad) < TOL
+
+
+def test_banded_attention_output_ignores_keys_outside_the_window():
+    rng = np.random.default_rng(5)
+    B, nh, T, hs, w = 1, 2, 10, 4, 3
+    q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
+    blocked = ops.causal_mask(T, w)
+
+    def attend(k, v):
+        y = np.empty((B, nh, T, hs))
+        ops.attention_forward(q, k, v, blocked, np.empty((B, nh, T, T)), y)
+        return y
+
+    base = attend(k, v)
+    t = 8
+    for s in range(T):
+        k2, v2 = k.copy(), v.copy()
+        k2[:, :, s] += 5.0 * rng.standard_normal((B, nh, hs))
+        v2[:, :, s] += 5.0 * rng.standard_normal((B, nh, hs))
+        changed = not np.allclose(attend(k2, v2)[:, :, t], base[:, :, t], rtol=0, atol=1e-12)
+        assert changed == (t - w < s <= t), s
+
+
+# ----------------------------------------------------------------------------- lm head + loss
+
+
+def head_inputs(seed: int = 6):
+    rng = np.random.default_rng(seed)
+    N, C, V = 20, 6, 13
+    x = rng.standard_normal((N, C))
+    wte = rng.standard_normal((V, C))
+    targets = rng.integers(0, V, N)
+    return x, wte, targets
+
+
+def run_head(x, wte, targets, grad_scale, chunk_rows, dwte0=None):
+    dx = np.empty_like(x)
+    dwte = np.zeros_like(wte) if dwte0 is None else dwte0.copy()
+    logits = np.empty((x.shape[0], wte.shape[0]))
+    loss = ops.head_loss(x, wte, targets, grad_scale, dx, dwte, chunk_rows, logits)
+    return loss, dx, dwte, logits
+
+
+def test_head_loss_matches_torch_cross_entropy_and_its_gradients():
+    x, wte, targets = head_inputs()
+    scale = 0.375
+    dwte0 = np.random.default_rng(7).standard_normal(wte.shape)
+    loss, dx, dwte, logits = run_head(x, wte, targets, scale, 512, dwte0)
+
+    xt, wt = t64(x), t64(wte)
+    ref_logits = xt @ wt.T
+    ref_loss = F.cross_entropy(ref_logits, torch.tensor(targets))
+    (scale * ref_loss).backward()
+    assert abs(loss - ref_loss.item()) < 1e-12 * abs(ref_loss.item())
+    assert rel(logits, ref_logits.detach()) < TOL
+    assert rel(dx, xt.grad) < TOL
+    assert rel(dwte - dwte0, wt.grad) < TOL  # accumulated, not overwritten
+
+
+def test_head_loss_without_grad_scale_leaves_gradients_alone():
+    x, wte, targets = head_inputs()
+    dx, dwte = np.full_like(x, 7.0), np.full_like(wte, 7.0)
+    loss = ops.head_loss(x, wte, targets, None, dx, dwte, 4)
+    assert loss == pytest.approx(run_head(x, wte, targets, 1.0, 512)[0], rel=1e-13)
+    assert np.all(dx == 7.0) and np.all(dwte == 7.0)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 25])
+def test_head_loss_is_independent_of_the_chunk_size(chunk_rows):
+    x, wte, targets = head_inputs()
+    assert x.shape[0] % 7 != 0 and 25 > x.shape[0]  # a ragged last chunk, and one chunk bigger than N
+    ref = run_head(x, wte, targets, 0.5, x.shape[0])
+    got = run_head(x, wte, targets, 0.5, chunk_rows)
+    assert got[0] == pytest.approx(ref[0], rel=1e-13)
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        assert rel(a, b) < 1e-13
