@@ -171,8 +171,13 @@ class ThreadSetup:
 
 
 def setup_threads(comm: Comm, threads_per_rank: int | str) -> ThreadSetup:
-    """Give each rank its share of its own node's cores (ranks per node come from MPI)."""
+    """Give each rank its share of its own node's cores (ranks per node come from MPI).
+
+    The rank's threads are distgpt's own kernel threads (ops.set_threads); BLAS is held to one
+    thread inside them, so each core runs exactly one busy thread."""
     from threadpoolctl import threadpool_info, threadpool_limits
+
+    from distgpt import ops
 
     cores = os.cpu_count() or 1
     bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
@@ -182,8 +187,9 @@ def setup_threads(comm: Comm, threads_per_rank: int | str) -> ThreadSetup:
     else:
         threads = int(threads_per_rank)
     oversubscribed = threads * comm.local_size > cores
-    limiter = threadpool_limits(limits=threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    limiter = threadpool_limits(limits=1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    ops.set_threads(threads)
     infos = threadpool_info()
     blas = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version') or ''}".strip()
                              for i in infos if i.get("user_api") == "blas"})) or "unknown"

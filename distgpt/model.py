@@ -155,8 +155,8 @@ class _Acts:
         z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
         self.x = z(BT, C)  # residual stream
         self.ln1_xhat, self.ln1_out, self.ln1_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
-        self.qkv = z(L, 3, B, nh, T, hs)
-        self.att = z(L, B, nh, T, T)
+        self.qkv = z(L, BT, 3 * C)
+        self.lse = z(L, B, nh, T)  # attention softmax log-normalisers: backward recomputes the rest
         self.attn_y = z(L, BT, C)
         self.ln2_xhat, self.ln2_out, self.ln2_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
         self.fc_pre = z(L, BT, 4 * C)
@@ -167,15 +167,21 @@ class _Acts:
         self.s_c = z(BT, C)
         self.s_c2 = z(BT, C)
         self.s_4c = z(BT, 4 * C)
-        self.s_heads = z(3, B, nh, T, hs)
-        self.s_y = z(B, nh, T, hs)
+        self.shape = (B, T, nh, hs)
+
+    def heads(self, a: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(B*T, k*C) buffer -> k strided (B, nh, T, hs) views, one per C-wide part (no copies)."""
+        B, T, nh, hs = self.shape
+        parts = a.shape[-1] // (nh * hs)
+        v = a.reshape(B, T, parts, nh, hs).transpose(2, 0, 3, 1, 4)
+        return tuple(v[i] for i in range(parts))
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4) -> int:
     """Bytes of the training buffers `_Acts` allocates for a (B, T) micro-batch, plus the head's chunk."""
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
-    per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T * T
-    scratch = 15 * BT * C + BT
+    per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T
+    scratch = 13 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
     return itemsize * (L * per_layer + scratch + head)
 
@@ -201,7 +207,6 @@ class GPT:
         self.g = self.layout.views(self.grads)
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int], _Acts] = {}
-        self._masks = {}
         self._last: tuple | None = None
         self.layer_done_hook = None  # called with the layer index as its gradients finish
 
@@ -213,13 +218,6 @@ class GPT:
                 self._acts.pop(next(iter(self._acts)))
             self._acts[key] = _Acts(self.cfg, B, T, self.dtype)
         return self._acts[key]
-
-    def _blocked(self, T: int, layer: int) -> np.ndarray:
-        w = self.cfg.layer_window(layer)
-        key = (T, w)
-        if key not in self._masks:
-            self._masks[key] = ops.causal_mask(T, w)
-        return self._masks[key]
 
     def _dropout_masks(self, B: int, T: int, seed: tuple[int, ...], row0: int) -> dict[str, np.ndarray]:
         """Inverted-dropout keep masks drawn per global row from (seed..., row): the same rows
@@ -267,10 +265,11 @@ class GPT:
         self._last = None  # only a training forward may be followed by backward(); this one overwrites it
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-        C, nh = cfg.n_embd, cfg.n_head
+        C = cfg.n_embd
         a = self._buffers(B, T)
         use_dropout = dropout_seed is not None and cfg.dropout > 0.0
         masks = self._dropout_masks(B, T, dropout_seed, row0) if use_dropout else None
+        keep_scale = 1.0 / (1.0 - cfg.dropout)
 
         x = a.x
         np.take(p["wte"], idx.reshape(-1), axis=0, out=x)
@@ -283,17 +282,12 @@ class GPT:
                 x, p[lp + "ln_1.weight"], p[lp + "ln_1.bias"], a.ln1_out[layer], a.ln1_xhat[layer]
             )
             ops.linear_forward(
-                a.ln1_out[layer], p[lp + "attn.c_attn.weight"], p[lp + "attn.c_attn.bias"], a.s_qkv
+                a.ln1_out[layer], p[lp + "attn.c_attn.weight"], p[lp + "attn.c_attn.bias"], a.qkv[layer]
             )
-            ops.split_heads(a.s_qkv, B, T, nh, a.qkv[layer])
-            q, k, v = a.qkv[layer]
-            ops.attention_forward(q, k, v, self._blocked(T, layer), a.att[layer], a.s_y)
-            if use_dropout:
-                # keep the undropped probabilities for backward; only y sees the dropped ones
-                dropped = a.att[layer] * masks["att"][layer]
-                dropped *= 1.0 / (1.0 - cfg.dropout)
-                np.matmul(dropped, v, out=a.s_y)
-            ops.merge_heads(a.s_y, a.attn_y[layer])
+            q, k, v = a.heads(a.qkv[layer])
+            (y,) = a.heads(a.attn_y[layer])
+            ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse[layer],
+                                  keep=masks["att"][layer] if use_dropout else None, keep_scale=keep_scale)
             ops.linear_forward(
                 a.attn_y[layer], p[lp + "attn.c_proj.weight"], p[lp + "attn.c_proj.bias"], a.s_c
             )
@@ -340,7 +334,6 @@ class GPT:
         self._last = None
         cfg, p, g = self.cfg, self.p, self.g
         a = self._buffers(B, T)
-        nh = cfg.n_head
         dx = a.x  # the residual stream's buffer now carries its gradient
         ops.layernorm_backward(
             a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx
@@ -397,15 +390,13 @@ class GPT:
                 g[lp + "attn.c_proj.bias"],
                 a.s_c2,
             )
-            dy = a.s_y
-            dy[...] = a.s_c2.reshape(B, T, nh, -1).transpose(0, 2, 1, 3)
-            q, k, v = a.qkv[layer]
-            dq, dk, dv = a.s_heads
-            if masks is not None:
-                self._attention_backward_dropout(dy, q, k, v, a.att[layer], masks["att"][layer], dq, dk, dv)
-            else:
-                ops.attention_backward(dy, q, k, v, a.att[layer], dq, dk, dv)
-            a.s_qkv.reshape(B, T, 3, nh, -1)[...] = a.s_heads.transpose(1, 3, 0, 2, 4)
+            q, k, v = a.heads(a.qkv[layer])
+            (y,) = a.heads(a.attn_y[layer])
+            (dy,) = a.heads(a.s_c2)
+            dq, dk, dv = a.heads(a.s_qkv)
+            ops.attention_backward(dy, q, k, v, y, a.lse[layer], cfg.layer_window(layer), dq, dk, dv,
+                                   keep=masks["att"][layer] if masks is not None else None,
+                                   keep_scale=1.0 / (1.0 - cfg.dropout))
             ops.linear_backward(
                 a.s_qkv,
                 a.ln1_out[layer],
@@ -431,20 +422,6 @@ class GPT:
             dx *= 1.0 / (1.0 - cfg.dropout)
         g["wpe"][:T] += dx.reshape(B, T, -1).sum(axis=0)
         np.add.at(g["wte"], idx.reshape(-1), dx)
-
-    def _attention_backward_dropout(self, dy, q, k, v, probs, keep, dq, dk, dv) -> None:
-        scale_keep = 1.0 / (1.0 - self.cfg.dropout)
-        dropped = probs * keep * scale_keep
-        np.matmul(dropped.swapaxes(-1, -2), dy, out=dv)
-        dp = dy @ v.swapaxes(-1, -2)
-        dp *= keep
-        dp *= scale_keep
-        rowdot = np.einsum("...ij,...ij->...i", dp, probs)[..., None]
-        dp -= rowdot
-        dp *= probs
-        dp *= 1.0 / math.sqrt(q.shape[-1])
-        np.matmul(dp, k, out=dq)
-        np.matmul(dp.swapaxes(-1, -2), q, out=dk)
 
     def zero_grad(self) -> None:
         self.grads[:] = 0.0

@@ -1,137 +1,228 @@
 """Forward/backward pairs for the GPT-2 layers, written against NumPy/BLAS.
 
 Conventions:
-- Activations are 2-D (rows = batch x time, cols = features) so every matmul is one BLAS gemm.
+- Activations are 2-D (rows = batch x time, cols = features) so every big matmul is one BLAS gemm.
 - Weights are stored (in_features, out_features), as Hugging Face's GPT-2 Conv1D stores them,
   so a layer is `x @ w + b`.
 - A backward function *accumulates* into the weight-gradient arrays it is given (gradient
-  accumulation over micro-batches and the tied embedding both need `+=`) and returns / writes
-  the gradient of its input.
-- Forward functions return what their backward needs; nothing is hidden in globals.
+  accumulation over micro-batches and the tied embedding both need `+=`) and writes the gradient
+  of its input.
+
+Speed: NumPy runs each ufunc as one pass over memory on one thread. The elementwise kernels here
+therefore walk their rows in cache-sized blocks (a chain of ufuncs on a block stays in cache) and
+split the blocks over the rank's threads (`set_threads`): ufuncs and BLAS calls release the GIL.
+BLAS itself is kept to one thread (dist.setup_threads) and big matmuls are split by rows over the
+same threads: one pool owns the rank's cores, so idle BLAS workers never spin against it.
 """
 
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 GELU_C = math.sqrt(2.0 / math.pi)
 LN_EPS = 1e-5
+BLOCK_ELEMS = 1 << 15          # elements per cache block (128 KiB of float32)
+ATTN_BLOCK = 128               # query rows per attention block
+
+# ----------------------------------------------------------------------------- threads
+
+_pool: ThreadPoolExecutor | None = None
+_n_threads = 1
+
+
+def set_threads(n: int) -> None:
+    """Use n threads (this one and n - 1 workers) for the kernels below."""
+    global _pool, _n_threads
+    if _pool is not None:
+        _pool.shutdown()
+        _pool = None
+    _n_threads = max(1, int(n))
+    if _n_threads > 1:
+        _pool = ThreadPoolExecutor(_n_threads - 1, thread_name_prefix="distgpt-ops")
+
+
+def n_threads() -> int:
+    return _n_threads
+
+
+def parallel_for(n: int, fn: Callable[[int, int], None], grain: int = 1) -> None:
+    """fn(lo, hi) over a split of range(n) into one contiguous part per thread (parts of at least
+    `grain` items: tiny work is not worth a thread hand-off)."""
+    parts = min(_n_threads, n // max(1, grain))
+    if parts <= 1:
+        fn(0, n)
+        return
+    bounds = [n * i // parts for i in range(parts + 1)]
+    futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    fn(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = a @ b for 2-D arrays, rows of `a` split over the threads."""
+    def work(lo: int, hi: int) -> None:
+        np.matmul(a[lo:hi], b, out=out[lo:hi])
+    parallel_for(a.shape[0], work, grain=64)
+    return out
+
+
+def _row_blocks(lo: int, hi: int, cols: int, min_rows: int = 1):
+    """Row slices of [lo, hi) holding about BLOCK_ELEMS elements each (at least min_rows rows)."""
+    step = max(min_rows, BLOCK_ELEMS // max(1, cols))
+    for r in range(lo, hi, step):
+        yield slice(r, min(hi, r + step))
+
+
+def add_(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst += src over rows, in parallel."""
+    def work(lo: int, hi: int) -> None:
+        dst[lo:hi] += src[lo:hi]
+    parallel_for(dst.shape[0], work)
 
 
 # ----------------------------------------------------------------------------- layernorm
 
-
-def layernorm_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray, xhat: np.ndarray
-) -> np.ndarray:
+def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
+                      xhat: np.ndarray) -> np.ndarray:
     """out = (x - mean) / std * w + b over the last axis. Fills `xhat`, returns rstd (rows,)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    np.subtract(x, mean, out=xhat)
-    var = np.einsum("ij,ij->i", xhat, xhat) / x.shape[-1]
-    rstd = 1.0 / np.sqrt(var + LN_EPS)
-    xhat *= rstd[:, None]
-    np.multiply(xhat, w, out=out)
-    out += b
+    N, C = x.shape
+    rstd = np.empty(N, x.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        for s in _row_blocks(lo, hi, C):
+            xs, xh = x[s], xhat[s]
+            np.subtract(xs, xs.mean(axis=1, keepdims=True), out=xh)
+            var = np.einsum("ij,ij->i", xh, xh) / C
+            r = rstd[s]
+            np.add(var, LN_EPS, out=r)
+            np.sqrt(r, out=r)
+            np.divide(1.0, r, out=r)
+            xh *= r[:, None]
+            np.multiply(xh, w, out=out[s])
+            out[s] += b
+    parallel_for(N, work)
     return rstd
 
 
-def layernorm_backward(
-    dout: np.ndarray,
-    xhat: np.ndarray,
-    rstd: np.ndarray,
-    w: np.ndarray,
-    dw: np.ndarray,
-    db: np.ndarray,
-    dx: np.ndarray,
-) -> None:
+def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray,
+                       dw: np.ndarray, db: np.ndarray, dx: np.ndarray) -> None:
     """Writes dx (may alias dout); accumulates dw, db."""
-    dw += np.einsum("ij,ij->j", dout, xhat)
-    db += dout.sum(axis=0)
-    dxhat = dout * w
-    c = dxhat.shape[-1]
-    mean_dxhat = dxhat.sum(axis=-1, keepdims=True) / c
-    mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xhat)[:, None] / c
-    # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
-    np.multiply(xhat, mean_dxhat_xhat, out=dx)
-    np.subtract(dxhat, dx, out=dx)
-    dx -= mean_dxhat
-    dx *= rstd[:, None]
+    N, C = dout.shape
+    partial = np.zeros((min(_n_threads, N), 2, C), np.float64)
+    lock = threading.Lock()
+
+    def work(lo: int, hi: int) -> None:
+        acc = np.zeros((2, C), np.float64)
+        for s in _row_blocks(lo, hi, C):
+            do, xh = dout[s], xhat[s]
+            acc[0] += np.einsum("ij,ij->j", do, xh)
+            acc[1] += do.sum(axis=0)
+            dxhat = do * w
+            mean_dxhat = dxhat.sum(axis=1, keepdims=True) / C
+            mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xh)[:, None] / C
+            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+            d = dx[s]
+            np.multiply(xh, mean_dxhat_xhat, out=d)
+            np.subtract(dxhat, d, out=d)
+            d -= mean_dxhat
+            d *= rstd[s, None]
+        with lock:
+            partial[0] += acc
+    parallel_for(N, work)
+    dw += partial[0, 0].astype(dw.dtype)
+    db += partial[0, 1].astype(db.dtype)
 
 
 # ----------------------------------------------------------------------------- linear
 
-
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    np.matmul(x, w, out=out)
-    out += b
+    def work(lo: int, hi: int) -> None:
+        np.matmul(x[lo:hi], w, out=out[lo:hi])
+        out[lo:hi] += b
+    parallel_for(x.shape[0], work, grain=64)
     return out
 
 
-def linear_backward(
-    dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray, dx: np.ndarray | None
-) -> None:
+def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
+                    dx: np.ndarray | None) -> None:
     """Accumulates dw, db; writes dx unless it is None (the caller does not need it)."""
-    dw += x.T @ dout
+    def weight_grad(lo: int, hi: int) -> None:
+        # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
+        dw[lo:hi] += x[:, lo:hi].T @ dout
+    parallel_for(x.shape[1], weight_grad, grain=64)
     db += dout.sum(axis=0)
     if dx is not None:
-        np.matmul(dout, w.T, out=dx)
+        matmul(dout, w.T, dx)
 
 
 # ----------------------------------------------------------------------------- gelu (tanh)
+# GPT-2's GELU is 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). Since
+# 0.5 (1 + tanh(u)) = sigmoid(2u), it is x * s with s = 1 / (1 + exp(-2u)): exp is much cheaper than
+# tanh in NumPy, and the derivative reuses s: gelu'(x) = s + 2 x s (1 - s) du/dx.
+
+def _gelu_sigmoid(x: np.ndarray, s: np.ndarray) -> None:
+    """s = sigmoid(2u(x))."""
+    np.multiply(x, x, out=s)
+    s *= -2.0 * GELU_C * 0.044715
+    s += -2.0 * GELU_C
+    s *= x
+    np.exp(s, out=s)
+    s += 1.0
+    np.divide(1.0, s, out=s)
 
 
 def gelu_forward(x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), the GPT-2 approximation."""
-    np.multiply(x, x, out=out)
-    out *= 0.044715
-    out += 1.0
-    out *= x
-    out *= GELU_C
-    np.tanh(out, out=out)
-    out += 1.0
-    out *= x
-    out *= 0.5
+    N, C = x.shape
+
+    def work(lo: int, hi: int) -> None:
+        for sl in _row_blocks(lo, hi, C):
+            o = out[sl]
+            _gelu_sigmoid(x[sl], o)
+            o *= x[sl]
+    parallel_for(N, work)
     return out
 
 
 def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: np.ndarray) -> None:
     """dx = dout * gelu'(x). dx may alias dout."""
-    x2 = x * x
-    t = x2 * 0.044715
-    t += 1.0
-    t *= x
-    t *= GELU_C
-    np.tanh(t, out=t)  # t = tanh(u)
-    # gelu'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
-    x2 *= 3 * 0.044715
-    x2 += 1.0
-    x2 *= GELU_C * 0.5
-    x2 *= x  # 0.5 c x (1 + 3a x^2)
-    s = t * t
-    np.subtract(1.0, s, out=s)
-    s *= x2
-    t += 1.0
-    t *= 0.5
-    t += s
-    np.multiply(dout, t, out=dx)
+    N, C = x.shape
+
+    def work(lo: int, hi: int) -> None:
+        for sl in _row_blocks(lo, hi, C):
+            xs = x[sl]
+            s = np.empty_like(xs)
+            _gelu_sigmoid(xs, s)
+            t = xs * xs                        # du/dx = c (1 + 3a x^2)
+            t *= 3.0 * 0.044715 * GELU_C
+            t += GELU_C
+            t *= xs
+            t *= 2.0
+            t *= s
+            q = 1.0 - s
+            t *= q                             # 2 x s (1 - s) du/dx
+            t += s
+            np.multiply(dout[sl], t, out=dx[sl])
+    parallel_for(N, work)
 
 
 # ----------------------------------------------------------------------------- attention
+# Causal attention in query blocks, flash-attention style: block [q0, q1) only meets the keys it can
+# see ([0, q1), or the band for local layers), so the masked upper triangle is never computed, and
+# only the softmax's log-normaliser (B, nh, T) is kept for backward, which recomputes each block's
+# probabilities. q, k, v, y and their gradients are (B, nh, T, hs) arrays or strided views (the
+# model passes views straight into its (B*T, 3C) and (B*T, C) buffers: no head reshuffling copies).
 
-
-def split_heads(qkv: np.ndarray, B: int, T: int, n_head: int, out: np.ndarray) -> None:
-    """(B*T, 3C) -> out (3, B, n_head, T, hs), contiguous so the batched matmuls hit BLAS."""
-    C3 = qkv.shape[-1]
-    hs = C3 // (3 * n_head)
-    out[...] = qkv.reshape(B, T, 3, n_head, hs).transpose(2, 0, 3, 1, 4)
-
-
-def merge_heads(y: np.ndarray, out: np.ndarray) -> None:
-    """(B, n_head, T, hs) -> out (B*T, C)."""
-    B, nh, T, hs = y.shape
-    out.reshape(B, T, nh, hs)[...] = y.transpose(0, 2, 1, 3)
+def softmax_lastaxis_(a: np.ndarray) -> None:
+    """In-place softmax over the last axis (rows fully masked with -inf are not expected)."""
+    a -= a.max(axis=-1, keepdims=True)
+    np.exp(a, out=a)
+    a /= a.sum(axis=-1, keepdims=True)
 
 
 def causal_mask(T: int, window: int | None = None) -> np.ndarray:
@@ -143,62 +234,99 @@ def causal_mask(T: int, window: int | None = None) -> np.ndarray:
     return blocked
 
 
-def attention_forward(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, blocked: np.ndarray, att: np.ndarray, y: np.ndarray
-) -> None:
-    """Masked softmax attention over (B, nh, T, hs). Fills att (B, nh, T, T) with the
-    probabilities and y (B, nh, T, hs) with att @ v."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    np.matmul(q, k.swapaxes(-1, -2), out=att)
-    att *= scale
-    att[..., blocked] = -np.inf
-    softmax_lastaxis_(att)
-    np.matmul(att, v, out=y)
+_mask_cache: dict = {}
 
 
-def softmax_lastaxis_(a: np.ndarray) -> None:
-    a -= a.max(axis=-1, keepdims=True)
-    np.exp(a, out=a)
-    a /= a.sum(axis=-1, keepdims=True)
+def _additive_mask(T: int, window: int | None, dtype) -> np.ndarray:
+    key = (T, window, np.dtype(dtype))
+    if key not in _mask_cache:
+        _mask_cache[key] = np.where(causal_mask(T, window), -np.inf, 0.0).astype(dtype)
+    return _mask_cache[key]
 
 
-def attention_backward(
-    dy: np.ndarray,
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    att: np.ndarray,
-    dq: np.ndarray,
-    dk: np.ndarray,
-    dv: np.ndarray,
-) -> None:
-    """Gradients of q, k, v (all (B, nh, T, hs)) given dy and the saved probabilities.
-    `att` is consumed: it is overwritten with the score gradient."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    np.matmul(att.swapaxes(-1, -2), dy, out=dv)
-    datt = dy @ v.swapaxes(-1, -2)
-    # softmax backward: dscore = p * (dp - sum(dp * p)); masked entries have p = 0 and stay 0.
-    rowdot = np.einsum("...ij,...ij->...i", datt, att)[..., None]
-    datt -= rowdot
-    att *= datt
-    att *= scale
-    np.matmul(att, k, out=dq)
-    np.matmul(att.swapaxes(-1, -2), q, out=dk)
+def _blocks(T: int, window: int | None):
+    """(q0, q1, k0): query block and the first key any of its queries can see."""
+    for q0 in range(0, T, ATTN_BLOCK):
+        q1 = min(T, q0 + ATTN_BLOCK)
+        yield q0, q1, (0 if window is None else max(0, q0 - window + 1))
+
+
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
+                      lse: np.ndarray, keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
+    """y = softmax(q k^T / sqrt(hs) + mask) @ v per (batch, head); lse (B, nh, T) gets the log of
+    each softmax row's normaliser. keep: optional dropout keep-mask (B, nh, T, T) on the probabilities,
+    surviving ones scaled by keep_scale."""
+    B, nh, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    mask = _additive_mask(T, window, q.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            b, h = divmod(i, nh)
+            qb, kb, vb, yb, lb = q[b, h], k[b, h], v[b, h], y[b, h], lse[b, h]
+            for q0, q1, k0 in _blocks(T, window):
+                s = qb[q0:q1] @ kb[k0:q1].T
+                s *= scale
+                s += mask[q0:q1, k0:q1]
+                m = s.max(axis=1, keepdims=True)
+                s -= m
+                np.exp(s, out=s)
+                total = s.sum(axis=1, keepdims=True)
+                s /= total
+                np.log(total, out=total)
+                total += m
+                lb[q0:q1] = total[:, 0]
+                if keep is not None:
+                    s *= keep[b, h, q0:q1, k0:q1]
+                    s *= keep_scale
+                np.matmul(s, vb[k0:q1], out=yb[q0:q1])
+    parallel_for(B * nh, work)
+
+
+def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, y: np.ndarray,
+                       lse: np.ndarray, window: int | None, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+                       keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
+    """Gradients of q, k, v (written, not accumulated) from dy and the forward's y and lse.
+    Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities."""
+    B, nh, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    mask = _additive_mask(T, window, q.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            b, h = divmod(i, nh)
+            qb, kb, vb, lb = q[b, h], k[b, h], v[b, h], lse[b, h]
+            dyb, dqb, dkb, dvb = dy[b, h], dq[b, h], dk[b, h], dv[b, h]
+            rowdot = np.einsum("td,td->t", dyb, y[b, h])[:, None]
+            dkb[...] = 0.0
+            dvb[...] = 0.0
+            for q0, q1, k0 in _blocks(T, window):
+                p = qb[q0:q1] @ kb[k0:q1].T            # recompute the probabilities
+                p *= scale
+                p += mask[q0:q1, k0:q1]
+                p -= lb[q0:q1, None]
+                np.exp(p, out=p)
+                dp = dyb[q0:q1] @ vb[k0:q1].T
+                if keep is not None:
+                    kp = keep[b, h, q0:q1, k0:q1]
+                    dvb[k0:q1] += ((p * kp) * keep_scale).T @ dyb[q0:q1]
+                    dp *= kp
+                    dp *= keep_scale
+                else:
+                    dvb[k0:q1] += p.T @ dyb[q0:q1]
+                dp -= rowdot[q0:q1]
+                dp *= p
+                dp *= scale                            # dp is now the score gradient
+                np.matmul(dp, kb[k0:q1], out=dqb[q0:q1])
+                dkb[k0:q1] += dp.T @ qb[q0:q1]
+    parallel_for(B * nh, work)
 
 
 # ----------------------------------------------------------------------------- lm head + loss
 
-
-def head_loss(
-    x: np.ndarray,
-    wte: np.ndarray,
-    targets: np.ndarray,
-    grad_scale: float | None,
-    dx: np.ndarray | None,
-    dwte: np.ndarray | None,
-    chunk_rows: int,
-    logits_out: np.ndarray | None = None,
-) -> float:
+def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: float | None,
+              dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int,
+              logits_out: np.ndarray | None = None) -> float:
     """Tied lm_head, softmax and mean cross-entropy, fused and processed in row chunks so the
     (tokens x vocab) matrix is never held whole.
 
@@ -208,23 +336,38 @@ def head_loss(
     doing it here, while each chunk's probabilities are at hand, saves recomputing the logits.
     """
     N = x.shape[0]
-    total = 0.0
+    V = wte.shape[0]
+    losses = np.empty(N, np.float64)
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        logits = x[r0:r1] @ wte.T
+        logits = matmul(x[r0:r1], wte.T, np.empty((r1 - r0, V), x.dtype))
         if logits_out is not None:
             logits_out[r0:r1] = logits
-        rows = np.arange(r1 - r0)
-        tgt = targets[r0:r1]
-        logits -= logits.max(axis=1, keepdims=True)
-        picked = logits[rows, tgt].astype(np.float64)
-        np.exp(logits, out=logits)
-        sums = logits.sum(axis=1)
-        total += float(np.sum(np.log(sums.astype(np.float64)) - picked))
+
+        def softmax_rows(lo: int, hi: int, r0: int = r0, logits: np.ndarray = logits) -> None:
+            for s in _row_blocks(lo, hi, V, min_rows=2):
+                block = logits[s]
+                rows = np.arange(s.stop - s.start)
+                tgt = targets[r0 + s.start:r0 + s.stop]
+                block -= block.max(axis=1, keepdims=True)
+                picked = block[rows, tgt].astype(np.float64)
+                np.exp(block, out=block)
+                sums = block.sum(axis=1)
+                losses[r0 + s.start:r0 + s.stop] = np.log(sums.astype(np.float64)) - picked
+                if grad_scale is not None:
+                    block *= (grad_scale / N) / sums[:, None]       # probabilities, scaled
+                    block[rows, tgt] -= grad_scale / N
+        parallel_for(r1 - r0, softmax_rows)
         if grad_scale is not None:
-            logits /= sums[:, None]  # probabilities
-            logits[rows, tgt] -= 1.0
-            logits *= grad_scale / N
-            np.matmul(logits, wte, out=dx[r0:r1])
-            dwte += logits.T @ x[r0:r1]
-    return total / N
+            matmul(logits, wte, dx[r0:r1])
+            xc = x[r0:r1]
+
+            def embed_grad(lo: int, hi: int, logits: np.ndarray = logits, xc: np.ndarray = xc) -> None:
+                # split over vocabulary rows so each thread adds into its own part of dwte, in
+                # cache-sized pieces (no (V, C) temporary)
+                step = max(1, (1 << 20) // max(1, xc.shape[1]))
+                for v0 in range(lo, hi, step):
+                    v1 = min(hi, v0 + step)
+                    dwte[v0:v1] += logits[:, v0:v1].T @ xc
+            parallel_for(V, embed_grad)
+    return float(losses.sum() / N)

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from distgpt.ops import parallel_for
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
     """Linear warmup from lr/warmup to lr over `warmup_steps`, then cosine decay to min_lr at
@@ -63,33 +65,39 @@ class AdamW:
         if covered != n:
             raise ValueError(f"decay segments cover {covered} elements, the slice has {n}")
         self.t = 0
-        self._tmp = np.empty(self.CHUNK, dtype)
-        self._tmp2 = np.empty(self.CHUNK, dtype)
+        self.dtype = dtype
 
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, grad_scale: float = 1.0) -> None:
         """params -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * params), in place.
-        grad_scale multiplies the gradient first (clipping) without touching `grads`."""
+        grad_scale multiplies the gradient first (clipping) without touching `grads`.
+        The chunks are split over the rank's threads (ops.set_threads)."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
-        step_size = lr / (1.0 - b1**self.t)
-        inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - b2**self.t)
-        for lo, hi, decay in self.chunks:
-            p, g, m, v = params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi]
-            tmp, tmp2 = self._tmp[: hi - lo], self._tmp2[: hi - lo]
-            if decay and self.weight_decay:
-                p *= 1.0 - lr * self.weight_decay
-            # m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
-            np.multiply(g, grad_scale * (1.0 - b1), out=tmp)
-            m *= b1
-            m += tmp
-            np.multiply(g, g, out=tmp)
-            tmp *= (1.0 - b2) * grad_scale * grad_scale
-            v *= b2
-            v += tmp
-            # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-            np.sqrt(v, out=tmp)
-            tmp *= inv_sqrt_bias2
-            tmp += self.eps
-            np.divide(m, tmp, out=tmp2)
-            tmp2 *= step_size
-            p -= tmp2
+        step_size = lr / (1.0 - b1 ** self.t)
+        inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - b2 ** self.t)
+
+        def work(first: int, last: int) -> None:
+            tmp = np.empty(self.CHUNK, self.dtype)
+            tmp2 = np.empty(self.CHUNK, self.dtype)
+            for lo, hi, decay in self.chunks[first:last]:
+                p, g, m, v = params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi]
+                t1, t2 = tmp[: hi - lo], tmp2[: hi - lo]
+                if decay and self.weight_decay:
+                    p *= 1.0 - lr * self.weight_decay
+                # m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+                np.multiply(g, grad_scale * (1.0 - b1), out=t1)
+                m *= b1
+                m += t1
+                np.multiply(g, g, out=t1)
+                t1 *= (1.0 - b2) * grad_scale * grad_scale
+                v *= b2
+                v += t1
+                # p -= step_size * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+                np.sqrt(v, out=t1)
+                t1 *= inv_sqrt_bias2
+                t1 += self.eps
+                np.divide(m, t1, out=t2)
+                t2 *= step_size
+                p -= t2
+
+        parallel_for(len(self.chunks), work)

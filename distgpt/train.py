@@ -34,8 +34,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the user's input: reported as one line, exit code 2."""
     from distgpt.checkpoint import CheckpointError
     from distgpt.data import DataError
+    from distgpt.weights import WeightsError
 
-    return (ConfigError, DataError, CheckpointError)
+    return (ConfigError, DataError, CheckpointError, WeightsError)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -138,14 +139,15 @@ def build_model(cfg: Config, explicit_model_keys: dict[str, int]) -> tuple[Confi
     return cfg, GPT(mcfg, params=params)
 
 
-def print_sample(model: GPT, tokenizer, cfg: Config, step: int) -> None:
+def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:
     from distgpt.sample import generate
 
     rng = np.random.default_rng([cfg.train.seed, step, 7])
     ids = generate(model, [tokenizer.eot], cfg.train.sample_tokens, temperature=0.8, top_k=50, rng=rng,
+                   vocab_limit=tokenizer.vocab_size,
                    eot=tokenizer.eot)
     text = tokenizer.decode(ids).replace("\n", "\n  | ")
-    print(f"sample at step {step}:\n  | {text}", flush=True)
+    return f"sample at step {step}:\n  | {text}"
 
 
 # ----------------------------------------------------------------------------- the run
@@ -156,6 +158,7 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     t = cfg.train
     rank0 = comm.rank == 0
     log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
+    bar = None  # the live progress bar, on rank 0 when stdout is a terminal
     threads = dist.setup_threads(comm, cfg.parallel.threads_per_rank)
     accum = check_batch_layout(cfg, comm.size)
 
@@ -250,6 +253,11 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     # test hook: DISTGPT_FAIL_AT="RANK:STEP" raises on that rank at that step, "RANK:STEP:9" SIGKILLs it
     fail_at = tuple(int(v) for v in os.environ["DISTGPT_FAIL_AT"].split(":")) \
         if os.environ.get("DISTGPT_FAIL_AT") else None
+    if rank0 and sys.stdout.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
+        log = lambda *a: bar.write(" ".join(str(x) for x in a))  # noqa: E731 (lines above the bar)
     t_run = time.perf_counter()
     while step < t.max_steps:
         if fail_at is not None and fail_at[:2] == (comm.rank, step):
@@ -301,18 +309,25 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
         if evaluated:
             record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size)
             log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:.0f}", refresh=False)
+            bar.update(1)
         if (logged or evaluated) and metrics is not None:
             metrics.write(record)
         if tokenizer is not None and step % t.sample_every == 0:
-            print_sample(model, tokenizer, cfg, step)
+            log(sample_text(model, tokenizer, cfg, step))
         if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
             check_params_agree(comm, model.params, step)
         if stats[2]:
+            if bar is not None:
+                bar.close()
             log(f"signal received: checkpointing at step {step} and exiting")
             save(step)
             return
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             save(step)
+    if bar is not None:
+        bar.close()
     if last_ckpt_step != step:
         save(step)
     total = sum(timing.values())

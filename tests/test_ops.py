@@ -116,39 +116,76 @@ def torch_attention(q, k, v, blocked):
     return torch.softmax(scores, dim=-1) @ v
 
 
-@pytest.mark.parametrize("window", [None, 2, 4])
-def test_attention_forward_and_backward_match_torch(window):
+@pytest.mark.parametrize("T", [9, 300])                 # one query block, and several (ATTN_BLOCK = 128)
+@pytest.mark.parametrize("window", [None, 2, 4, 130])
+def test_attention_forward_and_backward_match_torch(window, T):
     rng = np.random.default_rng(4)
-    B, nh, T, hs = 2, 3, 9, 4
+    B, nh, hs = 2, 3, 4
     q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
     blocked = ops.causal_mask(T, window)
-    att, y = np.empty((B, nh, T, T)), np.empty((B, nh, T, hs))
-    ops.attention_forward(q, k, v, blocked, att, y)
+    y, lse = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
+    ops.attention_forward(q, k, v, window, y, lse)
 
     qt, kt, vt = t64(q), t64(k), t64(v)
     ref = torch_attention(qt, kt, vt, blocked)
     dy = rng.standard_normal(y.shape)
     ref.backward(torch.tensor(dy))
     assert rel(y, ref.detach()) < TOL
-    assert np.all(att[..., blocked] == 0.0)
-    np.testing.assert_allclose(att.sum(-1), 1.0, rtol=1e-14)
+    scores = (qt @ kt.transpose(-1, -2)).detach() / np.sqrt(hs)
+    ref_lse = torch.logsumexp(scores.masked_fill(torch.tensor(blocked), float("-inf")), dim=-1)
+    assert rel(lse, ref_lse) < TOL
 
-    dq, dk, dv = (np.empty_like(q) for _ in range(3))
-    ops.attention_backward(dy, q, k, v, att, dq, dk, dv)
+    dq, dk, dv = (np.full_like(q, np.nan) for _ in range(3))     # written, not accumulated
+    ops.attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv)
     assert rel(dq, qt.grad) < TOL
     assert rel(dk, kt.grad) < TOL
     assert rel(dv, vt.grad) < TOL
+
+
+def test_attention_with_dropout_matches_torch():
+    rng = np.random.default_rng(8)
+    B, nh, T, hs, p = 1, 2, 140, 4, 0.3
+    q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
+    keep = rng.random((B, nh, T, T)) >= p
+    y, lse = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
+    ops.attention_forward(q, k, v, None, y, lse, keep=keep, keep_scale=1 / (1 - p))
+    qt, kt, vt = t64(q), t64(k), t64(v)
+    scores = (qt @ kt.transpose(-1, -2)) / np.sqrt(hs)
+    probs = torch.softmax(scores.masked_fill(torch.tensor(ops.causal_mask(T)), float("-inf")), dim=-1)
+    ref = (probs * torch.tensor(keep) / (1 - p)) @ vt
+    dy = rng.standard_normal(y.shape)
+    ref.backward(torch.tensor(dy))
+    assert rel(y, ref.detach()) < TOL
+    dq, dk, dv = (np.empty_like(q) for _ in range(3))
+    ops.attention_backward(dy, q, k, v, y, lse, None, dq, dk, dv, keep=keep, keep_scale=1 / (1 - p))
+    assert rel(dq, qt.grad) < TOL and rel(dk, kt.grad) < TOL and rel(dv, vt.grad) < TOL
+
+
+def test_attention_works_on_strided_views_of_the_qkv_buffer():
+    """The model hands attention views into its (B*T, 3C) buffer; results must equal contiguous inputs."""
+    rng = np.random.default_rng(9)
+    B, T, nh, hs = 2, 20, 3, 4
+    qkv = rng.standard_normal((B * T, 3 * nh * hs))
+    views = qkv.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)
+    y_buf = np.empty((B * T, nh * hs))
+    y_view = y_buf.reshape(B, T, nh, hs).transpose(0, 2, 1, 3)
+    lse = np.empty((B, nh, T))
+    ops.attention_forward(views[0], views[1], views[2], None, y_view, lse)
+    contiguous = [np.ascontiguousarray(a) for a in views]
+    y_ref, lse_ref = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
+    ops.attention_forward(*contiguous, None, y_ref, lse_ref)
+    np.testing.assert_array_equal(y_view, y_ref)
+    np.testing.assert_array_equal(lse, lse_ref)
 
 
 def test_banded_attention_output_ignores_keys_outside_the_window():
     rng = np.random.default_rng(5)
     B, nh, T, hs, w = 1, 2, 10, 4, 3
     q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
-    blocked = ops.causal_mask(T, w)
 
     def attend(k, v):
         y = np.empty((B, nh, T, hs))
-        ops.attention_forward(q, k, v, blocked, np.empty((B, nh, T, T)), y)
+        ops.attention_forward(q, k, v, w, y, np.empty((B, nh, T)))
         return y
 
     base = attend(k, v)

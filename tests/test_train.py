@@ -99,3 +99,30 @@ def test_batch_that_does_not_divide_over_ranks(tmp_path, shakespeare_bytes):
     assert r.returncode == 2
     assert r.stderr.strip() == ("distgpt.train: error: train.batch_size = 12: expected a multiple of "
                                 "train.micro_batch_size x ranks = 3 x 3 = 9")
+
+
+def test_progress_bar_on_a_terminal(tmp_path, shakespeare_bytes):
+    """On a terminal rank 0 draws a live bar (step, loss, tokens/s, ETA); log lines still appear."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 4, "log_every": 2})
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "distgpt.train", "--config", str(cfg)], stdout=follower,
+                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "160"})
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "4/4" in screen and "loss=" in screen and "tok_s=" in screen and "\r" in screen
+    assert "step      2/4 | loss" in screen

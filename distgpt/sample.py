@@ -1,0 +1,332 @@
+"""Text from a model: temperature / top-k / top-p sampling, greedy decoding and beam search, with
+the model's KV cache so each new token costs one position instead of a full forward pass.
+
+    python -m distgpt.sample --ckpt out --prompt "To be, or not" --top-k 50 --max-new-tokens 200
+
+--ckpt takes a distgpt checkpoint folder, an out_dir (its newest checkpoint), a Hugging Face folder
+or hub id (e.g. gpt2), or an llm.c .bin. Tokens are printed as they are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from distgpt.model import GPT
+
+# ----------------------------------------------------------------------------------------------------
+# choosing the next token
+
+
+def filter_logits(logits: np.ndarray, top_k: int | None = None, top_p: float | None = None) -> np.ndarray:
+    """A copy of logits (..., V) with everything outside the kept set at -inf.
+
+    top_k keeps the k largest (and anything tied with the k-th, as Hugging Face's TopKLogitsWarper).
+    top_p then keeps the smallest set of most probable tokens whose probability sums to >= top_p,
+    always at least one: like TopPLogitsWarper, tokens are dropped from the least probable end
+    while the dropped mass stays <= 1 - top_p; among equal logits the higher id is dropped first.
+    """
+    out = np.array(logits, dtype=np.float64 if logits.dtype == np.float64 else np.float32, copy=True)
+    V = out.shape[-1]
+    if top_k is not None and 0 < top_k < V:
+        kth = np.partition(out, V - top_k, axis=-1)[..., V - top_k : V - top_k + 1]
+        out[out < kth] = -np.inf
+    if top_p is not None and top_p < 1.0:
+        # ascending, and among equal logits the higher id first, so the lower id survives longer
+        # (as argmax prefers it); torch's unstable sort gives HF no defined order for ties
+        order = np.argsort(-out, axis=-1, kind="stable")[..., ::-1]
+        asc = np.take_along_axis(out, order, axis=-1).astype(np.float64)
+        probs = np.exp(asc - asc[..., -1:])
+        probs /= probs.sum(axis=-1, keepdims=True)
+        drop = np.cumsum(probs, axis=-1) <= 1.0 - top_p
+        drop[..., -1] = False  # the most probable token always stays
+        np.put_along_axis(out, order, np.where(drop, -np.inf, asc).astype(out.dtype), axis=-1)
+    return out
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _choose(
+    logits: np.ndarray,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    greedy: bool,
+    rng: np.random.Generator,
+) -> int:
+    if greedy or temperature <= 0.0:
+        return int(np.argmax(logits))  # the first of equal maxima, like torch.argmax
+    scaled = filter_logits(logits.astype(np.float64) / temperature, top_k, top_p)
+    probs = np.exp(scaled - scaled.max())
+    cdf = np.cumsum(probs)
+    # inverse-CDF draw: one uniform per token, and a token of probability 0 can never be drawn
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+
+
+def _prompt_room(
+    model: GPT, prompt: list[int], max_new_tokens: int, eot: int | None
+) -> tuple[list[int], int]:
+    """The prompt to feed (an empty one becomes [eot], GPT-2's document start) and how many tokens
+    fit after it within block_size."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        if eot is None:
+            raise ValueError("an empty prompt needs eot to start from")
+        prompt = [eot]
+    block = model.cfg.block_size
+    if len(prompt) >= block:
+        raise ValueError(
+            f"the prompt has {len(prompt)} tokens; the model's block_size {block} leaves no room"
+        )
+    return prompt, max(0, min(max_new_tokens, block - len(prompt)))
+
+
+def generate(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    greedy: bool = False,
+    rng: np.random.Generator | None = None,
+    eot: int | None = None,
+    on_token: Callable[[int], None] | None = None,
+    use_cache: bool = True,
+    vocab_limit: int | None = None,
+) -> list[int]:
+    """New tokens after `prompt` (eot itself is not returned). Stops at eot, max_new_tokens or the
+    model's block_size. on_token(id) is called as each token is chosen (streaming).
+    use_cache=False recomputes the whole context every token (a benchmark baseline);
+    vocab_limit restricts choices to ids below it (a tokenizer smaller than the model's vocab)."""
+    rng = np.random.default_rng() if rng is None else rng
+    prompt, n = _prompt_room(model, prompt, max_new_tokens, eot)
+    out: list[int] = []
+    if n == 0:
+        return out
+    if use_cache:
+        cache = model.new_cache(1, len(prompt) + n)
+        logits = model.forward_cached(np.asarray([prompt]), cache)[0, -1]  # the prompt in one pass
+    else:
+        logits = model.forward(np.asarray([prompt]), return_logits=True)[0, -1]
+    while True:
+        tok = _choose(logits[:vocab_limit], temperature, top_k, top_p, greedy, rng)
+        if tok == eot:
+            break
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if len(out) == n:
+            break
+        if use_cache:
+            logits = model.forward_cached(np.asarray([[tok]]), cache)[0, -1]
+        else:
+            logits = model.forward(np.asarray([prompt + out]), return_logits=True)[0, -1]
+    return out
+
+
+def beam_search(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    beams: int,
+    length_penalty: float = 1.0,
+    eot: int | None = None,
+    vocab_limit: int | None = None,
+) -> list[int]:
+    """The best continuation by beam search, as Hugging Face's generate(num_beams=beams,
+    do_sample=False) with its default early_stopping=False computes it (eot not returned).
+
+    Each step keeps the 2 x beams best (beam, token) extensions; those among the best `beams` that
+    end in eot (or reach the length limit) become finished hypotheses scored
+    sum_logprob / new_tokens**length_penalty, the best `beams` non-finished ones continue. The search
+    stops when `beams` hypotheses are finished and the best live beam's score at its current
+    length cannot beat the worst of them, or at the length limit.
+    """
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}")
+    prompt, n = _prompt_room(model, prompt, max_new_tokens, eot)
+    if n == 0:
+        return []
+    cache = model.new_cache(1, len(prompt) + n)
+    logits = model.forward_cached(np.asarray([prompt]), cache)[:, -1]  # prefill once, then copy it
+    cache.reorder(np.zeros(beams, dtype=np.intp))
+    logits = np.repeat(logits, beams, axis=0)
+    seqs = np.zeros((beams, 0), dtype=np.int64)
+    # only the first beam is live at the start, or the first step would pick each token `beams` times
+    scores = np.full(beams, -1e9)
+    scores[0] = 0.0
+    finished: list[tuple[float, list[int]]] = []  # (score, tokens), best first, at most `beams`
+    for step in range(n):
+        logp = _log_softmax(logits[:, :vocab_limit].astype(np.float64)) + scores[:, None]
+        V = logp.shape[1]
+        flat = logp.ravel()
+        K = min(2 * beams, flat.size)
+        top = np.argpartition(-flat, K - 1)[:K]
+        top = top[np.argsort(-flat[top], kind="stable")]
+        src, tok = np.divmod(top, V)
+        cand = flat[top]
+        last = step == n - 1
+        ends = np.full(K, last) if eot is None else (tok == eot) | last
+        length = step + 1
+        for i in np.flatnonzero(ends[:beams]):  # only the best `beams` candidates may finish
+            finished.append((cand[i] / length**length_penalty, [*seqs[src[i]].tolist(), int(tok[i])]))
+        finished.sort(key=lambda h: -h[0])
+        del finished[beams:]
+        if last:
+            break
+        live = np.flatnonzero(~ends)[:beams]
+        seqs = np.concatenate([seqs[src[live]], tok[live, None]], axis=1)
+        scores = cand[live]
+        if len(finished) == beams and scores[0] / length**length_penalty <= finished[-1][0]:
+            break  # HF's early-stop heuristic: the live beams can no longer improve the finished set
+        cache.reorder(src[live])
+        logits = model.forward_cached(tok[live, None], cache)[:, -1]
+    best = finished[0][1]
+    return best[:-1] if eot is not None and best and best[-1] == eot else best
+
+
+# ----------------------------------------------------------------------------------------------------
+# streaming text
+
+
+class StreamDecoder:
+    """Tokens in, printable text out. A multi-byte UTF-8 character can be split across tokens: text
+    whose decoding ends in U+FFFD (an incomplete character) is held back until a later token
+    completes it (or until that is impossible: a character has at most 4 bytes)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.pending: list[int] = []
+
+    def push(self, token: int) -> str:
+        self.pending.append(token)
+        text = self.tok.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self.tok.decode(self.pending) if self.pending else ""
+        self.pending = []
+        return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2, like every other failure here
+        _fail(f"{message} (see --help)")
+
+
+def _fail(message: str):
+    print(f"sample: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m distgpt.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, out_dir, HF folder / hub id, llm.c .bin")
+    p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="always the most probable token")
+    p.add_argument("--beams", type=int, default=None, help="beam search with this many beams")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob / len**this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default=None, help="default: the checkpoint's")
+    p.add_argument("--no-cache", action="store_true", help="recompute the full context every token")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 0 or args.num_samples < 1:
+        p.error("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top-k must be >= 1, got {args.top_k}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.beams is not None:
+        if args.beams < 1:
+            p.error(f"--beams must be >= 1, got {args.beams}")
+        if args.num_samples > 1 or args.no_cache:
+            p.error("beam search is deterministic and cached: drop --num-samples / --no-cache")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse(argv)
+    from distgpt.data import get_tokenizer
+    from distgpt.weights import load_for_inference
+
+    try:
+        cfg, params, tok_name = load_for_inference(args.ckpt)
+        tok = get_tokenizer(args.tokenizer or tok_name or "gpt2")
+        if tok.vocab_size > cfg.vocab_size:
+            raise ValueError(
+                f"the {tok.name} tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size}; "
+                "pass the right --tokenizer"
+            )
+        prompt = tok.encode(args.prompt)
+    except (ValueError, OSError, KeyError) as e:
+        _fail(str(e) if isinstance(e, OSError) or not e.args else str(e.args[0]))  # KeyError quotes str()
+    model = GPT(cfg, params=params)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal must not end the run
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    rng = np.random.default_rng(args.seed)
+    common = dict(eot=tok.eot, vocab_limit=tok.vocab_size)
+    t0, produced = time.perf_counter(), 0
+    try:
+        for i in range(args.num_samples):
+            if i:
+                write("\n" + "-" * 40 + "\n")
+            write(args.prompt)
+            if args.beams is not None:
+                ids = beam_search(
+                    model, prompt, args.max_new_tokens, args.beams, args.length_penalty, **common
+                )
+                write(tok.decode(ids))
+            else:
+                stream = StreamDecoder(tok)
+                ids = generate(
+                    model,
+                    prompt,
+                    args.max_new_tokens,
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    greedy=args.greedy,
+                    rng=rng,
+                    on_token=lambda t, s=stream: write(s.push(t)),
+                    use_cache=not args.no_cache,
+                    **common,
+                )
+                write(stream.flush())
+            produced += len(ids)
+        write("\n")
+    except ValueError as e:
+        _fail(str(e))
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stderr.close()
+        sys.exit(0)
+    dt = time.perf_counter() - t0
+    print(f"[{produced} tokens in {dt:.2f}s, {produced / max(dt, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

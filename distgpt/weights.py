@@ -1,0 +1,451 @@
+"""Parameters in and out of the ecosystem's formats: Hugging Face GPT-2 (state dict names,
+safetensors folders, hub ids) and llm.c's .bin checkpoints.
+
+Our per-tensor names are Hugging Face's without the "transformer." prefix, and our matmul
+weights are stored (in, out) like its Conv1D, so the HF mapping is a rename plus vocab padding.
+llm.c stores the same tensors stacked over layers and its matmul weights (out, in), so that
+mapping is a transpose per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from distgpt.model import Layout, ModelConfig
+
+
+class WeightsError(ValueError):
+    """A weights file or folder that cannot be read or does not fit. One line, ready to print."""
+
+
+# the keys that fix the shape of the parameters: a file and a config must agree on them
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
+
+LLMC_MAGIC = 20240326
+LLMC_VERSIONS = {3: "float32", 5: "bfloat16"}  # llm.c's train_gpt2.py write_model: both pad the vocab
+LLMC_HEADER_INTS = 256
+
+# what the file's config must say for our forward pass to compute the same function
+GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+# ----------------------------------------------------------------------------------------------------
+# state dicts
+
+
+def hf_name(name: str) -> str:
+    return f"transformer.{name}"
+
+
+def to_hf_state_dict(layout: Layout, params: np.ndarray) -> dict[str, np.ndarray]:
+    """Our flat params -> {hf name: array} (unpadded vocab; lm_head is tied to wte and not listed)."""
+    views = layout.views(params)
+    out = {hf_name(n): np.ascontiguousarray(v) for n, v in views.items()}
+    out["transformer.wte.weight"] = np.ascontiguousarray(views["wte"][: layout.cfg.vocab_size])
+    del out["transformer.wte"]
+    out["transformer.wpe.weight"] = out.pop("transformer.wpe")
+    return out
+
+
+def from_hf_state_dict(layout: Layout, state: dict[str, np.ndarray], params: np.ndarray) -> None:
+    """Fill our flat params from a Hugging Face GPT-2 state dict (numpy arrays)."""
+    views = layout.views(params)
+    cfg = layout.cfg
+    for name, view in views.items():
+        key = {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight"}.get(name, hf_name(name))
+        if key not in state:
+            raise KeyError(f"weights: tensor {key!r} missing from the checkpoint")
+        src = np.asarray(state[key])
+        if name == "wte":
+            if src.shape != (cfg.vocab_size, cfg.n_embd):
+                raise ValueError(
+                    f"weights: {key} has shape {src.shape}, expected {(cfg.vocab_size, cfg.n_embd)}"
+                )
+            view[: cfg.vocab_size] = src
+            view[cfg.vocab_size :] = 0.0
+            continue
+        if name == "wpe" and src.shape[0] >= view.shape[0]:
+            src = src[: view.shape[0]]  # a shorter block_size than the checkpoint's is allowed
+        if src.shape != view.shape:
+            raise ValueError(f"weights: {key} has shape {tuple(src.shape)}, expected {view.shape}")
+        view[...] = src
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading: any source -> (ModelConfig, flat float32 params)
+
+
+def check_shape(user: dict[str, int], file_cfg: ModelConfig, source: str) -> None:
+    """Raise if a value the user set disagrees with the file. Only the given keys are compared;
+    block_size may be smaller than the file's (the position table is truncated), not larger."""
+    for key, value in user.items():
+        have = getattr(file_cfg, key)
+        if key == "block_size":
+            if value > have:
+                raise WeightsError(
+                    f"model.block_size is {value} in the config but {source} has only {have} positions"
+                )
+        elif value != have:
+            raise WeightsError(f"model.{key} is {value} in the config but {have} in {source}")
+
+
+def load_init(
+    spec: str, cfg: ModelConfig | None = None, *, check: Iterable[str] = ()
+) -> tuple[ModelConfig, np.ndarray]:
+    """Weights to start from: a Hugging Face folder (config.json + safetensors), a hub id such as
+    "gpt2", or an llm.c .bin. The model's shape comes from the file.
+
+    With `cfg`, its other fields (dropout, vocab_multiple, attention, window, and block_size, which
+    may be smaller than the file's) are kept. Its shape keys are replaced by the file's, except that
+    the keys named in `check` must agree with the file (the training loop instead calls check_shape
+    with the keys the user set). Returns the config and a flat float32 vector in our layout.
+    """
+    path = _resolve(spec)
+    if path.is_file():
+        file_cfg, state = _read_llmc(path)
+    else:
+        file_cfg, state = _read_hf_folder(path)
+    model_cfg = file_cfg
+    if cfg is not None:
+        check_shape({k: getattr(cfg, k) for k in check}, file_cfg, spec)
+        check_shape({"block_size": cfg.block_size}, file_cfg, spec)
+        model_cfg = dataclasses.replace(cfg, **{k: getattr(file_cfg, k) for k in SHAPE_KEYS})
+    layout = Layout(model_cfg)
+    params = np.zeros(layout.size, np.float32)
+    try:
+        from_hf_state_dict(layout, state, params)
+    except (KeyError, ValueError) as e:
+        msg = str(e.args[0]) if e.args else str(e)
+        raise WeightsError(f"{spec}: {msg.removeprefix('weights: ')}") from None
+    return model_cfg, params
+
+
+def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
+    """Any weights worth sampling from or exporting: a distgpt checkpoint folder or out_dir (its
+    newest checkpoint), or anything load_init reads. Returns (config, params, tokenizer name or None)."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and not _has_hf_index(path):
+        try:
+            from distgpt.checkpoint import read_params  # imported lazily: sampling need not train
+        except ImportError as e:
+            raise WeightsError(
+                f"{spec}: no config.json here, and distgpt.checkpoint is unavailable ({e})"
+            ) from None
+        try:
+            manifest, params = read_params(str(path))
+        except Exception as e:  # its errors vary; we only relay them, on one line
+            raise WeightsError(
+                f"{spec}: not a Hugging Face folder (no config.json) nor a readable distgpt checkpoint: {e}"
+            ) from None
+        meta = manifest.get("meta", {})
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        model = {k: v for k, v in meta.get("config", {}).get("model", {}).items() if k in fields}
+        cfg = ModelConfig(**model)
+        return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
+    cfg, params = load_init(spec)
+    return cfg, params, None
+
+
+def _has_hf_index(folder: Path) -> bool:
+    return (folder / "model.safetensors.index.json").exists()
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    # "gpt2", "openai-community/gpt2-medium"; never an absolute, home or dotted relative path
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", spec) is not None and not spec.endswith(
+        (".bin", ".safetensors", ".json")
+    )
+
+
+def _resolve(spec: str) -> Path:
+    """A local file (llm.c) or a folder holding config.json; hub ids are fetched (or found in the
+    local hub cache when offline) into such a folder."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".safetensors" or path.name == "config.json":
+            path = path.parent  # the user pointed into a Hugging Face folder
+        else:
+            return path
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise WeightsError(
+                f"{spec}: folder has no config.json (expected a Hugging Face GPT-2 folder as "
+                "save_pretrained writes it, or an llm.c .bin file)"
+            )
+        return path
+    if not _looks_like_hub_id(spec):
+        raise WeightsError(f"{spec}: no such file or folder")
+    return _snapshot(spec)
+
+
+def _snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise WeightsError(
+            f"{repo_id}: not a local file or folder, and huggingface_hub is not installed to fetch it"
+        ) from None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=["config.json", "*.safetensors", "*.json"])
+    except Exception as e:  # offline, unknown repo, no cache: all end the same way
+        raise WeightsError(
+            f"{repo_id}: no such file or folder, and fetching it as a Hugging Face hub id failed "
+            f"({type(e).__name__}; offline and not in the hub cache?): download it first "
+            f"(`hf download {repo_id}`) or pass a local folder"
+        ) from None
+    return Path(folder)
+
+
+def _file_config(raw: dict, source: str) -> ModelConfig:
+    """ModelConfig from a GPT-2 config.json, refusing variants our forward pass does not compute."""
+    if raw.get("model_type", "gpt2") != "gpt2":
+        raise WeightsError(f"{source}: model_type is {raw.get('model_type')!r}, only 'gpt2' is supported")
+    unsupported = {
+        "activation_function": (raw.get("activation_function", "gelu_new"), GELU_TANH),
+        "scale_attn_weights": (raw.get("scale_attn_weights", True), (True,)),
+        "scale_attn_by_inverse_layer_idx": (raw.get("scale_attn_by_inverse_layer_idx", False), (False,)),
+        "add_cross_attention": (raw.get("add_cross_attention", False), (False,)),
+        "tie_word_embeddings": (raw.get("tie_word_embeddings", True), (True,)),
+    }
+    for key, (value, ok) in unsupported.items():
+        if value not in ok:
+            raise WeightsError(f"{source}: config.json {key} = {value!r} is not supported (need {ok[0]!r})")
+    C = raw["n_embd"]
+    if raw.get("n_inner") not in (None, 4 * C):
+        raise WeightsError(
+            f"{source}: config.json n_inner = {raw['n_inner']} is not supported (need 4 * n_embd)"
+        )
+    if not math.isclose(raw.get("layer_norm_epsilon", 1e-5), 1e-5):
+        raise WeightsError(
+            f"{source}: config.json layer_norm_epsilon = {raw['layer_norm_epsilon']} (need 1e-5)"
+        )
+    return ModelConfig(
+        n_layer=raw["n_layer"],
+        n_head=raw["n_head"],
+        n_embd=C,
+        block_size=raw.get("n_positions", raw.get("n_ctx")),
+        vocab_size=raw["vocab_size"],
+    )
+
+
+def _read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    with open(folder / "config.json") as f:
+        file_cfg = _file_config(json.load(f), str(folder))
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").exists():
+        files = [folder / "model.safetensors"]
+    elif index.exists():
+        with open(index) as f:
+            files = [folder / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        hint = (
+            " (only PyTorch weights: re-save them with safe_serialization)"
+            if any(folder.glob("*.bin"))
+            else ""
+        )
+        raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        state.update(_read_safetensors(file))
+    return file_cfg, _normalise_hf_names(state, str(folder))
+
+
+def _normalise_hf_names(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """GPT2LMHeadModel saves "transformer.*"; GPT2Model (e.g. the hub's gpt2) saves bare names and the
+    attention-mask buffers. Map both onto the former and drop the buffers."""
+    out: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        if re.search(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$", name):
+            continue  # the causal mask, not a parameter
+        if name == "lm_head.weight":
+            continue  # tied to wte; compared below
+        out[name if name.startswith("transformer.") else hf_name(name)] = value
+    head = state.get("lm_head.weight")
+    wte = out.get("transformer.wte.weight")
+    if head is not None and wte is not None and not np.array_equal(head, wte):
+        raise WeightsError(f"{source}: lm_head.weight differs from wte; untied heads are not supported")
+    return out
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file as float32. NumPy has no bfloat16, so those tensors are
+    read from the raw bytes (the format: u64 header length, JSON header, then data)."""
+    from safetensors import safe_open
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    with safe_open(str(path), framework="np") as f:
+        for name in f.keys():
+            info = header[name]
+            if info["dtype"] == "BF16":
+                lo, hi = info["data_offsets"]
+                raw = np.fromfile(path, dtype="<u2", count=(hi - lo) // 2, offset=8 + n + lo)
+                out[name] = _bf16_to_f32(raw).reshape(info["shape"])
+            else:
+                out[name] = f.get_tensor(name).astype(np.float32, copy=False)
+    return out
+
+
+def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
+    # bfloat16 is the top half of a float32
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# llm.c .bin
+
+
+def _llmc_tensors(L: int, C: int, Vp: int, maxT: int) -> list[tuple[str, tuple[int, ...]]]:
+    """llm.c's parameter order and shapes (train_gpt2.c ParameterTensors)."""
+    return [
+        ("wte", (Vp, C)),
+        ("wpe", (maxT, C)),
+        ("ln_1.weight", (L, C)),
+        ("ln_1.bias", (L, C)),
+        ("attn.c_attn.weight", (L, 3 * C, C)),
+        ("attn.c_attn.bias", (L, 3 * C)),
+        ("attn.c_proj.weight", (L, C, C)),
+        ("attn.c_proj.bias", (L, C)),
+        ("ln_2.weight", (L, C)),
+        ("ln_2.bias", (L, C)),
+        ("mlp.c_fc.weight", (L, 4 * C, C)),
+        ("mlp.c_fc.bias", (L, 4 * C)),
+        ("mlp.c_proj.weight", (L, C, 4 * C)),
+        ("mlp.c_proj.bias", (L, C)),
+        ("ln_f.weight", (C,)),
+        ("ln_f.bias", (C,)),
+    ]
+
+
+def _read_llmc(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    if header.size < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
+        raise WeightsError(f"{path}: not an llm.c model checkpoint (bad magic number)")
+    version = int(header[1])
+    if version not in LLMC_VERSIONS:
+        raise WeightsError(f"{path}: llm.c checkpoint version {version} is not supported (need 3 or 5)")
+    maxT, V, L, NH, C, Vp = (int(x) for x in header[2:8])
+    tensors = _llmc_tensors(L, C, Vp, maxT)
+    count = sum(math.prod(s) for _, s in tensors)
+    itemsize = 4 if version == 3 else 2
+    expected = 4 * LLMC_HEADER_INTS + count * itemsize
+    if path.stat().st_size != expected:
+        raise WeightsError(
+            f"{path}: {path.stat().st_size} bytes, but its header describes {expected} (truncated file?)"
+        )
+    if version == 3:
+        flat = np.fromfile(path, dtype="<f4", count=count, offset=4 * LLMC_HEADER_INTS)
+    else:
+        flat = _bf16_to_f32(np.fromfile(path, dtype="<u2", count=count, offset=4 * LLMC_HEADER_INTS))
+    arrays, offset = {}, 0
+    for name, shape in tensors:
+        arrays[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    state = {
+        "transformer.wte.weight": arrays.pop("wte")[:V],
+        "transformer.wpe.weight": arrays.pop("wpe"),
+        "transformer.ln_f.weight": arrays.pop("ln_f.weight"),
+        "transformer.ln_f.bias": arrays.pop("ln_f.bias"),
+    }
+    for name, stacked in arrays.items():
+        matmul = stacked.ndim == 3  # llm.c multiplies by (out, in) weights; ours are (in, out)
+        for layer in range(L):
+            state[f"transformer.h.{layer}.{name}"] = stacked[layer].T if matmul else stacked[layer]
+    return ModelConfig(n_layer=L, n_head=NH, n_embd=C, block_size=maxT, vocab_size=V), state
+
+
+def save_llmc(path: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> None:
+    """Write an llm.c version-3 (float32) checkpoint, atomically: readers see the old file or the new one."""
+    layout = Layout(cfg)
+    p = layout.views(np.asarray(params, dtype=np.float32))
+    L, C = cfg.n_layer, cfg.n_embd
+    header = np.zeros(LLMC_HEADER_INTS, "<i4")
+    header[:8] = [LLMC_MAGIC, 3, cfg.block_size, cfg.vocab_size, L, cfg.n_head, C, cfg.padded_vocab]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            for name, _ in _llmc_tensors(L, C, cfg.padded_vocab, cfg.block_size):
+                if name in ("wte", "wpe", "ln_f.weight", "ln_f.bias"):
+                    f.write(np.ascontiguousarray(p[name], "<f4").tobytes())
+                    continue
+                for layer in range(L):
+                    t = p[f"h.{layer}.{name}"]
+                    f.write(np.ascontiguousarray(t.T if t.ndim == 2 else t, "<f4").tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face folder
+
+
+def hf_config(cfg: ModelConfig) -> dict:
+    """config.json for GPT2LMHeadModel. GPT-2's end-of-text is 50256; smaller vocabularies (e.g. the
+    byte tokenizer's 257) put it last, where our tokenizers put it."""
+    eot = 50256 if cfg.vocab_size > 50256 else cfg.vocab_size - 1
+    return {
+        "model_type": "gpt2",
+        "architectures": ["GPT2LMHeadModel"],
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "dtype": "float32",
+    }
+
+
+def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> None:
+    """Write config.json + model.safetensors as GPT2LMHeadModel.save_pretrained does (lm_head is
+    tied, so, like save_pretrained, it is not stored). Built in a temporary folder, then renamed."""
+    if cfg.attention != "dense":
+        raise WeightsError(f"model.attention = {cfg.attention!r} has no Hugging Face GPT-2 equivalent")
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state = to_hf_state_dict(Layout(cfg), np.asarray(params, dtype=np.float32))
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        with open(tmp / "config.json", "w") as f:
+            json.dump(hf_config(cfg), f, indent=2)
+            f.write("\n")
+        if folder.exists():  # a directory cannot be os.replace'd over a non-empty one: swap it aside
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

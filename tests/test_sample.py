@@ -1,0 +1,293 @@
+"""Decoding: the KV cache against full forward passes, greedy and beam search against
+transformers' generate, top-k / top-p filtering, seeded sampling and the command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it: never the network
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from distgpt.data import get_tokenizer  # noqa: E402
+from distgpt.model import GPT, ModelConfig, init_params  # noqa: E402
+from distgpt.sample import StreamDecoder, beam_search, filter_logits, generate  # noqa: E402
+from distgpt.weights import load_init  # noqa: E402
+
+PROMPT = [5, 17, 99, 200, 3, 42]
+NEW = 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# the KV cache
+
+
+@pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
+def test_kv_cache_matches_full_forward(attention):
+    cfg = ModelConfig(
+        n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=101, attention=attention, window=5
+    )
+    model = GPT(cfg)
+    init_params(model.layout, model.params, seed=0)
+    model.params += np.random.default_rng(1).normal(0, 0.05, model.params.shape).astype(np.float32)
+    idx = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 21))
+    full = model.forward(idx, return_logits=True)
+    scale = np.abs(full).max()
+    for chunks in ([7] + [1] * 14, [5, 3, 8, 4, 1]):  # prefill then one by one; uneven chunks
+        cache = model.new_cache(2, 21)
+        got, t = [], 0
+        for n in chunks:
+            got.append(model.forward_cached(idx[:, t : t + n], cache))
+            t += n
+        assert t == 21 and cache.length == 21
+        err = np.abs(np.concatenate(got, axis=1) - full).max() / scale
+        assert err < 1e-5, (chunks, err)
+
+
+# ----------------------------------------------------------------------------------------------------
+# against transformers' generate on the same weights
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny GPT2LMHeadModel over the byte vocabulary (257), saved as a folder, and ours on its weights.
+    A larger init range than GPT-2's makes the distributions peaked, so that the float32 rounding of
+    two implementations cannot flip a near-tie."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        vocab_size=257,
+        n_positions=64,
+        n_embd=48,
+        n_layer=2,
+        n_head=3,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        initializer_range=0.2,
+    )
+    cfg._attn_implementation = "eager"
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path_factory.mktemp("sample") / "tiny"
+    hf.save_pretrained(folder)
+    hf.generation_config.eos_token_id = None  # the config's eos 0 would otherwise stop HF's search
+    ours_cfg, params = load_init(str(folder))
+    return folder, hf, GPT(ours_cfg, params=params)
+
+
+def hf_generate(hf, eos: int | None = None, **kw) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([PROMPT]),
+            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=NEW,
+            pad_token_id=0,
+            eos_token_id=eos,
+            **kw,
+        )
+    ids = out[0, len(PROMPT) :].tolist()
+    return ids[:-1] if eos is not None and ids and ids[-1] == eos else ids  # we do not return eot
+
+
+def test_greedy_matches_hf(tiny):
+    _, hf, model = tiny
+    ref = hf_generate(hf, num_beams=1)
+    assert generate(model, PROMPT, NEW, greedy=True) == ref
+    assert generate(model, PROMPT, NEW, greedy=True, use_cache=False) == ref
+    assert generate(model, PROMPT, NEW, temperature=0.0) == ref
+    # with an end-of-text id that greedy decoding reaches, both stop there
+    eot = ref[4]
+    assert eot not in ref[:4]
+    assert (
+        generate(model, PROMPT, NEW, greedy=True, eot=eot) == hf_generate(hf, eos=eot, num_beams=1) == ref[:4]
+    )
+
+
+@pytest.mark.parametrize("length_penalty", [1.0, 0.5])
+def test_beam_search_matches_hf(tiny, length_penalty):
+    _, hf, model = tiny
+    greedy = hf_generate(hf, num_beams=1)
+    # no eos; an eos that ends hypotheses early; the greedy path's most frequent token
+    for eot in (None, greedy[3], max(set(greedy), key=greedy.count)):
+        ref = hf_generate(hf, eos=eot, num_beams=3, length_penalty=length_penalty)
+        got = beam_search(model, PROMPT, NEW, beams=3, length_penalty=length_penalty, eot=eot)
+        assert got == ref, (eot, got, ref)
+
+
+def test_stops_at_block_size(tiny):
+    _, _, model = tiny
+    prompt = list(range(1, 61))  # block_size 64
+    assert len(generate(model, prompt, 100, greedy=True)) == 4
+    assert len(beam_search(model, prompt, 100, beams=2)) == 4
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, list(range(64)), 5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# filtering and sampling
+
+
+def kept(logits: np.ndarray) -> list[int]:
+    return np.flatnonzero(np.isfinite(logits)).tolist()
+
+
+def test_top_k_and_top_p_keep_the_expected_tokens():
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15], np.float32))
+    assert kept(filter_logits(logits, top_k=2)) == [1, 3]
+    assert kept(filter_logits(logits, top_k=1)) == [1]
+    assert kept(filter_logits(logits, top_k=10)) == [0, 1, 2, 3, 4]
+    assert kept(filter_logits(logits, top_p=0.5)) == [1, 3]  # 0.4 < 0.5 <= 0.7
+    assert kept(filter_logits(logits, top_p=0.75)) == [1, 3, 4]  # 0.7 < 0.75 <= 0.85
+    assert kept(filter_logits(logits, top_p=0.3)) == [1]  # always at least the most probable
+    assert kept(filter_logits(logits, top_p=0.9)) == [1, 2, 3, 4]
+    assert kept(filter_logits(logits, top_p=1.0)) == [0, 1, 2, 3, 4]
+    assert kept(filter_logits(logits, top_k=3, top_p=0.8)) == [1, 3]  # top-p on the renormalised top-3
+    # kept logits are unchanged; batches are filtered row by row
+    batch = np.stack([logits, logits[::-1]])
+    out = filter_logits(batch, top_k=2)
+    assert [kept(r) for r in out] == [[1, 3], [1, 3]]  # the reversed row has its top two at 3 and 1
+    assert np.array_equal(out[0][[1, 3]], logits[[1, 3]])
+    # ties with the k-th value are kept, as in transformers
+    assert kept(filter_logits(np.array([1.0, 2.0, 2.0, 0.0]), top_k=1)) == [1, 2]
+
+
+def test_filters_agree_with_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((64, 50)) * 3).astype(np.float32)
+    logits[:8, :10] = 1.5  # ties
+    for k in (1, 5, 20):
+        ref = TopKLogitsWarper(k)(None, torch.tensor(logits)).numpy()
+        assert np.array_equal(np.isfinite(filter_logits(logits, top_k=k)), np.isfinite(ref)), k
+    for p in (0.1, 0.5, 0.9, 0.99):
+        ref = np.isfinite(TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy())
+        got = np.isfinite(filter_logits(logits, top_p=p))
+        assert np.array_equal(got[8:], ref[8:]), p
+        # torch.sort orders ties arbitrarily, so with ties only the number kept is comparable
+        assert np.array_equal(got.sum(1), ref.sum(1)), p
+    # among tied logits top-p keeps the lower ids, as argmax would pick them
+    assert kept(filter_logits(np.array([0.0, 1.0, 1.0, 1.0]), top_p=0.5)) == [1, 2]
+
+
+def test_seeded_sampling_is_reproducible_and_respects_filters(tiny):
+    _, _, model = tiny
+
+    def draw(seed: int, **kw) -> list[int]:
+        return generate(model, PROMPT, NEW, rng=np.random.default_rng(seed), **kw)
+
+    assert draw(1, top_k=20) == draw(1, top_k=20)
+    assert draw(1) != draw(2)
+    # a temperature near zero is greedy; top_k=1 is greedy whatever the temperature
+    greedy = generate(model, PROMPT, NEW, greedy=True)
+    assert draw(3, top_k=1, temperature=5.0) == greedy
+    assert draw(3, temperature=1e-6) == greedy
+    # streaming sees every token, in order
+    seen: list[int] = []
+    assert draw(4, top_p=0.9, on_token=seen.append) == seen
+
+
+def test_sampling_frequencies():
+    """The inverse-CDF draw follows the filtered distribution (and never a filtered token)."""
+    from distgpt.sample import _choose
+
+    logits = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))
+    rng = np.random.default_rng(0)
+    draws = np.bincount([_choose(logits, 1.0, 3, None, False, rng) for _ in range(4000)], minlength=5)
+    assert draws[0] == 0 and draws[2] == 0
+    np.testing.assert_allclose(draws[[1, 3, 4]] / 4000, np.array([0.4, 0.3, 0.15]) / 0.85, atol=0.03)
+
+
+def test_stream_decoder_holds_back_split_characters():
+    tok = get_tokenizer("bytes")
+    text = "héllo, wörld € 🙂!"
+    stream = StreamDecoder(tok)
+    pieces = [stream.push(b) for b in tok.encode(text)] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "distgpt.sample", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+
+
+def test_cli_end_to_end(tiny):
+    folder, _, model = tiny
+    base = ["--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", "Hi", "--max-new-tokens", "20"]
+    r = run_cli(*base, "--greedy")
+    assert r.returncode == 0, r.stderr
+    expected = get_tokenizer("bytes").decode(generate(model, list(b"Hi"), 20, greedy=True, eot=256))
+    assert r.stdout == "Hi" + expected + "\n"
+    r = run_cli(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Hi") and r.stdout.count("-" * 40) == 1
+    assert (
+        r.stdout
+        == run_cli(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2").stdout
+    )
+    r = run_cli(*base, "--beams", "3")
+    assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = run_cli("--ckpt", str(tmp_path / "nope"), "--prompt", "x")
+    assert r.returncode == 2
+    assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
+    r = run_cli("--ckpt", "x", "--top-p", "1.5")
+    assert r.returncode == 2 and r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1
+
+
+def test_cli_on_a_distgpt_checkpoint(tiny, tmp_path):
+    """An out_dir from training: the model config and the tokenizer come from its manifest."""
+    checkpoint = pytest.importorskip("distgpt.checkpoint")
+    from distgpt.config import Config
+    from distgpt.dist import Comm
+
+    folder, _, model = tiny
+    n = model.layout.size
+    meta = {"config": Config(model=model.cfg).to_dict(), "tokenizer": "bytes"}
+    zeros = np.zeros(n, np.float32)
+    checkpoint.save_checkpoint(tmp_path, 5, Comm(), model.layout, (0, n), model.params, zeros, zeros, meta, 2)
+    r = run_cli("--ckpt", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "20", "--greedy")
+    assert r.returncode == 0, r.stderr
+    hf_run = run_cli(
+        "--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", "Hi", "--max-new-tokens", "20", "--greedy"
+    )
+    assert r.stdout == hf_run.stdout
+    export = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "distgpt.export",
+            "--ckpt",
+            str(tmp_path),
+            "--format",
+            "hf",
+            "--out",
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert export.returncode == 0, export.stderr
+    cfg, params = load_init(str(tmp_path / "hf"))
+    assert cfg == model.cfg and np.array_equal(params, model.params)
