@@ -103,15 +103,19 @@ def test_batch_that_does_not_divide_over_ranks(tmp_path, shakespeare_bytes):
 
 def test_progress_bar_on_a_terminal(tmp_path, shakespeare_bytes):
     """On a terminal rank 0 draws a live bar (step, loss, tokens/s, ETA); log lines still appear."""
+    import fcntl
     import os
     import pty
+    import struct
     import subprocess
     import sys
+    import termios
 
     cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 4, "log_every": 2})
     leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))   # a 160-column terminal
     proc = subprocess.Popen([sys.executable, "-m", "distgpt.train", "--config", str(cfg)], stdout=follower,
-                            stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": "160"})
+                            stderr=subprocess.PIPE)
     os.close(follower)
     chunks = []
     while True:
