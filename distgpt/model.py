@@ -195,6 +195,7 @@ class GPT:
         dtype: type = np.float32,
         params: np.ndarray | None = None,
         head_chunk_rows: int = 512,
+        trainable: bool = True,
     ):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
@@ -202,9 +203,10 @@ class GPT:
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)
         self.params = np.zeros(self.layout.size, self.dtype) if params is None else params
-        self.grads = np.zeros(self.layout.size, self.dtype)
+        # inference (sampling, export) needs no gradient buffer: a model's worth of memory saved
+        self.grads = np.zeros(self.layout.size, self.dtype) if trainable else None
         self.p = self.layout.views(self.params)
-        self.g = self.layout.views(self.grads)
+        self.g = self.layout.views(self.grads) if trainable else {}
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int], _Acts] = {}
         self._last: tuple | None = None
@@ -263,6 +265,8 @@ class GPT:
         cfg, p = self.cfg, self.p
         B, T = idx.shape
         self._last = None  # only a training forward may be followed by backward(); this one overwrites it
+        if grad_scale is not None and self.grads is None:
+            raise RuntimeError("this model was built with trainable=False: no gradients")
         if T > cfg.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
         C = cfg.n_embd

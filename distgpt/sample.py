@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         prompt = tok.encode(args.prompt)
     except (ValueError, OSError, KeyError) as e:
         _fail(str(e) if isinstance(e, OSError) or not e.args else str(e.args[0]))  # KeyError quotes str()
-    model = GPT(cfg, params=params)
+    model = GPT(cfg, params=params, trainable=False)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal must not end the run
 
