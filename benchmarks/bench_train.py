@@ -1,0 +1,530 @@
+"""Training throughput of distgpt on this machine, per layout of ranks x threads, optionally against PyTorch.
+
+    python benchmarks/bench_train.py --config small [--steps N] [--warmup W] [--vs-torch]
+        [--layouts 1x2,2x1] [--zero] [--no-overlap] [--profile] [--batch B] [--wait-idle S] [--json PATH]
+
+The driver (this script run without mpirun) starts one worker per layout RxT: R MPI ranks with T
+threads each (`mpirun -n R -bind-to core:T`; R = 1 runs the worker directly). The worker
+builds the model, AdamW and gradient reducer as distgpt.train does, trains on random tokens for
+`warmup` untimed and `steps` timed steps, measures the machine's sgemm peak with the same threads,
+and hands rank 0's JSON result back through a file. With --vs-torch a PyTorch reference
+(torch_reference.py: one process, R x T threads) runs after each layout on the same shape and data.
+See benchmarks/README.md for what each column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distgpt import dist
+from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
+from distgpt.model import ModelConfig
+from distgpt.optim import AdamW, clip_coefficient, lr_at
+from distgpt.train import build_model, flops_per_token
+
+SEED = 1337
+SGEMM_N = 4096
+SGEMM_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_layer: int
+    n_head: int
+    n_embd: int
+    seq_len: int
+    batch: int  # global sequences per step
+    steps: int  # default timed steps
+    warmup: int  # default untimed steps
+    vocab_size: int = 50257
+
+
+CONFIGS = {
+    "small": Shape(n_layer=4, n_head=4, n_embd=256, seq_len=256, batch=8, steps=5, warmup=1),
+    "medium": Shape(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch=8, steps=4, warmup=1),
+    "gpt2-t256": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=256, batch=4, steps=5, warmup=1),
+    "gpt2-t1024": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch=1, steps=3, warmup=1),
+}
+
+
+# ----------------------------------------------------------------------------- shared by the workers
+
+def model_config(shape: Shape) -> ModelConfig:
+    return ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+                       block_size=shape.seq_len, vocab_size=shape.vocab_size)
+
+
+def random_tokens(shape: Shape, n_steps: int, batch: int) -> np.ndarray:
+    """(n_steps, batch, T + 1) int64 tokens, the same for distgpt and torch: inputs [:-1], targets [1:]."""
+    rng = np.random.default_rng(SEED)
+    return rng.integers(0, shape.vocab_size, (n_steps, batch, shape.seq_len + 1), dtype=np.int64)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def sgemm_flops(comm, threads: int) -> float:
+    """Best-of-3 FLOP/s of a 4096x4096 float32 np.matmul on `threads` BLAS threads (whatever limit
+    the code being measured set for itself). All ranks run each repetition at the same moment, so
+    together they measure what the machine gives them."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+    b = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
+    c = np.empty_like(a)
+    best = float("inf")
+    with threadpool_limits(limits=threads, user_api="blas"):
+        for _ in range(SGEMM_REPEATS):
+            comm.barrier()
+            t0 = time.perf_counter()
+            np.matmul(a, b, out=c)
+            best = min(best, time.perf_counter() - t0)
+    return 2 * SGEMM_N**3 / best
+
+
+def split_summary(phases: list[dict[str, float]], step_times: list[float]) -> dict[str, float]:
+    """Each phase's share of the timed wall time (the rest, 'other', is zero_grad, the loss allreduce...)."""
+    total = sum(step_times)
+    return {k: sum(p[k] for p in phases) / total for k in phases[0]}
+
+
+def top_functions(profiler: cProfile.Profile, n: int = 15) -> str:
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(n)
+    return out.getvalue()
+
+
+def write_result(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- distgpt worker
+
+def distgpt_worker(args: argparse.Namespace) -> None:
+    comm = dist.init()
+    try:
+        threads = dist.setup_threads(comm, args.threads)
+        shape = CONFIGS[args.config]
+        cfg = Config(
+            model=model_config(shape),
+            train=TrainConfig(batch_size=args.batch, micro_batch_size=args.batch // comm.size,
+                              seq_len=shape.seq_len, seed=SEED),
+            parallel=ParallelConfig(zero=args.zero, threads_per_rank=args.threads,
+                                    overlap=not args.no_overlap),
+        )
+        if check_batch_layout(cfg, comm.size) != 1:
+            raise ValueError(f"batch {args.batch} does not split evenly over {comm.size} ranks")
+        result = train_distgpt(args, cfg, comm, threads)
+        if comm.rank == 0:
+            write_result(args.out, result)
+    except Exception:
+        traceback.print_exc()
+        comm.abort(1)  # exits; with MPI it also ends the other ranks instead of leaving them waiting
+
+
+def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, threads: dist.ThreadSetup) -> dict:
+    t, mb = cfg.train, cfg.train.micro_batch_size
+    _, model = build_model(cfg, {})
+    layout, N = model.layout, model.layout.size
+    if comm.size > 1:
+        comm.bcast_(model.params)
+    zero = cfg.parallel.zero and comm.size > 1
+    shard = dist.shard_range(N, comm.rank, comm.size)
+    s, e = shard if zero else (0, N)
+    opt = AdamW(e - s, layout.decay_segments(s, e), t.beta1, t.beta2, t.eps, t.weight_decay)
+    reducer = dist.GradReducer(comm, layout.layer_ranges, N, model.grads, zero,
+                               int(cfg.parallel.bucket_mb * 2**20))
+    overlap = cfg.parallel.overlap and comm.size > 1
+    grad_scale = 1.0 / comm.size
+    tokens = random_tokens(CONFIGS[args.config], args.warmup + args.steps, t.batch_size)
+    rows = slice(comm.rank * mb, (comm.rank + 1) * mb)
+
+    step_times, phases, losses = [], [], []
+    profiler = cProfile.Profile() if args.profile and comm.rank == 0 else None
+    for step in range(args.warmup + args.steps):
+        timed = step >= args.warmup
+        if step == args.warmup:
+            comm.barrier()
+            if profiler is not None:
+                profiler.enable()
+        x, y = np.ascontiguousarray(tokens[step, rows, :-1]), np.ascontiguousarray(tokens[step, rows, 1:])
+        # one step, as in distgpt.train.run (a single micro-batch per rank)
+        t0 = time.perf_counter()
+        model.zero_grad()
+        model.layer_done_hook = reducer.layer_done if overlap else None
+        ta = time.perf_counter()
+        loss = model.forward(x, y, grad_scale=grad_scale)
+        tb = time.perf_counter()
+        model.backward()
+        tc = time.perf_counter()
+        reducer.finish()
+        td = time.perf_counter()
+        stats = np.array([loss, reducer.grad_sq_sum() if zero else 0.0])
+        comm.allreduce_(stats)
+        grad_norm = float(np.sqrt(stats[1] if zero else reducer.grad_sq_sum()))
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        te = time.perf_counter()
+        opt.step(model.params[s:e], reducer.shard_grads, lr, clip_coefficient(grad_norm, t.grad_clip))
+        if zero:
+            comm.allgatherv_(model.params, reducer.ranges)
+        tf = time.perf_counter()
+        losses.append(float(stats[0] / comm.size))
+        if timed:
+            step_times.append(tf - t0)
+            phases.append({"forward": tb - ta, "backward": tc - tb, "comm": td - tc, "optim": tf - te})
+    if profiler is not None:
+        profiler.disable()
+
+    rss = peak_rss_mib()  # before the sgemm's three 64 MiB matrices
+    flops = sgemm_flops(comm, threads.threads)
+    per_rank = comm.allgather_obj({"rss_mib": rss, "sgemm_flops": flops,
+                                   "split": split_summary(phases, step_times)})
+    n_params = layout.n_params()
+    fpt = flops_per_token(cfg.model, t.seq_len, n_params)
+    step_s = statistics.median(step_times)
+    tok_s = t.batch_size * t.seq_len / step_s
+    peak = sum(r["sgemm_flops"] for r in per_rank)
+    return {
+        "impl": "distgpt",
+        "ranks": comm.size,
+        "threads": threads.threads,
+        "batch": t.batch_size,
+        "zero": zero,
+        "overlap": overlap,
+        "n_params": n_params,
+        "flops_per_token": fpt,
+        "tokens_per_s": tok_s,
+        "ms_per_step": 1000 * step_s,
+        "step_ms": [1000 * v for v in step_times],
+        "peak_flops": peak,
+        "mfu": tok_s * fpt / peak,
+        "split": per_rank[0]["split"],
+        "split_per_rank": [r["split"] for r in per_rank],
+        "rss_mib": [r["rss_mib"] for r in per_rank],
+        "losses": losses,
+        "blas": threads.blas,
+        "mpi": comm.library,
+        "profile": top_functions(profiler) if profiler is not None else None,
+    }
+
+
+# ----------------------------------------------------------------------------- torch worker
+
+def torch_worker(args: argparse.Namespace) -> None:
+    import torch
+    from torch_reference import GPT, TorchGPTConfig, Trainer, make_optimizer
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    shape = CONFIGS[args.config]
+    t = TrainConfig()
+    model = GPT(TorchGPTConfig(shape.n_layer, shape.n_head, shape.n_embd, shape.seq_len, shape.vocab_size))
+    n_params = model.n_params()  # vocabulary 50257, unpadded: the same N as distgpt's
+    optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
+    trainer = Trainer(model, optimizer, t.grad_clip)
+    tokens = torch.from_numpy(random_tokens(shape, args.warmup + args.steps, args.batch))
+
+    step_times, phases, losses = [], [], []
+    for step in range(args.warmup + args.steps):
+        x, y = tokens[step, :, :-1].contiguous(), tokens[step, :, 1:].contiguous()
+        t0 = time.perf_counter()
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        losses.append(trainer.step(x, y, lr, time.perf_counter))
+        if step >= args.warmup:
+            step_times.append(time.perf_counter() - t0)
+            phases.append(trainer.last)
+
+    rss = peak_rss_mib()
+    peak = sgemm_flops(dist.Comm(), args.threads)
+    fpt = flops_per_token(model_config(shape), shape.seq_len, n_params)
+    step_s = statistics.median(step_times)
+    tok_s = args.batch * shape.seq_len / step_s
+    write_result(args.out, {
+        "impl": "torch",
+        "ranks": 1,
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+        "n_params": n_params,
+        "flops_per_token": fpt,
+        "tokens_per_s": tok_s,
+        "ms_per_step": 1000 * step_s,
+        "step_ms": [1000 * v for v in step_times],
+        "peak_flops": peak,
+        "mfu": tok_s * fpt / peak,
+        "split": split_summary(phases, step_times),
+        "rss_mib": [rss],
+        "losses": losses,
+        "torch": torch.__version__,
+    })
+
+
+# ----------------------------------------------------------------------------- driver
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    layouts = []
+    for item in text.split(","):
+        try:
+            r, t = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise SystemExit(f"--layouts: {item!r} is not RANKSxTHREADS, e.g. 2x1") from None
+        if r < 1 or t < 1:
+            raise SystemExit(f"--layouts: {item!r}: ranks and threads must be >= 1")
+        layouts.append((r, t))
+    return layouts
+
+
+def mpirun_path() -> str | None:
+    beside = Path(sys.executable).parent / "mpirun"
+    return str(beside) if beside.exists() else shutil.which("mpirun")
+
+
+class OtherLoad:
+    """How many cores, on average, were busy with anything but this driver and its workers (other
+    users' jobs, the hypervisor's steal time) between start() and cores(): /proc/stat's busy time
+    minus our own CPU time. Anything well above 0 means the numbers of that run are disturbed."""
+
+    def start(self) -> None:
+        self.t0, self.busy0, self.ours0 = self._sample()
+
+    def cores(self) -> float | None:
+        if self.busy0 is None:
+            return None
+        t1, busy1, ours1 = self._sample()
+        return max(0.0, (busy1 - self.busy0) - (ours1 - self.ours0)) / (t1 - self.t0)
+
+    @staticmethod
+    def _sample() -> tuple[float, float | None, float]:
+        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        ours = sum(u.ru_utime + u.ru_stime for u in usage)
+        try:
+            with open("/proc/stat") as f:
+                user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError):
+            busy = None
+        return time.perf_counter(), busy, ours
+
+
+def wait_idle(timeout: float, quiet_s: float = 5.0, threshold: float = 0.2) -> None:
+    """Wait until other processes have used under `threshold` cores for `quiet_s` seconds in a row,
+    or `timeout` seconds have passed (then go ahead: the other load column will tell)."""
+    deadline, quiet, said = time.monotonic() + timeout, 0.0, False
+    load = OtherLoad()
+    while time.monotonic() < deadline and quiet < quiet_s:
+        load.start()
+        time.sleep(1.0)
+        busy = load.cores()
+        if busy is None:
+            return
+        quiet = quiet + 1.0 if busy < threshold else 0.0
+        if quiet == 0.0 and not said:
+            print("(waiting for the machine to go idle)", end=" ", flush=True)
+            said = True
+
+
+def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, args, tmp: str) -> dict:
+    """Run one worker to completion: its result, or {'error': ...}."""
+    out = os.path.join(tmp, f"{impl}-{config}-{ranks}x{threads}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config", config,
+           "--threads", str(threads), "--batch", str(batch), "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--out", out]
+    if impl == "distgpt":
+        cmd += ["--zero"] * args.zero + ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
+    env = dict(os.environ)
+    if impl == "torch":
+        env["OMP_NUM_THREADS"] = str(threads)
+    if ranks > 1:
+        mpirun = mpirun_path()
+        if mpirun is None:
+            return {"error": "mpirun not found (pip install mpich, or put it on PATH)"}
+        cmd = [mpirun, "-n", str(ranks), "-bind-to", f"core:{threads}"] + cmd
+    load = OtherLoad()
+    load.start()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    info = {"wall_s": time.perf_counter() - load.t0, "other_load": load.cores()}
+    if proc.returncode != 0 or not os.path.exists(out):
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        return {"error": f"exit code {proc.returncode}\n{tail}", **info}
+    with open(out) as f:
+        return {**json.load(f), **info}
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}"
+
+
+def format_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned first column, the others right-aligned; a rule under the header row."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+
+    def line(row):
+        cells = zip(row, widths, strict=True)
+        return "  ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(cells))
+
+    return [line(rows[0]), line(tuple("-" * w for w in widths)), *map(line, rows[1:])]
+
+
+def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: int) -> str:
+    ok = [r for r in runs if "error" not in r]
+    head = f"== {name}: L{shape.n_layer} C{shape.n_embd} H{shape.n_head} T{shape.seq_len} B{shape.batch}"
+    if ok:
+        head += f", {ok[0]['n_params'] / 1e6:.1f}M params, {ok[0]['flops_per_token'] / 1e6:.0f} MFLOP/token"
+    head += f"; median of {steps} steps after {warmup} warmup"
+    rows = [("layout", "tok/s", "ms/step", "MFU", "peak GF/s", "fwd%", "bwd%", "comm%", "opt%", "RSS MiB",
+             "other load", "vs torch")]
+    for i, r in enumerate(runs):
+        if "error" in r:
+            rows.append((r["label"], "failed: " + r["error"].splitlines()[0], *[""] * (len(rows[0]) - 2)))
+            continue
+        nxt = runs[i + 1] if i + 1 < len(runs) else {}
+        ratio = ""
+        if r["impl"] == "distgpt" and nxt.get("impl") == "torch" and "error" not in nxt:
+            ratio = f"{r['tokens_per_s'] / nxt['tokens_per_s']:.2f}x"
+        load = r.get("other_load")
+        split = r["split"]
+        rows.append((
+            r["label"],
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['ms_per_step']:,.0f}",
+            f"{100 * r['mfu']:.1f}%",
+            f"{r['peak_flops'] / 1e9:.0f}",
+            pct(split["forward"]),
+            pct(split["backward"]),
+            pct(split.get("comm")),
+            pct(split["optim"]),
+            "/".join(f"{v:,.0f}" for v in r["rss_mib"]),
+            "?" if load is None else f"{load:.2f}" + (" !" if load > 0.2 else ""),
+            ratio,
+        ))
+    return "\n".join([head, *format_table(rows)])
+
+
+def drive(args) -> int:
+    configs = args.config.split(",")
+    for name in configs:
+        if name not in CONFIGS:
+            raise SystemExit(f"--config: unknown {name!r}; choose from {', '.join(CONFIGS)}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    layouts = parse_layouts(args.layouts or (f"1x{cores},{cores}x1" if cores > 1 else "1x1"))
+    results, tables, raised_batch = {}, [], False
+    with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
+        for name in configs:
+            shape = CONFIGS[name]
+            cargs = argparse.Namespace(**vars(args))
+            cargs.steps = shape.steps if args.steps is None else args.steps
+            cargs.warmup = shape.warmup if args.warmup is None else args.warmup
+            runs = []
+            for ranks, threads in layouts:
+                batch = args.batch or shape.batch
+                if batch % ranks:  # e.g. B1 over 2 ranks: every rank gets one sequence instead
+                    batch = ranks * -(-batch // ranks)
+                    raised_batch = True
+                suffix = f" B{batch}*" if batch != shape.batch else ""
+                if ranks * threads > cores:
+                    print(f"warning: layout {ranks}x{threads} oversubscribes {cores} cores", flush=True)
+                jobs = [("distgpt", ranks, threads, f"{ranks}x{threads}{suffix}")]
+                if args.vs_torch:
+                    jobs.append(("torch", 1, ranks * threads, f"torch {ranks * threads}t{suffix}"))
+                for impl, r, t, label in jobs:
+                    print(f"[{name}] {impl} {label} ...", end=" ", flush=True)
+                    if args.wait_idle:
+                        wait_idle(args.wait_idle)
+                    res = {"impl": impl, "label": label, **run_worker(impl, name, r, t, batch, cargs, tmp)}
+                    runs.append(res)
+                    if "error" in res:
+                        print(f"FAILED ({res['error']})", flush=True)
+                    else:
+                        print(f"{res['tokens_per_s']:,.0f} tok/s, loss {res['losses'][0]:.3f} -> "
+                              f"{res['losses'][-1]:.3f} ({res['wall_s']:.0f} s)", flush=True)
+            tables.append(config_table(name, shape, runs, cargs.steps, cargs.warmup))
+            results[name] = {"shape": asdict(shape), "steps": cargs.steps, "warmup": cargs.warmup,
+                             "runs": runs}
+
+    all_runs = [r for c in results.values() for r in c["runs"] if "error" not in r]
+    notes = []
+    if raised_batch:
+        notes.append("* global batch raised to a multiple of the ranks: the config's batch does not split")
+    if any((r.get("other_load") or 0) > 0.2 for r in all_runs):
+        notes.append("! other processes kept cores busy during this run: its numbers are disturbed")
+    if args.profile:
+        notes.append("distgpt timings include cProfile overhead on rank 0 (--profile)")
+    dist_runs = [r for r in all_runs if r["impl"] == "distgpt"]
+    if dist_runs:
+        mpi = next((r["mpi"] for r in dist_runs if r["ranks"] > 1), None)
+        notes.append(f"BLAS: {dist_runs[0]['blas']}" + (f"; MPI: {' '.join(mpi.split())}" if mpi else ""))
+    torch_runs = [r for r in all_runs if r["impl"] == "torch"]
+    if torch_runs:
+        notes.append(f"torch {torch_runs[0]['torch']}")
+    print()
+    print("\n\n".join(tables))
+    print("\n".join(notes))
+    for name, res in results.items():
+        for r in res["runs"]:
+            if r.get("profile"):
+                print(f"\n-- profile: {name} {r['label']} (rank 0, timed steps, top 15 by tottime)")
+                print(r["profile"])
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cores": cores, "configs": results}, indent=1))
+        print(f"results saved to {args.json}")
+    return 0 if all("error" not in r for c in results.values() for r in c["runs"]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="small",
+                        help=f"shape(s), comma-separated: {', '.join(CONFIGS)} (default small)")
+    parser.add_argument("--steps", type=int, help="timed steps (default: per config, see CONFIGS)")
+    parser.add_argument("--warmup", type=int, help="untimed steps first (default: per config)")
+    parser.add_argument("--layouts", help="RANKSxTHREADS,... (default 1xCORES,CORESx1)")
+    parser.add_argument("--batch", type=int, help="override the config's global batch (sequences per step)")
+    parser.add_argument("--vs-torch", action="store_true", help="run the PyTorch reference after each layout")
+    parser.add_argument("--zero", action="store_true", help="ZeRO-1: shard AdamW state across ranks")
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="reduce gradients after backward, not during it")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile rank 0's timed steps, print the top 15 functions")
+    parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
+                        help="before each run, wait up to SECONDS for other processes to leave the cores")
+    parser.add_argument("--json", help="save every result to this file")
+    # worker mode (started by the driver)
+    parser.add_argument("--worker", choices=("distgpt", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for name in ("steps", "warmup", "batch"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "warmup" else 1):
+            parser.error(f"--{name} {value}: too small")
+    if args.worker == "distgpt":
+        distgpt_worker(args)
+        return 0
+    if args.worker == "torch":
+        torch_worker(args)
+        return 0
+    return drive(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
