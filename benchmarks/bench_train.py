@@ -36,8 +36,8 @@ import numpy as np
 from distgpt import dist
 from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
 from distgpt.model import ModelConfig
-from distgpt.optim import AdamW, clip_coefficient, lr_at
-from distgpt.train import build_model, flops_per_token
+from distgpt.optim import lr_at
+from distgpt.train import Trainer, build_model, flops_per_token
 
 SEED = 1337
 SGEMM_N = 4096
@@ -147,17 +147,9 @@ def distgpt_worker(args: argparse.Namespace) -> None:
 def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, threads: dist.ThreadSetup) -> dict:
     t, mb = cfg.train, cfg.train.micro_batch_size
     _, model = build_model(cfg, {})
-    layout, N = model.layout, model.layout.size
     if comm.size > 1:
         comm.bcast_(model.params)
-    zero = cfg.parallel.zero and comm.size > 1
-    shard = dist.shard_range(N, comm.rank, comm.size)
-    s, e = shard if zero else (0, N)
-    opt = AdamW(e - s, layout.decay_segments(s, e), t.beta1, t.beta2, t.eps, t.weight_decay)
-    reducer = dist.GradReducer(comm, layout.layer_ranges, N, model.grads, zero,
-                               int(cfg.parallel.bucket_mb * 2**20))
-    overlap = cfg.parallel.overlap and comm.size > 1
-    grad_scale = 1.0 / comm.size
+    trainer = Trainer(cfg, comm, model)       # the very step distgpt.train runs
     tokens = random_tokens(CONFIGS[args.config], args.warmup + args.steps, t.batch_size)
     rows = slice(comm.rank * mb, (comm.rank + 1) * mb)
 
@@ -170,30 +162,14 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
             if profiler is not None:
                 profiler.enable()
         x, y = np.ascontiguousarray(tokens[step, rows, :-1]), np.ascontiguousarray(tokens[step, rows, 1:])
-        # one step, as in distgpt.train.run (a single micro-batch per rank)
+        before = dict(trainer.timing)
         t0 = time.perf_counter()
-        model.zero_grad()
-        model.layer_done_hook = reducer.layer_done if overlap else None
-        ta = time.perf_counter()
-        loss = model.forward(x, y, grad_scale=grad_scale)
-        tb = time.perf_counter()
-        model.backward()
-        tc = time.perf_counter()
-        reducer.finish()
-        td = time.perf_counter()
-        stats = np.array([loss, reducer.grad_sq_sum() if zero else 0.0])
-        comm.allreduce_(stats)
-        grad_norm = float(np.sqrt(stats[1] if zero else reducer.grad_sq_sum()))
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        te = time.perf_counter()
-        opt.step(model.params[s:e], reducer.shard_grads, lr, clip_coefficient(grad_norm, t.grad_clip))
-        if zero:
-            comm.allgatherv_(model.params, reducer.ranges)
-        tf = time.perf_counter()
-        losses.append(float(stats[0] / comm.size))
+        loss, _, _, _ = trainer.step(step, [(x, y, comm.rank * mb)])
+        dt = time.perf_counter() - t0
+        losses.append(loss)
         if timed:
-            step_times.append(tf - t0)
-            phases.append({"forward": tb - ta, "backward": tc - tb, "comm": td - tc, "optim": tf - te})
+            step_times.append(dt)
+            phases.append({k: trainer.timing[k] - before[k] for k in before})
     if profiler is not None:
         profiler.disable()
 
@@ -201,7 +177,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
     flops = sgemm_flops(comm, threads.threads)
     per_rank = comm.allgather_obj({"rss_mib": rss, "sgemm_flops": flops,
                                    "split": split_summary(phases, step_times)})
-    n_params = layout.n_params()
+    n_params = model.layout.n_params()
     fpt = flops_per_token(cfg.model, t.seq_len, n_params)
     step_s = statistics.median(step_times)
     tok_s = t.batch_size * t.seq_len / step_s
@@ -211,8 +187,8 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "ranks": comm.size,
         "threads": threads.threads,
         "batch": t.batch_size,
-        "zero": zero,
-        "overlap": overlap,
+        "zero": trainer.zero,
+        "overlap": trainer.overlap,
         "n_params": n_params,
         "flops_per_token": fpt,
         "tokens_per_s": tok_s,

@@ -152,6 +152,85 @@ def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:
 
 # ----------------------------------------------------------------------------- the run
 
+class Trainer:
+    """One optimizer step on this rank: the rank's micro-batches forward and backward, the gradient
+    reduction (overlapped with the last backward), clipping, AdamW on this rank's slice, and the
+    ZeRO-1 allgather. The training loop and the benchmark both drive it."""
+
+    def __init__(self, cfg: Config, comm: dist.Comm, model: GPT):
+        t, layout = cfg.train, model.layout
+        self.cfg, self.comm, self.model, self.n = cfg, comm, model, layout.size
+        self.zero = cfg.parallel.zero and comm.size > 1
+        self.overlap = cfg.parallel.overlap and comm.size > 1
+        self.shard = dist.shard_range(self.n, comm.rank, comm.size)   # this rank's checkpoint slice
+        self.s, self.e = self.shard if self.zero else (0, self.n)      # the slice AdamW updates
+        self.opt = AdamW(self.e - self.s, layout.decay_segments(self.s, self.e), t.beta1, t.beta2, t.eps,
+                         t.weight_decay)
+        wte = layout.by_name["wte"]
+        self.reducer = dist.GradReducer(comm, layout.layer_ranges, self.n, model.grads, self.zero,
+                                        int(cfg.parallel.bucket_mb * 2**20), embed=(wte.offset, *wte.shape))
+        self.timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
+
+    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0
+             ) -> tuple[float, float, float, bool]:
+        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`).
+        Returns (mean loss over the global batch, gradient norm, lr, whether any rank asked to stop)."""
+        cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
+        t = cfg.train
+        scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
+        model.zero_grad()
+        loss_sum = 0.0
+        for i, (x, y, row0) in enumerate(micro):
+            last = self.overlap and i == len(micro) - 1    # reduce while the last backward runs
+            model.layer_done_hook = reducer.layer_done if last else None
+            model.backward_start_hook = reducer.start_embedding if last else None
+            model.defer_lookups = last
+            ta = time.perf_counter()
+            dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
+            loss_sum += model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
+            tb = time.perf_counter()
+            model.backward()
+            timing["forward"] += tb - ta
+            timing["backward"] += time.perf_counter() - tb
+        tc = time.perf_counter()
+        reducer.finish(model.lookups if self.overlap else None)
+        model.lookups = None
+        timing["comm"] += time.perf_counter() - tc
+        # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
+        stats = np.array([loss_sum, reducer.grad_sq_sum() if self.zero else 0.0, float(stop)])
+        comm.allreduce_(stats)
+        grad_norm = float(np.sqrt(stats[1] if self.zero else reducer.grad_sq_sum()))
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        td = time.perf_counter()
+        self.opt.step(model.params[self.s:self.e], reducer.shard_grads, lr,
+                      clip_coefficient(grad_norm, t.grad_clip))
+        if self.zero:
+            comm.allgatherv_(model.params, reducer.ranges)
+        timing["optim"] += time.perf_counter() - td
+        return float(stats[0] * scale), grad_norm, lr, bool(stats[2])
+
+    def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, opt_t: int) -> None:
+        """This rank's checkpoint slices (self.shard) -> full parameters, and moments where kept."""
+        a, b = self.shard
+        ranges, model, opt, comm = self.reducer.ranges, self.model, self.opt, self.comm
+        model.params[a:b] = params
+        comm.allgatherv_(model.params, ranges)
+        if self.zero:
+            opt.m[:], opt.v[:] = m, v
+        else:
+            opt.m[a:b], opt.v[a:b] = m, v
+            comm.allgatherv_(opt.m, ranges)
+            comm.allgatherv_(opt.v, ranges)
+        opt.t = opt_t
+
+    def state_slices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """params, m, v of this rank's checkpoint slice."""
+        a, b = self.shard
+        if self.zero:
+            return self.model.params[a:b], self.opt.m, self.opt.v
+        return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
+
+
 def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_run: bool) -> None:
     from distgpt import checkpoint, data
 
@@ -179,14 +258,8 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
         val = data.ValSet(val_shards, t.seq_len, t.eval_steps * t.batch_size)
     tokenizer_name = cfg.data.tokenizer or shards.tokenizer
 
-    layout, N = model.layout, model.layout.size
-    zero = cfg.parallel.zero and comm.size > 1
-    shard = dist.shard_range(N, comm.rank, comm.size)
-    s, e = shard if zero else (0, N)
-    opt = AdamW(e - s, layout.decay_segments(s, e), t.beta1, t.beta2, t.eps, t.weight_decay)
-    reducer = dist.GradReducer(comm, layout.layer_ranges, N, model.grads, zero,
-                               int(cfg.parallel.bucket_mb * 2**20))
-    ranges = reducer.ranges
+    trainer = Trainer(cfg, comm, model)
+    layout = model.layout
 
     out_dir = Path(cfg.out_dir)
     if rank0:
@@ -194,22 +267,13 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     step, tokens_seen = 0, 0
     resume_from = checkpoint.resolve_resume(out_dir, cfg.resume, comm) if cfg.resume else None
     if resume_from is not None:
-        p_sh, m_sh, v_sh, manifest = checkpoint.load_checkpoint(resume_from, comm, layout, shard)
+        p_sh, m_sh, v_sh, manifest = checkpoint.load_checkpoint(resume_from, comm, layout, trainer.shard)
         meta = manifest["meta"]
         saved_tok = meta.get("tokenizer")
         if saved_tok and tokenizer_name and saved_tok != tokenizer_name:
             raise checkpoint.CheckpointError(
                 f"{resume_from}: saved with tokenizer {saved_tok}, the data uses {tokenizer_name}")
-        a, b = shard
-        model.params[a:b] = p_sh
-        comm.allgatherv_(model.params, ranges)
-        if zero:
-            opt.m[:], opt.v[:] = m_sh, v_sh
-        else:
-            opt.m[a:b], opt.v[a:b] = m_sh, v_sh
-            comm.allgatherv_(opt.m, ranges)
-            comm.allgatherv_(opt.v, ranges)
-        opt.t = meta["opt_t"]
+        trainer.load_state(p_sh, m_sh, v_sh, meta["opt_t"])
         loader.load_state_dict(meta["loader"])
         step, tokens_seen = meta["step"], meta["tokens_seen"]
     elif comm.size > 1:
@@ -229,24 +293,16 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     stop = StopFlag()
     tokenizer = data.get_tokenizer(tokenizer_name) if (t.sample_every and tokenizer_name and rank0) else None
     tokens_per_step = t.batch_size * t.seq_len
-    grad_scale = 1.0 / (accum * comm.size)
-    overlap = cfg.parallel.overlap and comm.size > 1
     last_ckpt_step = step if resume_from is not None else -1
-    timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
 
     def save(at_step: int) -> None:
         nonlocal last_ckpt_step
-        meta = {"config": cfg.to_dict(), "step": at_step, "tokens_seen": tokens_seen, "opt_t": opt.t,
+        meta = {"config": cfg.to_dict(), "step": at_step, "tokens_seen": tokens_seen, "opt_t": trainer.opt.t,
                 "loader": loader.state_dict(), "tokenizer": tokenizer_name,
                 "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)",
                         "seed": t.seed}}
-        a, b = shard
-        if zero:
-            m_sh, v_sh = opt.m, opt.v
-        else:
-            m_sh, v_sh = opt.m[a:b], opt.v[a:b]
-        path = checkpoint.save_checkpoint(out_dir, at_step, comm, layout, shard, model.params[a:b],
-                                          m_sh, v_sh, meta, cfg.checkpoint.keep)
+        path = checkpoint.save_checkpoint(out_dir, at_step, comm, layout, trainer.shard,
+                                          *trainer.state_slices(), meta, cfg.checkpoint.keep)
         last_ckpt_step = at_step
         log(f"checkpoint: {path}")
 
@@ -265,33 +321,8 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure (DISTGPT_FAIL_AT) at step {step}")
         t0 = time.perf_counter()
-        model.zero_grad()
-        loss_sum = 0.0
-        micro = loader.micro_batches(step)
-        for i, (x, y, row0) in enumerate(micro):
-            model.layer_done_hook = reducer.layer_done if (overlap and i == len(micro) - 1) else None
-            ta = time.perf_counter()
-            dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
-            loss_sum += model.forward(x, y, grad_scale=grad_scale, dropout_seed=dropout_seed, row0=row0)
-            tb = time.perf_counter()
-            model.backward()
-            timing["forward"] += tb - ta
-            timing["backward"] += time.perf_counter() - tb
+        train_loss, grad_norm, lr, stopping = trainer.step(step, loader.micro_batches(step), stop.signum)
         loader.step = step + 1
-        tc = time.perf_counter()
-        reducer.finish()
-        timing["comm"] += time.perf_counter() - tc
-        # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
-        stats = np.array([loss_sum, reducer.grad_sq_sum() if zero else 0.0, float(stop.signum)])
-        comm.allreduce_(stats)
-        train_loss = stats[0] / (accum * comm.size)
-        grad_norm = float(np.sqrt(stats[1] if zero else reducer.grad_sq_sum()))
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        td = time.perf_counter()
-        opt.step(model.params[s:e], reducer.shard_grads, lr, clip_coefficient(grad_norm, t.grad_clip))
-        if zero:
-            comm.allgatherv_(model.params, ranges)
-        timing["optim"] += time.perf_counter() - td
         step += 1
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
@@ -318,7 +349,7 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
             log(sample_text(model, tokenizer, cfg, step))
         if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
             check_params_agree(comm, model.params, step)
-        if stats[2]:
+        if stopping:
             if bar is not None:
                 bar.close()
             log(f"signal received: checkpointing at step {step} and exiting")
@@ -330,9 +361,9 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
         bar.close()
     if last_ckpt_step != step:
         save(step)
-    total = sum(timing.values())
+    total = sum(trainer.timing.values())
     if total > 0:
-        log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in timing.items()))
+        log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in trainer.timing.items()))
 
 
 def explicit_keys(config_path: str | None, overrides: list[str]) -> dict[str, int]:

@@ -4,7 +4,10 @@ rank takes the job down quickly."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from distgpt import dist
 from distgpt.checkpoint import read_params
 from distgpt.train import check_params_agree
 
-from conftest import read_metrics, run_cli, tiny_config
+from conftest import MPIRUN, read_metrics, run_cli, tiny_config
 
 # (ranks, micro_batch_size, zero): global batch 12 -> accumulation 12 / (micro x ranks)
 LAYOUTS = [(1, 12, False), (1, 4, False), (2, 6, False), (2, 2, False), (3, 4, False), (3, 2, False),
@@ -103,3 +106,12 @@ def test_single_process_without_mpi(tmp_path, shakespeare_bytes):
     r = run_cli("train", "--config", str(cfg), env={"DISTGPT_NO_MPI": "1"})
     assert r.returncode == 0, r.stderr
     assert "MPI: none (single process)" in r.stdout
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_gradient_reducer_sums_buckets_and_deferred_lookups(ranks):
+    worker = Path(__file__).with_name("reducer_worker.py")
+    r = subprocess.run([str(MPIRUN), "-n", str(ranks), sys.executable, str(worker)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(" ok") == ranks
