@@ -64,10 +64,6 @@ class Comm:
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         return buf
 
-    def allgather_(self, send: np.ndarray, recv: np.ndarray) -> None:
-        """recv[r] = rank r's send (all ranks send the same shape)."""
-        recv[0] = send
-
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         pass
 
@@ -125,9 +121,6 @@ class MPIComm(Comm):
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         self.world.Bcast(buf, root=root)
         return buf
-
-    def allgather_(self, send: np.ndarray, recv: np.ndarray) -> None:
-        self.world.Allgather(np.ascontiguousarray(send), recv)
 
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         """Every rank contributes buf[ranges[rank]]; afterwards all ranks hold all of buf."""
@@ -214,51 +207,31 @@ class GradReducer:
 
     After finish(): replicated mode -> `grads` holds the sum everywhere; ZeRO-1 -> `shard_grads`
     (this rank's slice [start, end)) holds the sum, and the rest of `grads` is stale.
-
-    Buckets are whole layers, last layer first (the top one also holds ln_f), then the position
-    embedding, then the token embedding. The token embedding is a quarter of GPT-2's parameters and
-    the lm_head's share of its gradient is complete when forward ends (the head's backward is fused
-    into it), so `start_embedding()` sends it as backward begins. The sparse rest, the token lookups
-    of this micro-batch, is handed to finish() instead: an allgather of B*T rows, added on every rank
-    in rank order, is far smaller than waiting for the whole embedding after backward.
     """
 
     def __init__(self, comm: Comm, layer_ranges: list[tuple[int, int]], n: int, grads: np.ndarray,
-                 zero: bool, bucket_bytes: int, embed: tuple[int, int, int] | None = None):
+                 zero: bool, bucket_bytes: int):
         self.comm, self.grads, self.zero, self.n = comm, grads, zero, n
         self.ranges = [shard_range(n, r, comm.size) for r in range(comm.size)]
         self.start, self.end = self.ranges[comm.rank]
         self.shard_grads = np.zeros(self.end - self.start, grads.dtype) if zero else grads
-        self.embed = embed                   # (offset, rows, cols) of the token embedding
+        # buckets of whole layers, last layer first; the top bucket also holds ln_f (after the layers)
+        # and the final one the embeddings (before them), which are only done when backward ends
         self.buckets: list[tuple[int, int]] = []
         self.bucket_of_layer: dict[int, int] = {}
-        hi = n
+        hi, lo = n, n
         for layer in reversed(range(len(layer_ranges))):
             lo = layer_ranges[layer][0]
             if (hi - lo) * grads.itemsize >= bucket_bytes or layer == 0:
                 self.bucket_of_layer[layer] = len(self.buckets)
                 self.buckets.append((lo, hi))
                 hi = lo
-        if embed is not None:
-            e0, rows, cols = embed
-            if e0 != 0:
-                raise ValueError("the token embedding must come first in the layout")
-            self.buckets.append((e0 + rows * cols, hi))
-            self.embed_bucket = len(self.buckets)
-            self.buckets.append((e0, e0 + rows * cols))
-        else:
-            self.buckets.append((0, hi))
-            self.embed_bucket = None
+        self.buckets.append((0, layer_ranges[0][0] if layer_ranges else n))
         self.pending: list = []
-        self.started: set[int] = set()
+        self.started = 0
 
     def _start(self, bucket: int) -> None:
-        if bucket in self.started:
-            return
-        self.started.add(bucket)
         lo, hi = self.buckets[bucket]
-        if lo == hi:
-            return
         if self.zero:
             counts = [max(0, min(hi, e) - max(lo, s)) for s, e in self.ranges]
             a, b = max(lo, self.start), min(hi, self.end)
@@ -268,11 +241,7 @@ class GradReducer:
             req = self.comm.start_allreduce(self.grads[lo:hi])
         if req is not None:
             self.pending.append(req)
-
-    def start_embedding(self) -> None:
-        """Backward-start hook: the token embedding's dense gradient is final; send it now."""
-        if self.embed_bucket is not None:
-            self._start(self.embed_bucket)
+        self.started = bucket + 1
 
     def layer_done(self, layer: int) -> None:
         """Backward hook: start the bucket that `layer` completes; push pending ones along."""
@@ -281,37 +250,13 @@ class GradReducer:
             self._start(bucket)
         self.comm.test(self.pending)
 
-    def finish(self, lookups: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Start whatever did not start during backward, wait for everything, then add the
-        deferred token-lookup gradients (ids (n,), rows (n, cols)) of every rank."""
-        for bucket in range(len(self.buckets)):
+    def finish(self) -> None:
+        """Start whatever did not start during backward, then wait for everything."""
+        for bucket in range(self.started, len(self.buckets)):
             self._start(bucket)
         self.comm.wait(self.pending)
         self.pending = []
-        self.started = set()
-        if lookups is not None:
-            self._add_lookups(*lookups)
-
-    def _add_lookups(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        size, (e0, n_rows, cols) = self.comm.size, self.embed
-        all_ids = np.empty((size, ids.size), ids.dtype)
-        all_rows = np.empty((size, *rows.shape), rows.dtype)
-        self.comm.allgather_(ids, all_ids)
-        self.comm.allgather_(rows, all_rows)
-        all_ids, all_rows = all_ids.reshape(-1), all_rows.reshape(-1, cols)
-        if not self.zero:
-            np.add.at(self.grads[e0:e0 + n_rows * cols].reshape(n_rows, cols), all_ids, all_rows)
-            return
-        # ZeRO-1: only the part of the embedding inside this rank's slice
-        a, b = max(e0, self.start), min(e0 + n_rows * cols, self.end)
-        if a >= b:
-            return
-        r0, r1 = (a - e0) // cols, (b - e0 + cols - 1) // cols
-        keep = (all_ids >= r0) & (all_ids < r1)
-        local = np.zeros((r1 - r0, cols), self.grads.dtype)
-        np.add.at(local, all_ids[keep] - r0, all_rows[keep])
-        flat = local.reshape(-1)[a - e0 - r0 * cols:b - e0 - r0 * cols]
-        self.shard_grads[a - self.start:b - self.start] += flat
+        self.started = 0
 
     def grad_sq_sum(self) -> float:
         """Sum of squared gradients of this rank's part (the whole vector when replicated)."""

@@ -210,13 +210,7 @@ class GPT:
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int], _Acts] = {}
         self._last: tuple | None = None
-        # data-parallel hooks (dist.GradReducer): backward calls backward_start_hook() first and
-        # layer_done_hook(layer) as each layer's gradients are final; with defer_lookups the token
-        # lookups' embedding gradient is left in self.lookups = (ids, rows) instead of added
-        self.backward_start_hook = None
-        self.layer_done_hook = None
-        self.defer_lookups = False
-        self.lookups: tuple[np.ndarray, np.ndarray] | None = None
+        self.layer_done_hook = None  # called with the layer index as its gradients finish
 
     # ------------------------------------------------------------------ helpers
     def _buffers(self, B: int, T: int) -> _Acts:
@@ -344,8 +338,6 @@ class GPT:
         self._last = None
         cfg, p, g = self.cfg, self.p, self.g
         a = self._buffers(B, T)
-        if self.backward_start_hook is not None:
-            self.backward_start_hook()
         dx = a.x  # the residual stream's buffer now carries its gradient
         ops.layernorm_backward(
             a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx
@@ -433,10 +425,7 @@ class GPT:
             dx *= masks["emb"].reshape(dx.shape)
             dx *= 1.0 / (1.0 - cfg.dropout)
         g["wpe"][:T] += dx.reshape(B, T, -1).sum(axis=0)
-        if self.defer_lookups:
-            self.lookups = (idx.reshape(-1).copy(), dx.copy())
-        else:
-            np.add.at(g["wte"], idx.reshape(-1), dx)
+        np.add.at(g["wte"], idx.reshape(-1), dx)
 
     def zero_grad(self) -> None:
         self.grads[:] = 0.0

@@ -166,9 +166,8 @@ class Trainer:
         self.s, self.e = self.shard if self.zero else (0, self.n)      # the slice AdamW updates
         self.opt = AdamW(self.e - self.s, layout.decay_segments(self.s, self.e), t.beta1, t.beta2, t.eps,
                          t.weight_decay)
-        wte = layout.by_name["wte"]
         self.reducer = dist.GradReducer(comm, layout.layer_ranges, self.n, model.grads, self.zero,
-                                        int(cfg.parallel.bucket_mb * 2**20), embed=(wte.offset, *wte.shape))
+                                        int(cfg.parallel.bucket_mb * 2**20))
         self.timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
 
     def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0
@@ -183,8 +182,6 @@ class Trainer:
         for i, (x, y, row0) in enumerate(micro):
             last = self.overlap and i == len(micro) - 1    # reduce while the last backward runs
             model.layer_done_hook = reducer.layer_done if last else None
-            model.backward_start_hook = reducer.start_embedding if last else None
-            model.defer_lookups = last
             ta = time.perf_counter()
             dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
             loss_sum += model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
@@ -193,8 +190,7 @@ class Trainer:
             timing["forward"] += tb - ta
             timing["backward"] += time.perf_counter() - tb
         tc = time.perf_counter()
-        reducer.finish(model.lookups if self.overlap else None)
-        model.lookups = None
+        reducer.finish()
         timing["comm"] += time.perf_counter() - tc
         # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
         stats = np.array([loss_sum, reducer.grad_sq_sum() if self.zero else 0.0, float(stop)])

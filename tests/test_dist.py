@@ -109,7 +109,7 @@ def test_single_process_without_mpi(tmp_path, shakespeare_bytes):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_gradient_reducer_sums_buckets_and_deferred_lookups(ranks):
+def test_gradient_reducer_sums_every_bucket_in_both_modes(ranks):
     worker = Path(__file__).with_name("reducer_worker.py")
     r = subprocess.run([str(MPIRUN), "-n", str(ranks), sys.executable, str(worker)], capture_output=True,
                        text=True, timeout=60)
