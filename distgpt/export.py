@@ -10,24 +10,18 @@ between those formats.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from typing import NoReturn
 
+from distgpt.cli import Parser, fail
 from distgpt.model import Layout
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2, like every other failure here
-        _fail(f"{message} (see --help)")
-
-
-def _fail(message: str):
-    print(f"export: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> NoReturn:
+    fail("export", message)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = _Parser(prog="python -m distgpt.export", description=__doc__.split("\n\n")[0])
+    p = Parser("export", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder, out_dir, HF folder / hub id, llm.c .bin")
     p.add_argument(
         "--format", required=True, choices=["hf", "llmc"], help="hf: safetensors folder; llmc: .bin"

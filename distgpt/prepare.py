@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distgpt.cli import Parser
 from distgpt.data import (
     MANIFEST_NAME,
     DataError,
@@ -506,15 +507,9 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, same shape as every other prepare error
-        print(f"prepare: error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="python -m distgpt.prepare",
+    p = Parser(
+        "prepare",
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,

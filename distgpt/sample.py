@@ -13,9 +13,11 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 import numpy as np
 
+from distgpt.cli import Parser, fail
 from distgpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,18 +226,12 @@ class StreamDecoder:
 # command line
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2, like every other failure here
-        _fail(f"{message} (see --help)")
-
-
-def _fail(message: str):
-    print(f"sample: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message: str) -> NoReturn:
+    fail("sample", message)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    p = _Parser(prog="python -m distgpt.sample", description=__doc__.split("\n\n")[0])
+    p = Parser("sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder, out_dir, HF folder / hub id, llm.c .bin")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=100)
