@@ -61,6 +61,8 @@ CONFIGS = {
     "medium": Shape(n_layer=6, n_head=6, n_embd=384, seq_len=256, batch=8, steps=4, warmup=1),
     "gpt2-t256": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=256, batch=4, steps=5, warmup=1),
     "gpt2-t1024": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=1024, batch=1, steps=3, warmup=1),
+    # llm.c's CPU trainer was measured at B4 T64 (and T256): the same shape, for the comparison
+    "gpt2-t64": Shape(n_layer=12, n_head=12, n_embd=768, seq_len=64, batch=4, steps=5, warmup=1),
 }
 
 

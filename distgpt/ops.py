@@ -26,7 +26,8 @@ import numpy as np
 
 GELU_C = math.sqrt(2.0 / math.pi)
 LN_EPS = 1e-5
-BLOCK_ELEMS = 1 << 15          # elements per cache block (128 KiB of float32)
+BLOCK_ELEMS = 1 << 17          # elements per block: 512 KiB of float32, about L2; smaller blocks
+                               # make the threads queue for the GIL between ufunc calls
 ATTN_BLOCK = 128               # query rows per attention block
 
 # ----------------------------------------------------------------------------- threads
