@@ -80,13 +80,6 @@ def _row_blocks(lo: int, hi: int, cols: int, min_rows: int = 1):
         yield slice(r, min(hi, r + step))
 
 
-def add_(dst: np.ndarray, src: np.ndarray) -> None:
-    """dst += src over rows, in parallel."""
-    def work(lo: int, hi: int) -> None:
-        dst[lo:hi] += src[lo:hi]
-    parallel_for(dst.shape[0], work)
-
-
 # ----------------------------------------------------------------------------- layernorm
 
 def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
@@ -245,11 +238,18 @@ def _additive_mask(T: int, window: int | None, dtype) -> np.ndarray:
     return _mask_cache[key]
 
 
-def _blocks(T: int, window: int | None):
-    """(q0, q1, k0): query block and the first key any of its queries can see."""
+def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray):
+    """(q0, q1, k0, scores): for each query block [q0, q1), the scaled and masked scores against
+    keys [k0, q1), the only keys any of its queries can see."""
+    T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
     for q0 in range(0, T, ATTN_BLOCK):
         q1 = min(T, q0 + ATTN_BLOCK)
-        yield q0, q1, (0 if window is None else max(0, q0 - window + 1))
+        k0 = 0 if window is None else max(0, q0 - window + 1)
+        s = q[q0:q1] @ k[k0:q1].T
+        s *= scale
+        s += mask[q0:q1, k0:q1]
+        yield q0, q1, k0, s
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
@@ -258,17 +258,13 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     each softmax row's normaliser. keep: optional dropout keep-mask (B, nh, T, T) on the probabilities,
     surviving ones scaled by keep_scale."""
     B, nh, T, hs = q.shape
-    scale = 1.0 / math.sqrt(hs)
     mask = _additive_mask(T, window, q.dtype)
 
     def work(lo: int, hi: int) -> None:
         for i in range(lo, hi):
             b, h = divmod(i, nh)
-            qb, kb, vb, yb, lb = q[b, h], k[b, h], v[b, h], y[b, h], lse[b, h]
-            for q0, q1, k0 in _blocks(T, window):
-                s = qb[q0:q1] @ kb[k0:q1].T
-                s *= scale
-                s += mask[q0:q1, k0:q1]
+            vb, yb, lb = v[b, h], y[b, h], lse[b, h]
+            for q0, q1, k0, s in _score_blocks(q[b, h], k[b, h], window, mask):
                 m = s.max(axis=1, keepdims=True)
                 s -= m
                 np.exp(s, out=s)
@@ -301,11 +297,8 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
             rowdot = np.einsum("td,td->t", dyb, y[b, h])[:, None]
             dkb[...] = 0.0
             dvb[...] = 0.0
-            for q0, q1, k0 in _blocks(T, window):
-                p = qb[q0:q1] @ kb[k0:q1].T            # recompute the probabilities
-                p *= scale
-                p += mask[q0:q1, k0:q1]
-                p -= lb[q0:q1, None]
+            for q0, q1, k0, p in _score_blocks(qb, kb, window, mask):
+                p -= lb[q0:q1, None]                   # recompute the probabilities
                 np.exp(p, out=p)
                 dp = dyb[q0:q1] @ vb[k0:q1].T
                 if keep is not None:
