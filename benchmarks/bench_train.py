@@ -103,6 +103,15 @@ def sgemm_flops(comm, threads: int) -> float:
     return 2 * SGEMM_N**3 / best
 
 
+def throughput(tokens_per_step: int, step_times: list[float], flops_per_token: int, peak: float) -> dict:
+    """The speed fields every result carries, from the timed steps' wall times."""
+    step_s = statistics.median(step_times)
+    tok_s = tokens_per_step / step_s
+    return {"flops_per_token": flops_per_token, "tokens_per_s": tok_s, "ms_per_step": 1000 * step_s,
+            "step_ms": [1000 * v for v in step_times], "peak_flops": peak,
+            "mfu": tok_s * flops_per_token / peak}
+
+
 def split_summary(phases: list[dict[str, float]], step_times: list[float]) -> dict[str, float]:
     """Each phase's share of the timed wall time (the rest, 'other', is zero_grad, the loss allreduce...)."""
     total = sum(step_times)
@@ -181,8 +190,6 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
                                    "split": split_summary(phases, step_times)})
     n_params = model.layout.n_params()
     fpt = flops_per_token(cfg.model, t.seq_len, n_params)
-    step_s = statistics.median(step_times)
-    tok_s = t.batch_size * t.seq_len / step_s
     peak = sum(r["sgemm_flops"] for r in per_rank)
     return {
         "impl": "distgpt",
@@ -192,12 +199,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "zero": trainer.zero,
         "overlap": trainer.overlap,
         "n_params": n_params,
-        "flops_per_token": fpt,
-        "tokens_per_s": tok_s,
-        "ms_per_step": 1000 * step_s,
-        "step_ms": [1000 * v for v in step_times],
-        "peak_flops": peak,
-        "mfu": tok_s * fpt / peak,
+        **throughput(t.batch_size * t.seq_len, step_times, fpt, peak),
         "split": per_rank[0]["split"],
         "split_per_rank": [r["split"] for r in per_rank],
         "rss_mib": [r["rss_mib"] for r in per_rank],
@@ -237,20 +239,13 @@ def torch_worker(args: argparse.Namespace) -> None:
     rss = peak_rss_mib()
     peak = sgemm_flops(dist.Comm(), args.threads)
     fpt = flops_per_token(model_config(shape), shape.seq_len, n_params)
-    step_s = statistics.median(step_times)
-    tok_s = args.batch * shape.seq_len / step_s
     write_result(args.out, {
         "impl": "torch",
         "ranks": 1,
         "threads": torch.get_num_threads(),
         "batch": args.batch,
         "n_params": n_params,
-        "flops_per_token": fpt,
-        "tokens_per_s": tok_s,
-        "ms_per_step": 1000 * step_s,
-        "step_ms": [1000 * v for v in step_times],
-        "peak_flops": peak,
-        "mfu": tok_s * fpt / peak,
+        **throughput(args.batch * shape.seq_len, step_times, fpt, peak),
         "split": split_summary(phases, step_times),
         "rss_mib": [rss],
         "losses": losses,

@@ -13,7 +13,6 @@ of only the part of the bucket that falls in its own slice of the flat vector.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -194,10 +193,6 @@ def setup_threads(comm: Comm, threads_per_rank: int | str) -> ThreadSetup:
     blas = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version') or ''}".strip()
                              for i in infos if i.get("user_api") == "blas"})) or "unknown"
     return ThreadSetup(threads, blas, oversubscribed, limiter)
-
-
-def hostname() -> str:
-    return socket.gethostname()
 
 
 # ----------------------------------------------------------------------------- gradient reduction

@@ -59,3 +59,18 @@ def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def tiny_hf_gpt2(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head: int, seed: int = 0,
+                 **config):
+    """The tests' independent reference: a small random transformers.GPT2LMHeadModel with dropout off,
+    eager attention, in eval mode. `config` adds or overrides GPT2Config fields."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                  resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(**{**fields, **config})
+    cfg._attn_implementation = "eager"   # transformers 5 takes it on the config, not the constructor
+    return transformers.GPT2LMHeadModel(cfg).eval()

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 import yaml
 
-from conftest import read_metrics, run_cli, tiny_config
+from conftest import read_metrics, run_cli, tiny_config, tiny_hf_gpt2
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A tiny random GPT-2 over the byte vocabulary, saved the way save_pretrained saves it."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                                  bos_token_id=256, eos_token_id=256)
     folder = tmp_path_factory.mktemp("hf") / "tiny-gpt2"
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tiny_hf_gpt2(257, 64, 32, 2, 2, bos_token_id=256, eos_token_id=256).save_pretrained(folder)
     return folder
 
 

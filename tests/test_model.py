@@ -12,6 +12,8 @@ import transformers
 from distgpt.model import GPT, ModelConfig
 from distgpt.weights import from_hf_state_dict, to_hf_state_dict
 
+from conftest import tiny_hf_gpt2
+
 V, C, NH, BLOCK = 1000, 48, 3, 32  # odd sizes: head size 16, vocab padded 1000 -> 1024
 B, T = 3, 17
 
@@ -52,13 +54,7 @@ def train_step(m: GPT, idx, tgt, grad_scale=1.0, **kw):
 
 
 def hf_reference(n_layer: int, seed: int = 0) -> transformers.GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    hc = transformers.GPT2Config(
-        vocab_size=V, n_positions=BLOCK, n_embd=C, n_layer=n_layer, n_head=NH,
-        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    hc._attn_implementation = "eager"
-    hf = transformers.GPT2LMHeadModel(hc).eval()
+    hf = tiny_hf_gpt2(V, BLOCK, C, n_layer, NH, seed=seed)
     with torch.no_grad():  # perturb in float32, so the weights are exact in both models
         for name, p in hf.named_parameters():
             if ".ln_" in name and name.endswith("weight"):

@@ -12,6 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read
 import numpy as np
 import pytest
 
+from conftest import tiny_hf_gpt2
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -59,22 +61,7 @@ def tiny(tmp_path_factory):
     """A tiny GPT2LMHeadModel over the byte vocabulary (257), saved as a folder, and ours on its weights.
     A larger init range than GPT-2's makes the distributions peaked, so that the float32 rounding of
     two implementations cannot flip a near-tie."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=257,
-        n_positions=64,
-        n_embd=48,
-        n_layer=2,
-        n_head=3,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-        bos_token_id=0,
-        eos_token_id=0,
-        initializer_range=0.2,
-    )
-    cfg._attn_implementation = "eager"
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf = tiny_hf_gpt2(257, 64, 48, 2, 3, initializer_range=0.2)
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)

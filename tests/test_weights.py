@@ -12,6 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read
 import numpy as np
 import pytest
 
+from conftest import tiny_hf_gpt2
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -35,21 +37,7 @@ LLMC_LAYER_ORDER = [  # llm.c's ParameterTensors, in HF names
 def make_hf(folder, vocab=VOCAB, n_positions=NPOS, seed=0):
     """A tiny random GPT2LMHeadModel saved with save_pretrained. Every tensor is perturbed so
     zero biases and unit LayerNorm gains cannot hide a mapping mistake."""
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=n_positions,
-        n_embd=C,
-        n_layer=L,
-        n_head=NH,
-        resid_pdrop=0,
-        embd_pdrop=0,
-        attn_pdrop=0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg._attn_implementation = "eager"
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model = tiny_hf_gpt2(vocab, n_positions, C, L, NH, seed=seed)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
