@@ -19,6 +19,8 @@ import yaml
 
 from distgpt.model import ModelConfig
 
+REDUCE_METHODS = ("auto", "shared_memory", "mpi")
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message is one line, ready to print."""
@@ -55,10 +57,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    zero: bool = False  # ZeRO-1: shard AdamW state and update across ranks
+    zero: bool = True  # ZeRO-1: shard AdamW state and update across ranks
     threads_per_rank: int | str = "auto"
-    overlap: bool = True  # reduce gradient buckets during backward
-    bucket_mb: float = 8.0  # gradient bucket size for overlapped reduction
+    reduce: str = "auto"  # gradient sum: shared_memory (ranks on one node), mpi, or auto
+    overlap: bool = True  # mpi reduce: reduce gradient buckets during backward
+    bucket_mb: float = 8.0  # mpi reduce: gradient bucket size for overlapped reduction
     check_every: int = 100  # steps between cross-rank parameter checks (0: start only)
 
 
@@ -282,6 +285,7 @@ def validate(cfg: Config) -> None:
         tpr,
         "auto or a positive integer",
     )
+    _require(p.reduce in REDUCE_METHODS, "parallel.reduce", p.reduce, " or ".join(REDUCE_METHODS))
     _require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a number > 0")
     _require(p.check_every >= 0, "parallel.check_every", p.check_every, "a non-negative integer")
     _require(c.every >= 0, "checkpoint.every", c.every, "a non-negative integer")

@@ -210,6 +210,7 @@ class GPT:
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int], _Acts] = {}
         self._last: tuple | None = None
+        self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
         self.layer_done_hook = None  # called with the layer index as its gradients finish
 
     # ------------------------------------------------------------------ helpers
@@ -315,6 +316,7 @@ class GPT:
         if targets is None:
             return (a.lnf_out @ p["wte"][:V].T).reshape(B, T, V)
         logits = np.empty((B * T, V), self.dtype) if return_logits else None
+        accumulate = not self._grads_stale
         loss = ops.head_loss(
             a.lnf_out,
             p["wte"][:V],
@@ -324,8 +326,11 @@ class GPT:
             self.g["wte"][:V] if grad_scale is not None else None,
             self.head_chunk_rows,
             logits,
+            accumulate=accumulate,
         )
-        self._last = (idx, masks, B, T) if grad_scale is not None else None
+        if grad_scale is not None:
+            self._grads_stale = False
+            self._last = (idx, masks, B, T, accumulate)
         if return_logits:
             return loss, logits.reshape(B, T, V)
         return loss
@@ -334,13 +339,13 @@ class GPT:
         """Accumulates the gradient of the last training forward into self.grads."""
         if self._last is None:
             raise RuntimeError("backward() needs a forward() with grad_scale set")
-        idx, masks, B, T = self._last
+        idx, masks, B, T, acc = self._last
         self._last = None
         cfg, p, g = self.cfg, self.p, self.g
         a = self._buffers(B, T)
         dx = a.x  # the residual stream's buffer now carries its gradient
         ops.layernorm_backward(
-            a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx
+            a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx, acc
         )
         for layer in reversed(range(cfg.n_layer)):
             lp = f"h.{layer}."
@@ -359,6 +364,7 @@ class GPT:
                 g[lp + "mlp.c_proj.weight"],
                 g[lp + "mlp.c_proj.bias"],
                 a.s_4c,
+                acc,
             )
             ops.gelu_backward(a.s_4c, a.fc_pre[layer], a.s_4c)
             ops.linear_backward(
@@ -368,6 +374,7 @@ class GPT:
                 g[lp + "mlp.c_fc.weight"],
                 g[lp + "mlp.c_fc.bias"],
                 a.s_c2,
+                acc,
             )
             ops.layernorm_backward(
                 a.s_c2,
@@ -377,6 +384,7 @@ class GPT:
                 g[lp + "ln_2.weight"],
                 g[lp + "ln_2.bias"],
                 a.s_c2,
+                acc,
             )
             dx += a.s_c2
             # attention: x = x + proj(attn(ln1(x)))
@@ -393,6 +401,7 @@ class GPT:
                 g[lp + "attn.c_proj.weight"],
                 g[lp + "attn.c_proj.bias"],
                 a.s_c2,
+                acc,
             )
             q, k, v = a.heads(a.qkv[layer])
             (y,) = a.heads(a.attn_y[layer])
@@ -408,6 +417,7 @@ class GPT:
                 g[lp + "attn.c_attn.weight"],
                 g[lp + "attn.c_attn.bias"],
                 a.s_c2,
+                acc,
             )
             ops.layernorm_backward(
                 a.s_c2,
@@ -417,6 +427,7 @@ class GPT:
                 g[lp + "ln_1.weight"],
                 g[lp + "ln_1.bias"],
                 a.s_c2,
+                acc,
             )
             dx += a.s_c2
             if self.layer_done_hook is not None:
@@ -428,7 +439,21 @@ class GPT:
         np.add.at(g["wte"], idx.reshape(-1), dx)
 
     def zero_grad(self) -> None:
-        self.grads[:] = 0.0
+        """Start a new accumulation. Lazily: the next training forward/backward overwrites every
+        gradient it produces instead of adding to it (no zeroing pass, no read-add-write pass);
+        only the rows no backward writes (positions beyond T, the vocabulary padding) are zeroed."""
+        V = self.cfg.vocab_size
+        self.g["wpe"][:] = 0.0
+        self.g["wte"][V:] = 0.0
+        self._grads_stale = True
+
+    def use_grad_buffer(self, buf: np.ndarray) -> None:
+        """Accumulate gradients into `buf` from now on (e.g. memory shared with the other ranks)."""
+        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
+            raise ValueError(f"gradient buffer {buf.dtype}{buf.shape}, "
+                             f"expected {self.dtype}({self.layout.size},)")
+        self.grads = buf
+        self.g = self.layout.views(buf)
 
     # ------------------------------------------------------------------ inference with a KV cache
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -26,23 +26,28 @@ import numpy as np
 
 GELU_C = math.sqrt(2.0 / math.pi)
 LN_EPS = 1e-5
-BLOCK_ELEMS = 1 << 17          # elements per block: 512 KiB of float32, about L2; smaller blocks
-                               # make the threads queue for the GIL between ufunc calls
+# Elements per block of the elementwise kernels. One thread: 32K (128 KiB, a block's chain of
+# temporaries stays in L2). Several threads: 128K, because with smaller blocks the threads queue for
+# the GIL between their many short ufunc calls (LayerNorm was 3x slower with 32K on two threads).
+BLOCK_ONE_THREAD = 1 << 15
+BLOCK_THREADED = 1 << 17
 ATTN_BLOCK = 128               # query rows per attention block
 
 # ----------------------------------------------------------------------------- threads
 
 _pool: ThreadPoolExecutor | None = None
 _n_threads = 1
+_block_elems = BLOCK_ONE_THREAD
 
 
 def set_threads(n: int) -> None:
     """Use n threads (this one and n - 1 workers) for the kernels below."""
-    global _pool, _n_threads
+    global _pool, _n_threads, _block_elems
     if _pool is not None:
         _pool.shutdown()
         _pool = None
     _n_threads = max(1, int(n))
+    _block_elems = BLOCK_ONE_THREAD if _n_threads == 1 else BLOCK_THREADED
     if _n_threads > 1:
         _pool = ThreadPoolExecutor(_n_threads - 1, thread_name_prefix="distgpt-ops")
 
@@ -74,8 +79,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 
 def _row_blocks(lo: int, hi: int, cols: int, min_rows: int = 1):
-    """Row slices of [lo, hi) holding about BLOCK_ELEMS elements each (at least min_rows rows)."""
-    step = max(min_rows, BLOCK_ELEMS // max(1, cols))
+    """Row slices of [lo, hi) holding about _block_elems elements each (at least min_rows rows)."""
+    step = max(min_rows, _block_elems // max(1, cols))
     for r in range(lo, hi, step):
         yield slice(r, min(hi, r + step))
 
@@ -105,8 +110,8 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarr
 
 
 def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray,
-                       dw: np.ndarray, db: np.ndarray, dx: np.ndarray) -> None:
-    """Writes dx (may alias dout); accumulates dw, db."""
+                       dw: np.ndarray, db: np.ndarray, dx: np.ndarray, accumulate: bool = True) -> None:
+    """Writes dx (may alias dout); accumulates dw, db (overwrites them if not `accumulate`)."""
     N, C = dout.shape
     partial = np.zeros((min(_n_threads, N), 2, C), np.float64)
     lock = threading.Lock()
@@ -129,8 +134,11 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
         with lock:
             partial[0] += acc
     parallel_for(N, work)
-    dw += partial[0, 0].astype(dw.dtype)
-    db += partial[0, 1].astype(db.dtype)
+    if accumulate:
+        dw += partial[0, 0].astype(dw.dtype)
+        db += partial[0, 1].astype(db.dtype)
+    else:
+        dw[:], db[:] = partial[0, 0], partial[0, 1]
 
 
 # ----------------------------------------------------------------------------- linear
@@ -144,13 +152,20 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray)
 
 
 def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                    dx: np.ndarray | None) -> None:
-    """Accumulates dw, db; writes dx unless it is None (the caller does not need it)."""
+                    dx: np.ndarray | None, accumulate: bool = True) -> None:
+    """Accumulates dw, db (overwrites them if not `accumulate`: the first micro-batch of a step
+    saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None."""
     def weight_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
-        dw[lo:hi] += x[:, lo:hi].T @ dout
+        if accumulate:
+            dw[lo:hi] += x[:, lo:hi].T @ dout
+        else:
+            np.matmul(x[:, lo:hi].T, dout, out=dw[lo:hi])
     parallel_for(x.shape[1], weight_grad, grain=64)
-    db += dout.sum(axis=0)
+    if accumulate:
+        db += dout.sum(axis=0)
+    else:
+        dout.sum(axis=0, out=db)
     if dx is not None:
         matmul(dout, w.T, dx)
 
@@ -320,14 +335,15 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
 
 def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: float | None,
               dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int,
-              logits_out: np.ndarray | None = None) -> float:
+              logits_out: np.ndarray | None = None, accumulate: bool = True) -> float:
     """Tied lm_head, softmax and mean cross-entropy, fused and processed in row chunks so the
     (tokens x vocab) matrix is never held whole.
 
     x (N, C) final-layernorm output, wte (V, C) the real (unpadded) vocabulary rows.
     Returns the mean loss over the N rows. When grad_scale is given, the gradient of
-    grad_scale * mean_loss is written into dx (N, C) and accumulated into dwte (V, C):
-    doing it here, while each chunk's probabilities are at hand, saves recomputing the logits.
+    grad_scale * mean_loss is written into dx (N, C) and accumulated into dwte (V, C) (written, if
+    not `accumulate`): doing it here, while each chunk's probabilities are at hand, saves
+    recomputing the logits.
     """
     N = x.shape[0]
     V = wte.shape[0]
@@ -356,12 +372,18 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
             matmul(logits, wte, dx[r0:r1])
             xc = x[r0:r1]
 
-            def embed_grad(lo: int, hi: int, logits: np.ndarray = logits, xc: np.ndarray = xc) -> None:
+            add = accumulate or r0 > 0
+
+            def embed_grad(lo: int, hi: int, logits: np.ndarray = logits, xc: np.ndarray = xc,
+                           add: bool = add) -> None:
                 # split over vocabulary rows so each thread adds into its own part of dwte, in
                 # cache-sized pieces (no (V, C) temporary)
                 step = max(1, (1 << 20) // max(1, xc.shape[1]))
                 for v0 in range(lo, hi, step):
                     v1 = min(hi, v0 + step)
-                    dwte[v0:v1] += logits[:, v0:v1].T @ xc
+                    if add:
+                        dwte[v0:v1] += logits[:, v0:v1].T @ xc
+                    else:
+                        np.matmul(logits[:, v0:v1].T, xc, out=dwte[v0:v1])
             parallel_for(V, embed_grad)
     return float(losses.sum() / N)

@@ -161,13 +161,16 @@ class Trainer:
         t, layout = cfg.train, model.layout
         self.cfg, self.comm, self.model, self.n = cfg, comm, model, layout.size
         self.zero = cfg.parallel.zero and comm.size > 1
-        self.overlap = cfg.parallel.overlap and comm.size > 1
         self.shard = dist.shard_range(self.n, comm.rank, comm.size)   # this rank's checkpoint slice
         self.s, self.e = self.shard if self.zero else (0, self.n)      # the slice AdamW updates
         self.opt = AdamW(self.e - self.s, layout.decay_segments(self.s, self.e), t.beta1, t.beta2, t.eps,
                          t.weight_decay)
-        self.reducer = dist.GradReducer(comm, layout.layer_ranges, self.n, model.grads, self.zero,
-                                        int(cfg.parallel.bucket_mb * 2**20))
+        self.reducer = dist.make_reducer(comm, layout.layer_ranges, model.grads, self.zero,
+                                         int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
+        if self.reducer.grads is not model.grads:
+            model.use_grad_buffer(self.reducer.grads)
+        self.overlap = (cfg.parallel.overlap and comm.size > 1
+                        and isinstance(self.reducer, dist.GradReducer))
         self.timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
 
     def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0
@@ -193,15 +196,16 @@ class Trainer:
         reducer.finish()
         timing["comm"] += time.perf_counter() - tc
         # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
-        stats = np.array([loss_sum, reducer.grad_sq_sum() if self.zero else 0.0, float(stop)])
+        sharded = reducer.sharded_norm
+        stats = np.array([loss_sum, reducer.grad_sq_sum() if sharded else 0.0, float(stop)])
         comm.allreduce_(stats)
-        grad_norm = float(np.sqrt(stats[1] if self.zero else reducer.grad_sq_sum()))
+        grad_norm = float(np.sqrt(stats[1] if sharded else reducer.grad_sq_sum()))
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         td = time.perf_counter()
         self.opt.step(model.params[self.s:self.e], reducer.shard_grads, lr,
                       clip_coefficient(grad_norm, t.grad_clip))
         if self.zero:
-            comm.allgatherv_(model.params, reducer.ranges)
+            reducer.allgather_params(model.params)
         timing["optim"] += time.perf_counter() - td
         return float(stats[0] * scale), grad_norm, lr, bool(stats[2])
 
@@ -279,6 +283,9 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     log("\n".join(summary(cfg, comm.size, accum)))
     log(f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
         f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}")
+    if comm.size > 1:
+        log(f"gradient sum: {trainer.reducer.describe()}"
+            f"{', overlapped with backward' if trainer.overlap else ''}")
     if threads.oversubscribed:
         log(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
             f"{os.cpu_count()} cores: expect slowdowns (set parallel.threads_per_rank)")

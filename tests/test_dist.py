@@ -18,31 +18,38 @@ from distgpt.train import check_params_agree
 
 from conftest import MPIRUN, read_metrics, run_cli, tiny_config
 
-# (ranks, micro_batch_size, zero): global batch 12 -> accumulation 12 / (micro x ranks)
-LAYOUTS = [(1, 12, False), (1, 4, False), (2, 6, False), (2, 2, False), (3, 4, False), (3, 2, False),
-           (2, 2, True), (3, 4, True), (3, 2, True)]
+# (ranks, micro_batch_size, zero, reduce): global batch 12 -> accumulation 12 / (micro x ranks).
+# reduce "auto" is the shared-memory reducer here (one node); "mpi" the bucketed collectives.
+LAYOUTS = [(1, 12, False, "auto"), (1, 4, False, "auto"), (2, 6, False, "auto"), (2, 2, False, "auto"),
+           (3, 4, False, "auto"), (3, 2, False, "auto"), (2, 2, True, "auto"), (3, 4, True, "auto"),
+           (3, 2, True, "auto"), (2, 2, False, "mpi"), (3, 4, False, "mpi"), (3, 2, True, "mpi")]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, shakespeare_bytes):
-    return _train(tmp_path_factory.mktemp("ref"), shakespeare_bytes, 1, 12, False)
+    return _train(tmp_path_factory.mktemp("ref"), shakespeare_bytes, *LAYOUTS[0])
 
 
-def _train(tmp_path, data_dir, ranks, micro, zero):
+def _train(tmp_path, data_dir, ranks, micro, zero, reduce):
     cfg = tiny_config(tmp_path, data_dir, train={"micro_batch_size": micro, "max_steps": 5, "eval_every": 5},
-                      parallel={"zero": zero, "bucket_mb": 0.01})     # small buckets: several in flight
+                      parallel={"zero": zero, "reduce": reduce,
+                                "bucket_mb": 0.01})     # mpi: small buckets, several in flight
     r = run_cli("train", "--config", str(cfg), ranks=ranks if ranks > 1 else 0, timeout=120)
     assert r.returncode == 0, r.stderr
+    (tmp_path / "stdout.txt").write_text(r.stdout)
     rows = read_metrics(tmp_path / "out")
     _, params = read_params(tmp_path / "out")
     return [row["train_loss"] for row in rows], rows[-1]["val_loss"], params
 
 
-@pytest.mark.parametrize("ranks, micro, zero", LAYOUTS[1:])
-def test_world_size_invariance(tmp_path, shakespeare_bytes, reference, ranks, micro, zero):
+@pytest.mark.parametrize("ranks, micro, zero, reduce", LAYOUTS[1:])
+def test_world_size_invariance(tmp_path, shakespeare_bytes, reference, ranks, micro, zero, reduce):
     ref_losses, ref_val, ref_params = reference
-    losses, val, params = _train(tmp_path, shakespeare_bytes, ranks, micro, zero)
+    losses, val, params = _train(tmp_path, shakespeare_bytes, ranks, micro, zero, reduce)
     assert len(losses) == 5
+    if ranks > 1:
+        summary = (tmp_path / "stdout.txt").read_text()
+        assert ("gradient sum: shared memory" in summary) == (reduce == "auto")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert abs(val - ref_val) <= 1e-6 * abs(ref_val)
     assert np.linalg.norm(params - ref_params) <= 1e-5 * np.linalg.norm(ref_params)
@@ -109,7 +116,7 @@ def test_single_process_without_mpi(tmp_path, shakespeare_bytes):
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_gradient_reducer_sums_every_bucket_in_both_modes(ranks):
+def test_both_gradient_reducers_sum_every_slice_in_both_modes(ranks):
     worker = Path(__file__).with_name("reducer_worker.py")
     r = subprocess.run([str(MPIRUN), "-n", str(ranks), sys.executable, str(worker)], capture_output=True,
                        text=True, timeout=60)

@@ -27,8 +27,6 @@ def _step(n_threads: int, dropout: float):
     model.backward()
     opt = AdamW(model.layout.size, model.layout.decay_segments(), 0.9, 0.95, 1e-8, 0.1)
     opt.CHUNK = 1000                                  # many chunks, so both threads get some
-    opt.chunks = [(lo, min(hi, lo + 1000), d) for s, hi, d in model.layout.decay_segments()
-                  for lo in range(s, hi, 1000)]
     opt.step(model.params, model.grads, 1e-3, 0.5)
     return loss, model.grads.copy(), model.params.copy()
 
