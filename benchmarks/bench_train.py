@@ -1,7 +1,8 @@
 """Training throughput of distgpt on this machine, per layout of ranks x threads, optionally against PyTorch.
 
     python benchmarks/bench_train.py --config small [--steps N] [--warmup W] [--vs-torch]
-        [--layouts 1x2,2x1] [--zero] [--no-overlap] [--profile] [--batch B] [--wait-idle S] [--json PATH]
+        [--layouts 1x2,2x1] [--no-zero] [--reduce M] [--no-overlap] [--profile] [--batch B]
+        [--wait-idle S] [--json PATH] [--vs-llmc BUILD_DIR]
 
 The driver (this script run without mpirun) starts one worker per layout RxT: R MPI ranks with T
 threads each (`mpirun -n R -bind-to core:T`; R = 1 runs the worker directly). The worker
@@ -20,6 +21,7 @@ import io
 import json
 import os
 import pstats
+import re
 import resource
 import shutil
 import statistics
@@ -29,13 +31,14 @@ import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from distgpt import dist
 from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
-from distgpt.model import ModelConfig
+from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
 from distgpt.train import Trainer, build_model, flops_per_token
 
@@ -143,7 +146,7 @@ def distgpt_worker(args: argparse.Namespace) -> None:
             train=TrainConfig(batch_size=args.batch, micro_batch_size=args.batch // comm.size,
                               seq_len=shape.seq_len, seed=SEED),
             parallel=ParallelConfig(zero=args.zero, threads_per_rank=args.threads,
-                                    overlap=not args.no_overlap),
+                                    overlap=not args.no_overlap, reduce=args.reduce),
         )
         if check_batch_layout(cfg, comm.size) != 1:
             raise ValueError(f"batch {args.batch} does not split evenly over {comm.size} ranks")
@@ -198,6 +201,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "batch": t.batch_size,
         "zero": trainer.zero,
         "overlap": trainer.overlap,
+        "reduce": type(trainer.reducer).__name__,
         "n_params": n_params,
         **throughput(t.batch_size * t.seq_len, step_times, fpt, peak),
         "split": per_rank[0]["split"],
@@ -251,6 +255,75 @@ def torch_worker(args: argparse.Namespace) -> None:
         "losses": losses,
         "torch": torch.__version__,
     })
+
+
+# ----------------------------------------------------------------------------- llm.c (run by the driver)
+
+LLMC_MIN_WARMUP = 2  # llm.c's first steps are slow: they allocate activations, gradients, AdamW state
+LLMC_STEP_LINE = re.compile(r"^step (\d+): train loss (\S+) \(took (\S+) ms\)$", re.MULTILINE)
+GPT2_124M = {"n_layer": 12, "n_head": 12, "n_embd": 768, "vocab_size": 50257}
+LLMC_MAX_T = 1024  # the checkpoint build_llmc.sh writes has 1024 positions
+
+
+def llmc_skip_reason(shape: Shape) -> str | None:
+    """Why llm.c cannot run this config (build_llmc.sh's checkpoint is GPT-2 124M), or None."""
+    if any(getattr(shape, k) != v for k, v in GPT2_124M.items()):
+        return "not GPT-2 124M"
+    if shape.seq_len > LLMC_MAX_T:
+        return f"T {shape.seq_len} > {LLMC_MAX_T}"
+    return None
+
+
+def run_llmc(build: str, shape: Shape, batch: int, threads: int, steps: int, warmup: int) -> dict:
+    """Run build_llmc.sh's train_gpt2 for warmup + steps steps (B, T of the config, `threads` OpenMP
+    threads) and time it by its own 'step N: ... (took X ms)' lines; then measure the sgemm peak
+    here, with as many BLAS threads, as the torch worker does. Its result, or {'error': ...}."""
+    build = os.path.abspath(build)
+    exe = os.path.join(build, "train_gpt2")
+    if not os.access(exe, os.X_OK):
+        return {"error": f"{exe} not found: run benchmarks/build_llmc.sh {build}"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LLMC_B": str(batch),
+           "LLMC_T": str(shape.seq_len), "LLMC_STEPS": str(warmup + steps)}
+    load = OtherLoad()
+    load.start()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([exe], cwd=build, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)  # its own rusage: peak RSS of this child alone
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        text = log.read()
+    info = {"wall_s": time.perf_counter() - load.t0, "other_load": load.cores()}
+    found = LLMC_STEP_LINE.findall(text)
+    if proc.returncode != 0 or len(found) != warmup + steps:
+        tail = "\n".join(text.strip().splitlines()[-15:])
+        return {"error": f"exit code {proc.returncode}, {len(found)} of {warmup + steps} step lines\n{tail}",
+                **info}
+    step_ms = [float(ms) for _, _, ms in found]
+    mcfg = model_config(shape)
+    n_params = Layout(mcfg).n_params()  # the N of the distgpt rows, so the MFUs compare
+    peak = sgemm_flops(dist.Comm(), threads)
+    return {
+        "impl": "llm.c",
+        "ranks": 1,
+        "threads": threads,
+        "batch": batch,
+        "n_params": n_params,
+        **throughput(batch * shape.seq_len, [v / 1000 for v in step_ms[warmup:]],
+                     flops_per_token(mcfg, shape.seq_len, n_params), peak),
+        "steps": steps,
+        "warmup": warmup,
+        "warmup_ms": step_ms[:warmup],
+        "split": {},
+        "rss_mib": [usage.ru_maxrss / 1024],
+        "losses": [float(v) for _, v, _ in found],
+        "build": build,
+        **info,
+    }
 
 
 # ----------------------------------------------------------------------------- driver
@@ -324,7 +397,8 @@ def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, arg
            "--threads", str(threads), "--batch", str(batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", out]
     if impl == "distgpt":
-        cmd += ["--zero"] * args.zero + ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
+        cmd += ["--reduce", args.reduce, "--zero" if args.zero else "--no-zero"]
+        cmd += ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
     env = dict(os.environ)
     if impl == "torch":
         env["OMP_NUM_THREADS"] = str(threads)
@@ -359,14 +433,29 @@ def format_table(rows: list[tuple[str, ...]]) -> list[str]:
     return [line(rows[0]), line(tuple("-" * w for w in widths)), *map(line, rows[1:])]
 
 
+def best_vs_llmc(runs: list[dict]) -> dict | None:
+    """The fastest distgpt row against the llm.c row, if both ran."""
+    ok = [r for r in runs if "error" not in r]
+    llmc = next((r for r in ok if r["impl"] == "llm.c"), None)
+    dist_rows = [r for r in ok if r["impl"] == "distgpt"]
+    if llmc is None or not dist_rows:
+        return None
+    best = max(dist_rows, key=lambda r: r["tokens_per_s"])
+    return {"distgpt": best["label"], "llmc": llmc["label"],
+            "ratio": best["tokens_per_s"] / llmc["tokens_per_s"]}
+
+
 def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: int) -> str:
     ok = [r for r in runs if "error" not in r]
     head = f"== {name}: L{shape.n_layer} C{shape.n_embd} H{shape.n_head} T{shape.seq_len} B{shape.batch}"
     if ok:
         head += f", {ok[0]['n_params'] / 1e6:.1f}M params, {ok[0]['flops_per_token'] / 1e6:.0f} MFLOP/token"
     head += f"; median of {steps} steps after {warmup} warmup"
+    llmc = next((r for r in runs if r["impl"] == "llm.c"), None)
+    if llmc is not None and "error" not in llmc and (llmc["steps"], llmc["warmup"]) != (steps, warmup):
+        head += f" (llm.c: {llmc['steps']} after {llmc['warmup']})"
     rows = [("layout", "tok/s", "ms/step", "MFU", "peak GF/s", "fwd%", "bwd%", "comm%", "opt%", "RSS MiB",
-             "other load", "vs torch")]
+             "other load", "vs torch") + (("vs llm.c",) if llmc is not None else ())]
     for i, r in enumerate(runs):
         if "error" in r:
             rows.append((r["label"], "failed: " + r["error"].splitlines()[0], *[""] * (len(rows[0]) - 2)))
@@ -375,6 +464,10 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
         ratio = ""
         if r["impl"] == "distgpt" and nxt.get("impl") == "torch" and "error" not in nxt:
             ratio = f"{r['tokens_per_s'] / nxt['tokens_per_s']:.2f}x"
+        vs_llmc = ()
+        if llmc is not None:
+            good = r["impl"] == "distgpt" and "error" not in llmc
+            vs_llmc = (f"{r['tokens_per_s'] / llmc['tokens_per_s']:.2f}x" if good else "",)
         load = r.get("other_load")
         split = r["split"]
         rows.append((
@@ -383,15 +476,34 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
             f"{r['ms_per_step']:,.0f}",
             f"{100 * r['mfu']:.1f}%",
             f"{r['peak_flops'] / 1e9:.0f}",
-            pct(split["forward"]),
-            pct(split["backward"]),
+            pct(split.get("forward")),
+            pct(split.get("backward")),
             pct(split.get("comm")),
-            pct(split["optim"]),
+            pct(split.get("optim")),
             "/".join(f"{v:,.0f}" for v in r["rss_mib"]),
             "?" if load is None else f"{load:.2f}" + (" !" if load > 0.2 else ""),
             ratio,
+            *vs_llmc,
         ))
-    return "\n".join([head, *format_table(rows)])
+    lines = [head, *format_table(rows)]
+    best = best_vs_llmc(runs)
+    if best is not None:
+        lines.append(f"fastest distgpt row ({best['distgpt']}) / {best['llmc']}: {best['ratio']:.2f}x")
+    return "\n".join(lines)
+
+
+def run_job(config: str, impl: str, label: str, wait: float, run) -> dict:
+    """Announce a run, wait for the machine to go idle (--wait-idle), run it, print its speed."""
+    print(f"[{config}] {impl} {label} ...", end=" ", flush=True)
+    if wait:
+        wait_idle(wait)
+    res = {"impl": impl, "label": label, **run()}
+    if "error" in res:
+        print(f"FAILED ({res['error']})", flush=True)
+    else:
+        print(f"{res['tokens_per_s']:,.0f} tok/s, loss {res['losses'][0]:.3f} -> "
+              f"{res['losses'][-1]:.3f} ({res['wall_s']:.0f} s)", flush=True)
+    return res
 
 
 def drive(args) -> int:
@@ -401,7 +513,7 @@ def drive(args) -> int:
             raise SystemExit(f"--config: unknown {name!r}; choose from {', '.join(CONFIGS)}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     layouts = parse_layouts(args.layouts or (f"1x{cores},{cores}x1" if cores > 1 else "1x1"))
-    results, tables, raised_batch = {}, [], False
+    results, tables, notes, raised_batch = {}, [], [], False
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         for name in configs:
             shape = CONFIGS[name]
@@ -421,22 +533,26 @@ def drive(args) -> int:
                 if args.vs_torch:
                     jobs.append(("torch", 1, ranks * threads, f"torch {ranks * threads}t{suffix}"))
                 for impl, r, t, label in jobs:
-                    print(f"[{name}] {impl} {label} ...", end=" ", flush=True)
-                    if args.wait_idle:
-                        wait_idle(args.wait_idle)
-                    res = {"impl": impl, "label": label, **run_worker(impl, name, r, t, batch, cargs, tmp)}
-                    runs.append(res)
-                    if "error" in res:
-                        print(f"FAILED ({res['error']})", flush=True)
-                    else:
-                        print(f"{res['tokens_per_s']:,.0f} tok/s, loss {res['losses'][0]:.3f} -> "
-                              f"{res['losses'][-1]:.3f} ({res['wall_s']:.0f} s)", flush=True)
-            tables.append(config_table(name, shape, runs, cargs.steps, cargs.warmup))
+                    runs.append(run_job(name, impl, label, args.wait_idle,
+                                        partial(run_worker, impl, name, r, t, batch, cargs, tmp)))
             results[name] = {"shape": asdict(shape), "steps": cargs.steps, "warmup": cargs.warmup,
                              "runs": runs}
+            if args.vs_llmc:
+                skip = llmc_skip_reason(shape)
+                if skip is not None:
+                    notes.append(f"llm.c: skipped {name} ({skip})")
+                    results[name]["llmc_skipped"] = skip
+                else:
+                    batch = args.batch or shape.batch
+                    threads = max(r * t for r, t in layouts)  # the cores the layouts used
+                    suffix = f" B{batch}*" if batch != shape.batch else ""
+                    run = partial(run_llmc, args.vs_llmc, shape, batch, threads, cargs.steps,
+                                  max(cargs.warmup, LLMC_MIN_WARMUP))
+                    runs.append(run_job(name, "llm.c", f"llm.c {threads}t{suffix}", args.wait_idle, run))
+                    results[name]["vs_llmc"] = best_vs_llmc(runs)
+            tables.append(config_table(name, shape, runs, cargs.steps, cargs.warmup))
 
     all_runs = [r for c in results.values() for r in c["runs"] if "error" not in r]
-    notes = []
     if raised_batch:
         notes.append("* global batch raised to a multiple of the ranks: the config's batch does not split")
     if any((r.get("other_load") or 0) > 0.2 for r in all_runs):
@@ -450,6 +566,10 @@ def drive(args) -> int:
     torch_runs = [r for r in all_runs if r["impl"] == "torch"]
     if torch_runs:
         notes.append(f"torch {torch_runs[0]['torch']}")
+    llmc_runs = [r for r in all_runs if r["impl"] == "llm.c"]
+    if llmc_runs:
+        notes.append(f"llm.c: {llmc_runs[0]['build']}/train_gpt2 on tiny shakespeare, ms/step from its own "
+                     f"per-step timer, at least {LLMC_MIN_WARMUP} warmup steps")
     print()
     print("\n\n".join(tables))
     print("\n".join(notes))
@@ -473,9 +593,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layouts", help="RANKSxTHREADS,... (default 1xCORES,CORESx1)")
     parser.add_argument("--batch", type=int, help="override the config's global batch (sequences per step)")
     parser.add_argument("--vs-torch", action="store_true", help="run the PyTorch reference after each layout")
-    parser.add_argument("--zero", action="store_true", help="ZeRO-1: shard AdamW state across ranks")
+    parser.add_argument("--vs-llmc", metavar="BUILD_DIR",
+                        help="after the layouts of a GPT-2 124M config, run llm.c's CPU trainer built by "
+                             "benchmarks/build_llmc.sh in BUILD_DIR")
+    parser.add_argument("--zero", action=argparse.BooleanOptionalAction, default=True,
+                        help="ZeRO-1: shard AdamW state and update across ranks (default on, as in "
+                             "distgpt.train; --no-zero: replicated)")
+    parser.add_argument("--reduce", choices=("auto", "shared_memory", "mpi"), default="auto",
+                        help="gradient sum across ranks (parallel.reduce; default auto: shared memory "
+                             "on one node)")
     parser.add_argument("--no-overlap", action="store_true",
-                        help="reduce gradients after backward, not during it")
+                        help="mpi reduce: reduce gradients after backward, not during it")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile rank 0's timed steps, print the top 15 functions")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -490,6 +618,9 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.error(f"--{name} {value}: too small")
+    if args.vs_llmc and not os.access(os.path.join(args.vs_llmc, "train_gpt2"), os.X_OK):
+        parser.error(f"--vs-llmc {args.vs_llmc}: no train_gpt2 there; build it with "
+                     f"benchmarks/build_llmc.sh {args.vs_llmc}")
     if args.worker == "distgpt":
         distgpt_worker(args)
         return 0
