@@ -454,8 +454,8 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
     llmc = next((r for r in runs if r["impl"] == "llm.c"), None)
     if llmc is not None and "error" not in llmc and (llmc["steps"], llmc["warmup"]) != (steps, warmup):
         head += f" (llm.c: {llmc['steps']} after {llmc['warmup']})"
-    rows = [("layout", "tok/s", "ms/step", "MFU", "peak GF/s", "fwd%", "bwd%", "comm%", "opt%", "RSS MiB",
-             "other load", "vs torch") + (("vs llm.c",) if llmc is not None else ())]
+    rows = [("layout", "tok/s", "ms/step", "MFU", "peak GF/s", "fwd%", "bwd%", "wait%", "comm%", "opt%",
+             "RSS MiB", "other load", "vs torch") + (("vs llm.c",) if llmc is not None else ())]
     for i, r in enumerate(runs):
         if "error" in r:
             rows.append((r["label"], "failed: " + r["error"].splitlines()[0], *[""] * (len(rows[0]) - 2)))
@@ -478,6 +478,7 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
             f"{r['peak_flops'] / 1e9:.0f}",
             pct(split.get("forward")),
             pct(split.get("backward")),
+            pct(split.get("wait")),
             pct(split.get("comm")),
             pct(split.get("optim")),
             "/".join(f"{v:,.0f}" for v in r["rss_mib"]),

@@ -15,7 +15,9 @@ Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice o
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -68,8 +70,9 @@ class Comm:
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         pass
 
-    def shared_buffers(self, n: int, dtype: np.dtype) -> list[np.ndarray] | None:
-        return None
+    def shared_buffers(self, n: int, dtype: np.dtype, per_rank: bool = True
+                       ) -> tuple[list[np.ndarray] | None, str]:
+        return None, "a single process has no one to share with"
 
     def start_allreduce(self, buf: np.ndarray):
         return None
@@ -132,17 +135,31 @@ class MPIComm(Comm):
         displs = [s for s, _ in ranges]
         self.world.Allgatherv(self.MPI.IN_PLACE, [buf, counts, displs, self.MPI._typedict[buf.dtype.char]])
 
-    def shared_buffers(self, n: int, dtype: np.dtype) -> list[np.ndarray] | None:
-        """One n-element array per rank, all in one shared-memory segment that every rank maps,
-        or None when the ranks span several nodes. Index r is rank r's array."""
-        if self.n_nodes != 1:
-            return None
+    def shared_buffers(self, n: int, dtype: np.dtype, per_rank: bool = True
+                       ) -> tuple[list[np.ndarray] | None, str]:
+        """Arrays of n elements in one shared-memory segment that every rank maps: one per rank
+        (index r is rank r's), or with per_rank=False a single one for all. Or (None, why not)
+        when the ranks span several nodes or the node's /dev/shm is too small (Docker's default
+        is 64 MB: touching a segment beyond it would kill the job with SIGBUS, not raise)."""
         dtype = np.dtype(dtype)
-        win = self.MPI.Win.Allocate_shared(n * dtype.itemsize, dtype.itemsize, comm=self.node)
+        if self.n_nodes != 1:
+            return None, f"the ranks span {self.n_nodes} nodes"
+        need = (self.size if per_rank else 1) * n * dtype.itemsize
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else need
+        enough = self.node.allreduce(int(free >= need * 1.05), op=self.MPI.MIN)   # one answer for all
+        if not enough:
+            return None, f"/dev/shm has {free / 2**20:.0f} MiB free, {need / 2**20:.0f} MiB are needed"
+        mine = n if per_rank or self.rank == 0 else 0
+        win = self.MPI.Win.Allocate_shared(mine * dtype.itemsize, dtype.itemsize, comm=self.node)
         self._windows.append(win)   # the memory lives as long as the window
-        arrays = [np.frombuffer(win.Shared_query(r)[0], dtype, n) for r in range(self.size)]
-        arrays[self.rank][:] = 0
-        return arrays
+        owners = range(self.size) if per_rank else [0]
+        arrays = [np.frombuffer(win.Shared_query(r)[0], dtype, n) for r in owners]
+        if per_rank:
+            arrays[self.rank][:] = 0
+        elif self.rank == 0:
+            arrays[0][:] = 0
+        self.barrier()
+        return arrays, ""
 
     def start_allreduce(self, buf: np.ndarray):
         return self.world.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
@@ -242,6 +259,7 @@ class GradReducer:
         self.pending: list = []
         self.started = 0
         self.sharded_norm = zero     # grad_sq_sum covers only this rank's slice
+        self.waited = 0.0            # (not separable from the transfer in an MPI collective)
 
     def _start(self, bucket: int) -> None:
         lo, hi = self.buckets[bucket]
@@ -303,8 +321,10 @@ class SharedMemoryReducer:
 
     BLOCK = 1 << 17    # elements per block: the additions of one block stay in cache
 
-    def __init__(self, comm: Comm, buffers: list[np.ndarray], zero: bool):
+    def __init__(self, comm: Comm, buffers: list[np.ndarray], zero: bool,
+                 shared_params: np.ndarray | None = None):
         self.comm, self.zero, self.buffers = comm, zero, buffers
+        self.shared_params = shared_params
         self.n = buffers[0].size
         self.grads = buffers[comm.rank]
         self.ranges = [shard_range(self.n, r, comm.size) for r in range(comm.size)]
@@ -312,6 +332,7 @@ class SharedMemoryReducer:
         self.shard_grads = self.grads[self.start:self.end] if zero else self.grads
         self.sharded_norm = True
         self._sq = 0.0
+        self.waited = 0.0   # seconds the last finish() waited for the slowest rank's backward
 
     def layer_done(self, layer: int) -> None:
         pass
@@ -328,7 +349,9 @@ class SharedMemoryReducer:
         bufs, rank, mine = self.buffers, self.comm.rank, self.grads
         blocks = self._blocks(self.start, self.end)
         sq = np.zeros(len(blocks))
+        t0 = time.perf_counter()
         self.comm.barrier()                       # every rank's gradients are complete
+        self.waited = time.perf_counter() - t0
 
         def reduce(first: int, last: int) -> None:
             tmp = np.empty(self.BLOCK, mine.dtype)
@@ -368,8 +391,13 @@ class SharedMemoryReducer:
         return self._sq
 
     def allgather_params(self, params: np.ndarray) -> None:
-        """ZeRO-1: each rank updated its slice of params. The gradient buffers, spent for this
-        step, carry the slices: each rank puts its own in, then reads everyone else's."""
+        """Each rank updated (or loaded) its slice of params; give everyone all of them.
+        Parameters in shared memory (ZeRO-1) are already everyone's: a barrier is all it takes.
+        Otherwise the gradient buffers, spent for this step, carry the slices: each rank puts
+        its own in, then reads everyone else's."""
+        if params is self.shared_params:
+            self.comm.barrier()
+            return
         a, b = self.start, self.end
         self.grads[a:b] = params[a:b]
         self.comm.barrier()
@@ -381,10 +409,18 @@ def make_reducer(comm: Comm, layer_ranges: list[tuple[int, int]], grads: np.ndar
     """The gradient reducer for `method` (parallel.reduce): auto picks shared memory when every
     rank is on one node and there is more than one rank, MPI collectives otherwise."""
     if method in ("auto", "shared_memory") and comm.size > 1:
-        buffers = comm.shared_buffers(grads.size, grads.dtype)
+        buffers, why_not = comm.shared_buffers(grads.size, grads.dtype)
+        params = None
+        if buffers is not None and zero:
+            # ZeRO-1: each rank updates only its slice, so one copy of the parameters can serve
+            # the whole node, and the allgather after the update is just a barrier
+            shared, _ = comm.shared_buffers(grads.size, grads.dtype, per_rank=False)
+            params = shared[0] if shared is not None else None
         if buffers is not None:
-            return SharedMemoryReducer(comm, buffers, zero)
+            return SharedMemoryReducer(comm, buffers, zero, params)
         if method == "shared_memory":
-            raise RuntimeError(f"parallel.reduce = shared_memory needs every rank on one node; "
-                               f"this job has {comm.n_nodes} nodes (use auto or mpi)")
+            raise RuntimeError(f"parallel.reduce = shared_memory is not possible: {why_not} "
+                               f"(use auto or mpi)")
+        if comm.n_nodes == 1 and comm.rank == 0:
+            warnings.warn(f"gradient sum through MPI, not shared memory: {why_not}", stacklevel=2)
     return GradReducer(comm, layer_ranges, grads.size, grads, zero, bucket_bytes)

@@ -455,6 +455,14 @@ class GPT:
         self.grads = buf
         self.g = self.layout.views(buf)
 
+    def use_param_buffer(self, buf: np.ndarray) -> None:
+        """Read and update parameters in `buf` from now on (it must hold them already)."""
+        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
+            raise ValueError(f"parameter buffer {buf.dtype}{buf.shape}, "
+                             f"expected {self.dtype}({self.layout.size},)")
+        self.params = buf
+        self.p = self.layout.views(buf)
+
     # ------------------------------------------------------------------ inference with a KV cache
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, self.dtype)

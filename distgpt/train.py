@@ -169,9 +169,15 @@ class Trainer:
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
         if self.reducer.grads is not model.grads:
             model.use_grad_buffer(self.reducer.grads)
+        shared = getattr(self.reducer, "shared_params", None)
+        if shared is not None:          # one copy for the node, rank 0's values
+            if comm.rank == 0:
+                shared[:] = model.params
+            comm.barrier()
+            model.use_param_buffer(shared)
         self.overlap = (cfg.parallel.overlap and comm.size > 1
                         and isinstance(self.reducer, dist.GradReducer))
-        self.timing = dict.fromkeys(("forward", "backward", "comm", "optim"), 0.0)
+        self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
 
     def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0
              ) -> tuple[float, float, float, bool]:
@@ -194,7 +200,9 @@ class Trainer:
             timing["backward"] += time.perf_counter() - tb
         tc = time.perf_counter()
         reducer.finish()
-        timing["comm"] += time.perf_counter() - tc
+        # waiting for the slowest rank to finish backward is load imbalance, not communication
+        timing["wait"] += reducer.waited
+        timing["comm"] += time.perf_counter() - tc - reducer.waited
         # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
         sharded = reducer.sharded_norm
         stats = np.array([loss_sum, reducer.grad_sq_sum() if sharded else 0.0, float(stop)])
@@ -209,12 +217,19 @@ class Trainer:
         timing["optim"] += time.perf_counter() - td
         return float(stats[0] * scale), grad_norm, lr, bool(stats[2])
 
+    def broadcast_params(self) -> None:
+        """Rank 0's parameters everywhere (parameters in shared memory already are rank 0's)."""
+        if self.model.params is getattr(self.reducer, "shared_params", None):
+            self.comm.barrier()
+        else:
+            self.comm.bcast_(self.model.params)
+
     def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, opt_t: int) -> None:
         """This rank's checkpoint slices (self.shard) -> full parameters, and moments where kept."""
         a, b = self.shard
         ranges, model, opt, comm = self.reducer.ranges, self.model, self.opt, self.comm
         model.params[a:b] = params
-        comm.allgatherv_(model.params, ranges)
+        self.reducer.allgather_params(model.params)
         if self.zero:
             opt.m[:], opt.v[:] = m, v
         else:
@@ -277,7 +292,7 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
         loader.load_state_dict(meta["loader"])
         step, tokens_seen = meta["step"], meta["tokens_seen"]
     elif comm.size > 1:
-        comm.bcast_(model.params)            # identical starting point, whatever each rank computed
+        trainer.broadcast_params()           # identical starting point, whatever each rank computed
     check_params_agree(comm, model.params, step)
 
     log("\n".join(summary(cfg, comm.size, accum)))

@@ -6,6 +6,7 @@ A 100-element vector with two layers and small buckets, so with 3 ranks the ZeRO
 several of them."""
 
 import sys
+import warnings
 
 import numpy as np
 
@@ -51,4 +52,30 @@ for method in ("mpi", "shared_memory"):
             red.allgather_params(params)
             if not np.array_equal(params, np.arange(n, dtype=np.float32)):
                 fail(f"{where}: allgathered params {params}")
+        shared = getattr(red, "shared_params", None)
+        if (shared is not None) != (method == "shared_memory" and zero):
+            fail(f"{where}: shared parameters {shared is not None}")
+        if shared is not None:   # one array for all ranks: each writes its slice, all see all
+            shared[s:e] = np.arange(s, e)
+            red.allgather_params(shared)
+            if not np.array_equal(shared, np.arange(n, dtype=np.float32)):
+                fail(f"{where}: shared params {shared}")
+            red.comm.barrier()
+
+# a /dev/shm too small for the buffers (Docker's 64 MB default): auto falls back to MPI, and an
+# explicit shared_memory request fails with the reason
+dist.shutil.disk_usage = lambda path: type("Usage", (), {"free": 10})()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    red = dist.make_reducer(comm, layers, rank_data(comm.rank), False, 1, "auto")
+if type(red).__name__ != "GradReducer":
+    fail(f"small /dev/shm: auto gave {type(red).__name__}")
+if comm.rank == 0 and not any("/dev/shm has 0 MiB free" in str(w.message) for w in caught):
+    fail(f"small /dev/shm: no warning, got {[str(w.message) for w in caught]}")
+try:
+    dist.make_reducer(comm, layers, rank_data(comm.rank), False, 1, "shared_memory")
+    fail("small /dev/shm: shared_memory did not raise")
+except RuntimeError as e:
+    if "/dev/shm" not in str(e):
+        fail(f"small /dev/shm: {e}")
 print(f"rank {comm.rank} ok")
