@@ -148,7 +148,7 @@ def init_params(layout: Layout, params: np.ndarray, seed: int) -> None:
 class _Acts:
     """Activation buffers for one (B, T), allocated once and reused every step."""
 
-    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype):
+    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int):
         C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
         hs = C // nh
         BT = B * T
@@ -167,6 +167,8 @@ class _Acts:
         self.s_c = z(BT, C)
         self.s_c2 = z(BT, C)
         self.s_4c = z(BT, 4 * C)
+        # one chunk of the head's logits (a fresh 100 MB array every step would be page-faulted in)
+        self.logits = z(min(BT, head_chunk_rows), cfg.vocab_size)
         self.shape = (B, T, nh, hs)
 
     def heads(self, a: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -219,7 +221,7 @@ class GPT:
         if key not in self._acts:
             if len(self._acts) >= 2:  # training and eval shapes; drop anything older
                 self._acts.pop(next(iter(self._acts)))
-            self._acts[key] = _Acts(self.cfg, B, T, self.dtype)
+            self._acts[key] = _Acts(self.cfg, B, T, self.dtype, self.head_chunk_rows)
         return self._acts[key]
 
     def _dropout_masks(self, B: int, T: int, seed: tuple[int, ...], row0: int) -> dict[str, np.ndarray]:
@@ -327,6 +329,7 @@ class GPT:
             self.head_chunk_rows,
             logits,
             accumulate=accumulate,
+            scratch=a.logits,
         )
         if grad_scale is not None:
             self._grads_stale = False
