@@ -14,6 +14,7 @@ Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice o
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -53,6 +54,9 @@ class Comm:
     is_mpi = False
 
     def barrier(self) -> None:
+        pass
+
+    def shared_barrier(self) -> None:
         pass
 
     def allreduce_(self, buf: np.ndarray, op: str = "sum") -> np.ndarray:
@@ -109,11 +113,21 @@ class MPIComm(Comm):
         leaders = self.world.allgather(self.local_rank == 0)
         self.n_nodes = sum(leaders)
         self._windows: list = []
-        self.library = MPI.Get_library_version().splitlines()[0].strip()
+        self.library = " ".join(MPI.Get_library_version().splitlines()[0].split())
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
     def barrier(self) -> None:
         self.world.Barrier()
+
+    def shared_barrier(self) -> None:
+        """A barrier after which every rank sees what the others wrote to shared windows before it
+        (MPI's rule for shared memory: Win_sync, process synchronisation, Win_sync; the syncs are
+        memory barriers, free on x86, required on weakly ordered CPUs)."""
+        for win in self._windows:
+            win.Sync()
+        self.world.Barrier()
+        for win in self._windows:
+            win.Sync()
 
     def allreduce_(self, buf: np.ndarray, op: str = "sum") -> np.ndarray:
         self.world.Allreduce(self.MPI.IN_PLACE, buf, op=self._ops[op])
@@ -145,12 +159,14 @@ class MPIComm(Comm):
         if self.n_nodes != 1:
             return None, f"the ranks span {self.n_nodes} nodes"
         need = (self.size if per_rank else 1) * n * dtype.itemsize
-        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else need
+        # MPICH backs shared windows with files in /dev/shm; elsewhere there is nothing to check
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
         enough = self.node.allreduce(int(free >= need * 1.05), op=self.MPI.MIN)   # one answer for all
         if not enough:
             return None, f"/dev/shm has {free / 2**20:.0f} MiB free, {need / 2**20:.0f} MiB are needed"
         mine = n if per_rank or self.rank == 0 else 0
         win = self.MPI.Win.Allocate_shared(mine * dtype.itemsize, dtype.itemsize, comm=self.node)
+        win.Lock_all(self.MPI.MODE_NOCHECK)   # a passive epoch for the job's life: see shared_barrier
         self._windows.append(win)   # the memory lives as long as the window
         owners = range(self.size) if per_rank else [0]
         arrays = [np.frombuffer(win.Shared_query(r)[0], dtype, n) for r in owners]
@@ -158,7 +174,7 @@ class MPIComm(Comm):
             arrays[self.rank][:] = 0
         elif self.rank == 0:
             arrays[0][:] = 0
-        self.barrier()
+        self.shared_barrier()
         return arrays, ""
 
     def start_allreduce(self, buf: np.ndarray):
@@ -338,7 +354,11 @@ class SharedMemoryReducer:
         pass
 
     def describe(self) -> str:
-        return f"shared memory ({self.comm.size} ranks on one node{', ZeRO-1' if self.zero else ''})"
+        mode = ", replicated"
+        if self.zero:
+            mode = ", ZeRO-1, " + ("one shared copy of the parameters" if self.shared_params is not None
+                                  else "parameters gathered through the gradient buffers")
+        return f"shared memory ({self.comm.size} ranks on one node{mode})"
 
     def _blocks(self, lo: int, hi: int) -> list[slice]:
         return [slice(b, min(hi, b + self.BLOCK)) for b in range(lo, hi, self.BLOCK)]
@@ -350,7 +370,7 @@ class SharedMemoryReducer:
         blocks = self._blocks(self.start, self.end)
         sq = np.zeros(len(blocks))
         t0 = time.perf_counter()
-        self.comm.barrier()                       # every rank's gradients are complete
+        self.comm.shared_barrier()                # every rank's gradients are complete
         self.waited = time.perf_counter() - t0
 
         def reduce(first: int, last: int) -> None:
@@ -368,7 +388,7 @@ class SharedMemoryReducer:
                 sq[i] = np.dot(acc, acc)          # the norm's piece while the block is in cache
         parallel_for(len(blocks), reduce)
         self._sq = float(sq.sum())
-        self.comm.barrier()                       # every slice holds its sum
+        self.comm.shared_barrier()                # every slice holds its sum
         if not self.zero:
             self._copy_from_owners(mine)
 
@@ -384,7 +404,7 @@ class SharedMemoryReducer:
             for q, blk in parts[first:last]:
                 dest[blk] = self.buffers[q][blk]
         parallel_for(len(parts), copy)
-        self.comm.barrier()
+        self.comm.shared_barrier()
 
     def grad_sq_sum(self) -> float:
         """Sum of squared gradients of this rank's slice, computed during finish()."""
@@ -396,11 +416,11 @@ class SharedMemoryReducer:
         Otherwise the gradient buffers, spent for this step, carry the slices: each rank puts
         its own in, then reads everyone else's."""
         if params is self.shared_params:
-            self.comm.barrier()
+            self.comm.shared_barrier()
             return
         a, b = self.start, self.end
         self.grads[a:b] = params[a:b]
-        self.comm.barrier()
+        self.comm.shared_barrier()
         self._copy_from_owners(params)
 
 
@@ -414,8 +434,10 @@ def make_reducer(comm: Comm, layer_ranges: list[tuple[int, int]], grads: np.ndar
         if buffers is not None and zero:
             # ZeRO-1: each rank updates only its slice, so one copy of the parameters can serve
             # the whole node, and the allgather after the update is just a barrier
-            shared, _ = comm.shared_buffers(grads.size, grads.dtype, per_rank=False)
+            shared, why_not = comm.shared_buffers(grads.size, grads.dtype, per_rank=False)
             params = shared[0] if shared is not None else None
+            if params is None and comm.rank == 0:
+                warnings.warn(f"parameters not shared between ranks: {why_not}", stacklevel=2)
         if buffers is not None:
             return SharedMemoryReducer(comm, buffers, zero, params)
         if method == "shared_memory":

@@ -339,7 +339,8 @@ class GPT:
         return loss
 
     def backward(self) -> None:
-        """Accumulates the gradient of the last training forward into self.grads."""
+        """Accumulates the gradient of the last training forward into self.grads (overwrites it,
+        if this is the first backward since zero_grad())."""
         if self._last is None:
             raise RuntimeError("backward() needs a forward() with grad_scale set")
         idx, masks, B, T, acc = self._last

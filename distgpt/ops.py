@@ -5,8 +5,9 @@ Conventions:
 - Weights are stored (in_features, out_features), as Hugging Face's GPT-2 Conv1D stores them,
   so a layer is `x @ w + b`.
 - A backward function *accumulates* into the weight-gradient arrays it is given (gradient
-  accumulation over micro-batches and the tied embedding both need `+=`) and writes the gradient
-  of its input.
+  accumulation over micro-batches and the tied embedding both need `+=`), or overwrites them when
+  called with accumulate=False (the first micro-batch of a step), and writes the gradient of its
+  input.
 
 Speed: NumPy runs each ufunc as one pass over memory on one thread. The elementwise kernels here
 therefore walk their rows in cache-sized blocks (a chain of ufuncs on a block stays in cache) and

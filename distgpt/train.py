@@ -2,10 +2,11 @@
 
 One optimizer step, on every rank:
   for each of this rank's micro-batches of the global batch (fixed by seed and step):
-      forward + backward, gradients accumulate in the flat buffer;
-      on the last one, finished layers' gradient buckets are reduced while backward goes on
-  wait for the reductions; clip by the global norm; AdamW on this rank's slice (the whole
-  vector when replicated); ZeRO-1 then allgathers the updated parameters
+      forward + backward, gradients accumulate in the flat buffer (the first one overwrites it)
+  sum the gradients across ranks: through shared memory on one node, else MPI buckets reduced
+      while the last backward goes on; clip by the global norm; AdamW on this rank's slice (the
+      whole vector when replicated); ZeRO-1 then gathers the updated parameters (on one node
+      they are a single shared copy, and gathering is a barrier)
   log (rank 0), evaluate, checkpoint, and stop cleanly if any rank was signalled.
 """
 
@@ -63,7 +64,8 @@ def summary(cfg: Config, world: int, accum: int) -> list[str]:
         f"batch: {t.batch_size} sequences x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step; "
         f"{world} ranks x {t.micro_batch_size} micro-batch x {accum} accumulation steps",
         f"optimizer: AdamW lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
-        f"wd {t.weight_decay}, clip {t.grad_clip}, {'ZeRO-1' if cfg.parallel.zero else 'replicated'}",
+        f"wd {t.weight_decay}, clip {t.grad_clip}"
+        + ("" if world == 1 else ", ZeRO-1" if cfg.parallel.zero else ", replicated"),
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}; total {mb(total)}",
     ]
@@ -173,7 +175,7 @@ class Trainer:
         if shared is not None:          # one copy for the node, rank 0's values
             if comm.rank == 0:
                 shared[:] = model.params
-            comm.barrier()
+            comm.shared_barrier()
             model.use_param_buffer(shared)
         self.overlap = (cfg.parallel.overlap and comm.size > 1
                         and isinstance(self.reducer, dist.GradReducer))
@@ -220,7 +222,7 @@ class Trainer:
     def broadcast_params(self) -> None:
         """Rank 0's parameters everywhere (parameters in shared memory already are rank 0's)."""
         if self.model.params is getattr(self.reducer, "shared_params", None):
-            self.comm.barrier()
+            self.comm.shared_barrier()
         else:
             self.comm.bcast_(self.model.params)
 

@@ -6,11 +6,12 @@ A 100-element vector with two layers and small buckets, so with 3 ranks the ZeRO
 several of them."""
 
 import sys
+import time
 import warnings
 
 import numpy as np
 
-from distgpt import dist
+from distgpt import dist, ops
 
 comm = dist.init()
 n = 100
@@ -23,8 +24,8 @@ def rank_data(r: int) -> np.ndarray:
 
 
 def fail(msg: str) -> None:
-    print(f"rank {comm.rank}: {msg}", file=sys.stderr)
-    sys.exit(1)
+    print(f"rank {comm.rank}: {msg}", file=sys.stderr, flush=True)
+    comm.abort(1)     # not sys.exit: the other ranks may be waiting in a collective
 
 
 expected = sum(rank_data(r).astype(np.float64) for r in range(comm.size))
@@ -61,6 +62,34 @@ for method in ("mpi", "shared_memory"):
             if not np.array_equal(shared, np.arange(n, dtype=np.float32)):
                 fail(f"{where}: shared params {shared}")
             red.comm.barrier()
+
+# many rounds, as in training: new gradients are written straight after finish() (the next step's
+# backward), one rank is late each round, two threads sum. Any missing barrier lets a rank read a
+# peer's buffer after the peer has overwritten it. The sum must equal (b0 + b1) + b2 ... exactly,
+# and in replicated mode be bitwise the same on every rank.
+ops.set_threads(2)
+for zero in (False, True):
+    red = dist.make_reducer(comm, layers, rank_data(comm.rank), zero, 1, "shared_memory")
+    s, e = red.ranges[comm.rank] if zero else (0, n)
+    for rnd in range(30):
+        data = [np.random.default_rng(1000 * rnd + r).standard_normal(n).astype(np.float32)
+                for r in range(comm.size)]
+        exact = data[0] + data[1]
+        for r in range(2, comm.size):
+            exact += data[r]
+        if rnd % comm.size == comm.rank:
+            time.sleep(0.02)
+        red.grads[:] = data[comm.rank]
+        red.finish()
+        got = red.shard_grads.copy()
+        red.grads[:] = np.nan                     # the next step starts writing at once
+        if not np.array_equal(got, exact[s:e]):
+            fail(f"round {rnd} zero={zero}: {got} != {exact[s:e]}")
+        if not zero:
+            everyone = comm.allgather_obj(got.tobytes())
+            if len(set(everyone)) != 1:
+                fail(f"round {rnd}: the ranks' sums differ")
+ops.set_threads(1)
 
 # a /dev/shm too small for the buffers (Docker's 64 MB default): auto falls back to MPI, and an
 # explicit shared_memory request fails with the reason

@@ -236,22 +236,25 @@ def test_two_half_scaled_micro_batches_accumulate_to_the_full_batch_gradient(dro
     assert np.all(m.g["wte"][V:] == 0.0)
 
 
-def test_zero_grad_discards_whatever_the_buffer_held():
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_zero_grad_discards_whatever_the_buffer_held(dropout):
     # zero_grad() is lazy (the next backward overwrites instead of adding), so garbage left in the
-    # buffer, e.g. by the shared-memory reducer, must not leak into the next step's gradient
-    cfg = ModelConfig(n_layer=2, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V)
-    m = GPT(cfg, dtype=np.float64)
+    # buffer, e.g. by the shared-memory reducer, must not leak into the next step's gradient. A
+    # head chunk of 7 rows: the first chunk overwrites the embedding gradient, the others add.
+    cfg = ModelConfig(n_layer=2, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V, dropout=dropout)
+    m = GPT(cfg, dtype=np.float64, head_chunk_rows=7)
     randomize(m, seed=14)
     idx, tgt = tokens(15, (2, T))
-    train_step(m, idx, tgt)
+    seed = (3, 4) if dropout else None
+    train_step(m, idx, tgt, dropout_seed=seed)
     clean = m.grads.copy()
     m.grads[:] = np.nan
-    train_step(m, idx, tgt)
+    train_step(m, idx, tgt, dropout_seed=seed)
     np.testing.assert_array_equal(m.grads, clean)
     m.grads[:] = 7.0                     # and a second micro-batch adds to the first
     m.zero_grad()
     for _ in range(2):
-        m.forward(idx, tgt, grad_scale=0.5)
+        m.forward(idx, tgt, grad_scale=0.5, dropout_seed=seed)
         m.backward()
     assert rel(m.grads, clean) < 1e-12
     assert np.all(m.g["wte"][V:] == 0.0) and np.all(m.g["wpe"][T:] == 0.0)
