@@ -276,6 +276,7 @@ class GradReducer:
         self.started = 0
         self.sharded_norm = zero     # grad_sq_sum covers only this rank's slice
         self.waited = 0.0            # (not separable from the transfer in an MPI collective)
+        self.shared_params = None    # every rank keeps its own copy of the parameters
 
     def _start(self, bucket: int) -> None:
         lo, hi = self.buckets[bucket]

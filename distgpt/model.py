@@ -453,19 +453,19 @@ class GPT:
 
     def use_grad_buffer(self, buf: np.ndarray) -> None:
         """Accumulate gradients into `buf` from now on (e.g. memory shared with the other ranks)."""
-        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
-            raise ValueError(f"gradient buffer {buf.dtype}{buf.shape}, "
-                             f"expected {self.dtype}({self.layout.size},)")
+        self.g = self._flat_views(buf, "gradient")
         self.grads = buf
-        self.g = self.layout.views(buf)
 
     def use_param_buffer(self, buf: np.ndarray) -> None:
         """Read and update parameters in `buf` from now on (it must hold them already)."""
-        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
-            raise ValueError(f"parameter buffer {buf.dtype}{buf.shape}, "
-                             f"expected {self.dtype}({self.layout.size},)")
+        self.p = self._flat_views(buf, "parameter")
         self.params = buf
-        self.p = self.layout.views(buf)
+
+    def _flat_views(self, buf: np.ndarray, what: str) -> dict[str, np.ndarray]:
+        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
+            raise ValueError(f"{what} buffer {buf.dtype}{buf.shape}, "
+                             f"expected {self.dtype}({self.layout.size},)")
+        return self.layout.views(buf)
 
     # ------------------------------------------------------------------ inference with a KV cache
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:

@@ -171,7 +171,7 @@ class Trainer:
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
         if self.reducer.grads is not model.grads:
             model.use_grad_buffer(self.reducer.grads)
-        shared = getattr(self.reducer, "shared_params", None)
+        shared = self.reducer.shared_params
         if shared is not None:          # one copy for the node, rank 0's values
             if comm.rank == 0:
                 shared[:] = model.params
@@ -221,7 +221,7 @@ class Trainer:
 
     def broadcast_params(self) -> None:
         """Rank 0's parameters everywhere (parameters in shared memory already are rank 0's)."""
-        if self.model.params is getattr(self.reducer, "shared_params", None):
+        if self.model.params is self.reducer.shared_params:
             self.comm.shared_barrier()
         else:
             self.comm.bcast_(self.model.params)

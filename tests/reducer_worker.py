@@ -53,7 +53,7 @@ for method in ("mpi", "shared_memory"):
             red.allgather_params(params)
             if not np.array_equal(params, np.arange(n, dtype=np.float32)):
                 fail(f"{where}: allgathered params {params}")
-        shared = getattr(red, "shared_params", None)
+        shared = red.shared_params
         if (shared is not None) != (method == "shared_memory" and zero):
             fail(f"{where}: shared parameters {shared is not None}")
         if shared is not None:   # one array for all ranks: each writes its slice, all see all
