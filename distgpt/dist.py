@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distgpt.ops import parallel_for
+
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID",
                   "HYDI_CONTROL_FD")
 
@@ -365,8 +367,6 @@ class SharedMemoryReducer:
         return [slice(b, min(hi, b + self.BLOCK)) for b in range(lo, hi, self.BLOCK)]
 
     def finish(self) -> None:
-        from distgpt.ops import parallel_for
-
         bufs, rank, mine = self.buffers, self.comm.rank, self.grads
         blocks = self._blocks(self.start, self.end)
         sq = np.zeros(len(blocks))
@@ -396,8 +396,6 @@ class SharedMemoryReducer:
     def _copy_from_owners(self, dest: np.ndarray) -> None:
         """dest[slice q] = rank q's buffer[slice q] for every other rank q, then a barrier so that
         no owner overwrites its buffer before everyone has read it."""
-        from distgpt.ops import parallel_for
-
         parts = [(q, blk) for q, (lo, hi) in enumerate(self.ranges) if q != self.comm.rank
                  for blk in self._blocks(lo, hi)]
 
