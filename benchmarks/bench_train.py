@@ -121,7 +121,7 @@ def split_summary(phases: list[dict[str, float]], step_times: list[float]) -> di
     return {k: sum(p[k] for p in phases) / total for k in phases[0]}
 
 
-def top_functions(profiler: cProfile.Profile, n: int = 15) -> str:
+def top_functions(profiler: cProfile.Profile, n: int = 25) -> str:
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(n)
     return out.getvalue()
@@ -577,7 +577,7 @@ def drive(args) -> int:
     for name, res in results.items():
         for r in res["runs"]:
             if r.get("profile"):
-                print(f"\n-- profile: {name} {r['label']} (rank 0, timed steps, top 15 by tottime)")
+                print(f"\n-- profile: {name} {r['label']} (rank 0, timed steps, top 25 by tottime)")
                 print(r["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps({"cores": cores, "configs": results}, indent=1))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import dist
+from distgpt import dist, jit
 from distgpt.config import Config, ConfigError, check_batch_layout, load_config
 from distgpt.model import GPT, Layout, ModelConfig, activation_bytes, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
@@ -63,7 +63,8 @@ def summary(cfg: Config, world: int, accum: int) -> list[str]:
         f"FLOPs per token: {flops_per_token(m, t.seq_len, n):,} (6N + 12LTC)",
         f"batch: {t.batch_size} sequences x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step; "
         f"{world} ranks x {t.micro_batch_size} micro-batch x {accum} accumulation steps",
-        f"optimizer: AdamW lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
+        f"optimizer: AdamW ({'compiled, numba' if jit.enabled() else 'NumPy ufuncs'}) "
+        f"lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
         f"wd {t.weight_decay}, clip {t.grad_clip}"
         + ("" if world == 1 else ", ZeRO-1" if cfg.parallel.zero else ", replicated"),
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "

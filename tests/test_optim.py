@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from distgpt import jit, ops
 from distgpt.model import Layout, ModelConfig, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
 
@@ -112,10 +113,11 @@ def initial_params(layout: Layout) -> np.ndarray:
     return params
 
 
-def run_ours(layout, params, grad_seq, dtype, start=0, end=None):
+def run_ours(layout, params, grad_seq, dtype, start=0, end=None, compiled=None):
     end = layout.size if end is None else end
     params = params.astype(dtype)
-    opt = AdamW(end - start, layout.decay_segments(start, end), *BETAS, EPS, WD, dtype=dtype)
+    opt = AdamW(end - start, layout.decay_segments(start, end), *BETAS, EPS, WD, dtype=dtype,
+                compiled=compiled)
     history, coefs = [], []
     for step, g in enumerate(grad_seq):
         g = g.astype(dtype)
@@ -154,14 +156,15 @@ def run_torch(layout, params, grad_seq, dtype):
     return history, clipped
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["numba", "numpy"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_adamw_with_clipping_and_schedule_matches_torch_every_step(dtype):
+def test_adamw_with_clipping_and_schedule_matches_torch_every_step(dtype, compiled):
     layout = Layout(CFG)
     params = initial_params(layout)
     rng = np.random.default_rng(2)
     grad_seq = [random_grads(layout, rng, n) for n in GRAD_NORMS]
 
-    ours, coefs = run_ours(layout, params, grad_seq, dtype)
+    ours, coefs = run_ours(layout, params, grad_seq, dtype, compiled=compiled)
     ref, clipped = run_torch(layout, params, grad_seq, dtype)
     assert clipped == [True, False, True, False, True]
     assert [c < 1.0 for c in coefs] == clipped
@@ -208,6 +211,50 @@ def test_adamw_result_does_not_depend_on_its_chunk_size(monkeypatch):
     monkeypatch.setattr(AdamW, "CHUNK", 37)
     small, _ = run_ours(layout, params, grad_seq, np.float64)
     np.testing.assert_allclose(small[-1], big[-1], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_adamw_is_bitwise_the_numpy_update(monkeypatch, dtype, threads):
+    """The numba loop and the ufunc chunks do the same float operations in the same order, so
+    parameters and both moments agree to the bit: with and without decay, clipping, over steps
+    (bias correction changes), on chunk and thread splits that cut tensors anywhere."""
+    layout = Layout(CFG)
+    rng = np.random.default_rng(5)
+    start, end = 37, layout.size - 11      # a ZeRO-style slice with ragged ends
+    segments = layout.decay_segments(start, end)
+    assert {decay for _, _, decay in segments} == {True, False}
+    monkeypatch.setattr(AdamW, "CHUNK", 53)
+    ops.set_threads(threads)
+    try:
+        params0 = (rng.standard_normal(end - start) * 0.1).astype(dtype)
+        results = []
+        for compiled in (False, True):
+            opt = AdamW(end - start, segments, *BETAS, EPS, WD, dtype=dtype, compiled=compiled)
+            params = params0.copy()
+            for step, scale in enumerate((1.0, 0.37, 1.0, 0.9)):
+                grads = np.random.default_rng(step).standard_normal(end - start).astype(dtype)
+                opt.step(params, grads, lr=1e-2 / (step + 1), grad_scale=scale)
+            results.append((params, opt.m, opt.v))
+    finally:
+        ops.set_threads(1)
+    for (name, a), b in zip((("params", x) for x in results[0]), results[1], strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert not np.array_equal(results[1][0], params0)
+
+
+def test_adamw_uses_the_compiled_loop_unless_distgpt_jit_is_0(monkeypatch):
+    assert jit.numba_installed(), "numba is a dependency of distgpt"
+    monkeypatch.delenv("DISTGPT_JIT", raising=False)
+    assert AdamW(4, [(0, 4, True)], *BETAS, EPS, WD).compiled
+    monkeypatch.setenv("DISTGPT_JIT", "0")
+    assert not AdamW(4, [(0, 4, True)], *BETAS, EPS, WD).compiled
+    monkeypatch.delenv("DISTGPT_JIT")
+    monkeypatch.setattr(jit, "numba_installed", lambda: False)
+    assert not AdamW(4, [(0, 4, True)], *BETAS, EPS, WD).compiled
+    with pytest.raises(RuntimeError, match="numba"):
+        AdamW(4, [(0, 4, True)], *BETAS, EPS, WD, compiled=True)
 
 
 def test_adamw_rejects_segments_that_do_not_cover_the_slice():

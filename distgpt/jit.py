@@ -1,0 +1,49 @@
+"""Compiled loops (numba) for the few kernels NumPy cannot fuse.
+
+NumPy runs every ufunc as its own pass over the data. That is fine for matmuls, but an update like
+AdamW's is fourteen ufuncs per element: even on cache-sized chunks it costs ~10 cycles per
+parameter, against ~2 for one compiled loop that reads each array once (GPT-2 124M, 62M parameters
+per rank: 200 ms vs 45 ms). numba compiles such a loop from plain Python on first use and caches the
+machine code next to this package (or in the user's cache directory), so later runs only load it.
+
+Every compiled kernel has a NumPy twin doing the same float operations in the same order; the twin
+runs when numba is not installed or DISTGPT_JIT=0 is set, and the tests hold the two to bitwise
+equality. Kernels run with `nogil`, so the rank's threads (ops.parallel_for) can split them.
+numba (and LLVM) are imported on a kernel's first call, so commands that never run one (sampling,
+data preparation) do not pay the ~0.3 s it takes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def numba_installed() -> bool:
+    return importlib.util.find_spec("numba") is not None
+
+
+def enabled() -> bool:
+    """True when compiled kernels are used: numba is installed and DISTGPT_JIT is not 0."""
+    return os.environ.get("DISTGPT_JIT", "1") != "0" and numba_installed()
+
+
+class Kernel:
+    """A plain-Python loop, compiled to machine code by numba on its first call. IEEE arithmetic:
+    no fast-math reordering or fused multiply-adds, so results match the NumPy twin exactly."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self._compiled: Callable | None = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self._compiled is None:
+            import numba
+
+            # error_model="numpy": x / 0 gives inf or nan as in NumPy instead of raising, which also
+            # leaves the loop free of checks, so LLVM can vectorise it.
+            self._compiled = numba.njit(nogil=True, cache=True, error_model="numpy",
+                                        boundscheck=False)(self.fn)
+        return self._compiled(*args)
