@@ -116,11 +116,15 @@ def torch_attention(q, k, v, blocked):
     return torch.softmax(scores, dim=-1) @ v
 
 
+@pytest.mark.parametrize("heads_per_run", [1, 2, 3])     # 2-D per head, mixed, all heads batched
 @pytest.mark.parametrize("T", [9, 300])                 # one query block, and several (ATTN_BLOCK = 128)
 @pytest.mark.parametrize("window", [None, 2, 4, 130])
-def test_attention_forward_and_backward_match_torch(window, T):
+def test_attention_forward_and_backward_match_torch(monkeypatch, window, T, heads_per_run):
     rng = np.random.default_rng(4)
     B, nh, hs = 2, 3, 4
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", heads_per_run * min(T, ops.ATTN_BLOCK) * T)
+    runs = list(ops._head_groups(0, B * nh, nh, T))
+    assert max(1 if isinstance(h, int) else h.stop - h.start for _, h in runs) == heads_per_run
     q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
     blocked = ops.causal_mask(T, window)
     y, lse = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
