@@ -167,6 +167,7 @@ class _Acts:
         self.s_c = z(BT, C)
         self.s_c2 = z(BT, C)
         self.s_4c = z(BT, 4 * C)
+        self.gelu_slope = z(BT, 4 * C)
         # one chunk of the head's logits (a fresh 100 MB array every step would be page-faulted in)
         self.logits = z(min(BT, head_chunk_rows), cfg.vocab_size)
         self.shape = (B, T, nh, hs)
@@ -183,7 +184,7 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
     """Bytes of the training buffers `_Acts` allocates for a (B, T) micro-batch, plus the head's chunk."""
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
     per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T
-    scratch = 13 * BT * C + BT
+    scratch = 17 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
     return itemsize * (L * per_layer + scratch + head)
 
@@ -360,7 +361,8 @@ class GPT:
                 dres *= 1.0 / (1.0 - cfg.dropout)
             else:
                 dres = dx
-            ops.gelu_forward(a.fc_pre[layer], a.s_4c)  # recompute gelu output instead of storing it
+            # recompute the gelu output instead of storing it; its slope comes from the same exp
+            ops.gelu_forward(a.fc_pre[layer], a.s_4c, slope=a.gelu_slope)
             ops.linear_backward(
                 dres,
                 a.s_4c,
@@ -370,7 +372,7 @@ class GPT:
                 a.s_4c,
                 acc,
             )
-            ops.gelu_backward(a.s_4c, a.fc_pre[layer], a.s_4c)
+            ops.multiply_(a.s_4c, a.gelu_slope)                 # through the gelu
             ops.linear_backward(
                 a.s_4c,
                 a.ln2_out[layer],

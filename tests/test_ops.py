@@ -62,7 +62,9 @@ def test_layernorm_backward_may_write_dx_over_dout():
 # ----------------------------------------------------------------------------- gelu and linear
 
 
-def test_gelu_is_the_tanh_approximation_and_its_backward_matches_torch():
+@pytest.mark.parametrize("jit", ["1", "0"], ids=["numba", "numpy"])
+def test_gelu_is_the_tanh_approximation_and_its_backward_matches_torch(monkeypatch, jit):
+    monkeypatch.setenv("DISTGPT_JIT", jit)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 9)) * 3
     out = ops.gelu_forward(x, np.empty_like(x))
@@ -71,6 +73,10 @@ def test_gelu_is_the_tanh_approximation_and_its_backward_matches_torch():
     dout = rng.standard_normal(x.shape)
     ref.backward(torch.tensor(dout))
     assert rel(out, ref.detach()) < TOL
+    out2, slope = np.empty_like(x), np.empty_like(x)
+    ops.gelu_forward(x, out2, slope=slope)             # what backward uses: output and slope at once
+    np.testing.assert_array_equal(out2, out)
+    assert rel(dout * slope, xt.grad) < TOL
 
     dx = np.empty_like(x)
     ops.gelu_backward(dout, x, dx)
@@ -78,6 +84,39 @@ def test_gelu_is_the_tanh_approximation_and_its_backward_matches_torch():
     aliased = dout.copy()  # the model writes dx over dout
     ops.gelu_backward(aliased, x, aliased)
     np.testing.assert_allclose(aliased, dx, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_compiled_gelu_is_bitwise_the_numpy_twin(monkeypatch, dtype, threads):
+    """Same float operations in the same order, NumPy's exp in both: identical bits, also where
+    exp overflows (x << 0) and on blocks and thread splits that end mid-row."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((37, 29)) * 4).astype(dtype)
+    x[0, :4] = [-100.0, 100.0, 0.0, -0.0]
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", 5 * 29)
+    ops.set_threads(threads)
+    try:
+        results = []
+        for flag in ("0", "1"):
+            monkeypatch.setenv("DISTGPT_JIT", flag)
+            out, out2, slope, dx = (np.full_like(x, np.nan) for _ in range(4))
+            ops.gelu_forward(x, out)
+            ops.gelu_forward(x, out2, slope=slope)
+            ops.gelu_backward(dout, x, dx)
+            results.append((out, out2, slope, dx))
+    finally:
+        ops.set_threads(1)
+    for name, a, b in zip(("out", "out with slope", "slope", "dx"), *results, strict=True):
+        assert np.isfinite(b).all(), name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_gelu_refuses_arrays_it_would_have_to_copy():
+    x = np.zeros((4, 6))
+    with pytest.raises(ValueError, match="contiguous"):
+        ops.gelu_forward(x[:, :3], np.empty((4, 3)))
 
 
 def test_linear_backward_accumulates_weight_grads_and_writes_dx():
