@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overlap", action="store_true",
                         help="mpi reduce: reduce gradients after backward, not during it")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile rank 0's timed steps, print the top 15 functions")
+                        help="cProfile rank 0's timed steps, print the top 25 functions")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for other processes to leave the cores")
     parser.add_argument("--json", help="save every result to this file")
