@@ -130,3 +130,20 @@ def test_progress_bar_on_a_terminal(tmp_path, shakespeare_bytes):
     screen = b"".join(chunks).decode(errors="replace")
     assert "4/4" in screen and "loss=" in screen and "tok_s=" in screen and "\r" in screen
     assert "step      2/4 | loss" in screen
+
+
+def test_compiled_kernels_train_exactly_like_their_numpy_twins(tmp_path, shakespeare_bytes):
+    """DISTGPT_JIT=0 swaps the numba loops (AdamW, GELU) for NumPy ufuncs doing the same float
+    operations: a whole run, losses, gradient norms and val loss, must come out bit for bit."""
+    runs = {}
+    for flag, header in (("1", "AdamW (compiled, numba)"), ("0", "AdamW (NumPy ufuncs)")):
+        run_dir = tmp_path / f"jit{flag}"
+        run_dir.mkdir()
+        cfg = tiny_config(run_dir, shakespeare_bytes, train={"max_steps": 4, "eval_every": 4})
+        r = run_cli("train", "--config", str(cfg), env={"DISTGPT_JIT": flag})
+        assert r.returncode == 0, r.stderr
+        assert header in r.stdout
+        runs[flag] = [(row["train_loss"], row["grad_norm"], row.get("val_loss"))
+                      for row in read_metrics(run_dir / "out")]
+    assert len(runs["1"]) == 4 and runs["1"][-1][2] is not None
+    assert runs["0"] == runs["1"]
