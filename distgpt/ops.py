@@ -252,8 +252,9 @@ def gelu_forward(x: np.ndarray, out: np.ndarray, slope: np.ndarray | None = None
     """out = gelu(x); with `slope`, also slope = gelu'(x) (backward recomputes the output for the
     next layer's weight gradient and gets the derivative from the same exp). x, out, slope: C-contiguous."""
     N, C = x.shape
-    if not all(a.flags.c_contiguous for a in (x, out) + ((slope,) if slope is not None else ())):
-        raise ValueError("gelu_forward needs C-contiguous x, out and slope")
+    arrays = (x, out) + ((slope,) if slope is not None else ())
+    if not all(a.flags.c_contiguous and a.shape == x.shape and a.dtype == x.dtype for a in arrays):
+        raise ValueError("gelu_forward needs C-contiguous x, out and slope of one shape and dtype")
 
     def work(lo: int, hi: int) -> None:
         scratch = None if slope is None else np.empty(min(hi - lo, BLOCK_ELEMS // C + 1) * C, x.dtype)

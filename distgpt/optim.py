@@ -104,6 +104,13 @@ class AdamW:
         """params -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * params), in place.
         grad_scale multiplies the gradient first (clipping) without touching `grads`.
         The chunks are split over the rank's threads (ops.set_threads)."""
+        n = self.m.size
+        if {params.shape, grads.shape} != {(n,)} or {params.dtype, grads.dtype} != {np.dtype(self.dtype)}:
+            raise ValueError(f"AdamW over {n} {np.dtype(self.dtype).name} values got params "
+                             f"{params.shape} {params.dtype} and grads {grads.shape} {grads.dtype}")
+        # Python floats: a NumPy float64 scalar would make the ufunc path compute in float64
+        # (NumPy 2 treats it as a strong type) while the compiled loop rounds it to float32 first
+        lr, grad_scale = float(lr), float(grad_scale)
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         step_size = lr / (1.0 - b1 ** self.t)

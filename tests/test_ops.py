@@ -185,22 +185,30 @@ def test_attention_forward_and_backward_match_torch(monkeypatch, window, T, head
     assert rel(dv, vt.grad) < TOL
 
 
-def test_attention_with_dropout_matches_torch():
+@pytest.mark.parametrize("window", [None, 50])
+@pytest.mark.parametrize("heads_per_run,threads", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_attention_with_dropout_matches_torch(monkeypatch, threads, heads_per_run, window):
     rng = np.random.default_rng(8)
     B, nh, T, hs, p = 1, 2, 140, 4, 0.3
+    monkeypatch.setattr(ops, "BLOCK_ELEMS", heads_per_run * min(T, ops.ATTN_BLOCK) * T)
     q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
     keep = rng.random((B, nh, T, T)) >= p
     y, lse = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
-    ops.attention_forward(q, k, v, None, y, lse, keep=keep, keep_scale=1 / (1 - p))
+    dq, dk, dv = (np.empty_like(q) for _ in range(3))
+    dy = rng.standard_normal(y.shape)
+    ops.set_threads(threads)
+    try:
+        ops.attention_forward(q, k, v, window, y, lse, keep=keep, keep_scale=1 / (1 - p))
+        ops.attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv, keep=keep, keep_scale=1 / (1 - p))
+    finally:
+        ops.set_threads(1)
     qt, kt, vt = t64(q), t64(k), t64(v)
     scores = (qt @ kt.transpose(-1, -2)) / np.sqrt(hs)
-    probs = torch.softmax(scores.masked_fill(torch.tensor(ops.causal_mask(T)), float("-inf")), dim=-1)
+    blocked = torch.tensor(ops.causal_mask(T, window))
+    probs = torch.softmax(scores.masked_fill(blocked, float("-inf")), dim=-1)
     ref = (probs * torch.tensor(keep) / (1 - p)) @ vt
-    dy = rng.standard_normal(y.shape)
     ref.backward(torch.tensor(dy))
     assert rel(y, ref.detach()) < TOL
-    dq, dk, dv = (np.empty_like(q) for _ in range(3))
-    ops.attention_backward(dy, q, k, v, y, lse, None, dq, dk, dv, keep=keep, keep_scale=1 / (1 - p))
     assert rel(dq, qt.grad) < TOL and rel(dk, kt.grad) < TOL and rel(dv, vt.grad) < TOL
 
 

@@ -244,6 +244,57 @@ def test_compiled_adamw_is_bitwise_the_numpy_update(monkeypatch, dtype, threads)
     assert not np.array_equal(results[1][0], params0)
 
 
+def test_numpy_scalars_do_not_change_the_numpy_path(monkeypatch):
+    """A np.float64 lr or clip factor must not push the ufunc path into float64 arithmetic
+    (NumPy 2 treats it as a strong type) while the compiled loop rounds it to float32."""
+    n = 1000
+    rng = np.random.default_rng(6)
+    p0, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    results = []
+    for compiled in (False, True):
+        for lr, scale in ((1e-3, 0.37), (np.float64(1e-3), np.float64(0.37))):
+            opt = AdamW(n, [(0, n, True)], *BETAS, EPS, WD, compiled=compiled)
+            p = p0.copy()
+            opt.step(p, g, lr, scale)
+            results.append(p)
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+
+
+def test_adamw_refuses_arrays_of_the_wrong_size_or_dtype():
+    opt = AdamW(8, [(0, 8, True)], *BETAS, EPS, WD)
+    ok = np.zeros(8, np.float32)
+    for params, grads in ((np.zeros(7, np.float32), ok), (ok, np.zeros(9, np.float32)),
+                          (np.zeros(8), ok), (ok, np.zeros(8))):
+        with pytest.raises(ValueError, match="AdamW over 8 float32"):
+            opt.step(params, grads, 1e-3)
+
+
+def test_a_kernel_that_cannot_be_cached_is_compiled_anyway(monkeypatch):
+    """No writable cache directory (read-only install and home): warn and compile every run."""
+    import numba
+
+    real_njit = numba.njit
+
+    def njit(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function 'f': no locator available for file 'x.py'")
+        return real_njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", njit)
+
+    def double(a):
+        for i in range(a.shape[0]):
+            a[i] *= 2.0
+
+    kernel = jit.Kernel(double)
+    a = np.ones(3)
+    with pytest.warns(UserWarning, match="NUMBA_CACHE_DIR"):
+        kernel(a)
+    kernel(a)
+    np.testing.assert_array_equal(a, [4.0, 4.0, 4.0])
+
+
 def test_adamw_uses_the_compiled_loop_unless_distgpt_jit_is_0(monkeypatch):
     assert jit.numba_installed(), "numba is a dependency of distgpt"
     monkeypatch.delenv("DISTGPT_JIT", raising=False)
