@@ -112,24 +112,26 @@ class AdamW:
         # (NumPy 2 treats it as a strong type) while the compiled loop rounds it to float32 first
         lr, grad_scale = float(lr), float(grad_scale)
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        step_size = lr / (1.0 - b1 ** self.t)
-        inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - b2 ** self.t)
+        step_size = lr / (1.0 - self.beta1 ** self.t)
+        inv_sqrt_bias2 = 1.0 / math.sqrt(1.0 - self.beta2 ** self.t)
+        update = self._compiled_chunks if self.compiled else self._numpy_chunks
+        update(params, grads, lr, grad_scale, step_size, inv_sqrt_bias2)
 
-        if self.compiled:
-            dt = np.dtype(self.dtype).type
-            b1_, b2_, k2 = dt(b1), dt(b2), dt((1.0 - b2) * grad_scale * grad_scale)
-            k1, ibc, eps, step = dt(grad_scale * (1.0 - b1)), dt(inv_sqrt_bias2), dt(self.eps), dt(step_size)
-            wd_decay, no_decay = dt(1.0 - lr * self.weight_decay), dt(1.0)
-            chunks = self.chunks(self.CHUNK or self.CHUNK_COMPILED)
+    def _compiled_chunks(self, params: np.ndarray, grads: np.ndarray, lr: float, grad_scale: float,
+                         step_size: float, inv_sqrt_bias2: float) -> None:
+        """The update as one compiled pass per chunk (_adamw_loop), scalars in the arrays' dtype."""
+        dt = np.dtype(self.dtype).type
+        b1, b2, k2 = dt(self.beta1), dt(self.beta2), dt((1.0 - self.beta2) * grad_scale * grad_scale)
+        k1, ibc = dt(grad_scale * (1.0 - self.beta1)), dt(inv_sqrt_bias2)
+        eps, step = dt(self.eps), dt(step_size)
+        wd_decay, no_decay = dt(1.0 - lr * self.weight_decay), dt(1.0)
+        chunks = self.chunks(self.CHUNK or self.CHUNK_COMPILED)
 
-            def compiled(first: int, last: int) -> None:
-                for lo, hi, decay in chunks[first:last]:
-                    _adamw_compiled(params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi],
-                                    wd_decay if decay else no_decay, k1, b1_, k2, b2_, ibc, eps, step)
-            parallel_for(len(chunks), compiled)
-        else:
-            self._numpy_chunks(params, grads, lr, grad_scale, step_size, inv_sqrt_bias2)
+        def work(first: int, last: int) -> None:
+            for lo, hi, decay in chunks[first:last]:
+                _adamw_compiled(params[lo:hi], grads[lo:hi], self.m[lo:hi], self.v[lo:hi],
+                                wd_decay if decay else no_decay, k1, b1, k2, b2, ibc, eps, step)
+        parallel_for(len(chunks), work)
 
     def _numpy_chunks(self, params: np.ndarray, grads: np.ndarray, lr: float, grad_scale: float,
                       step_size: float, inv_sqrt_bias2: float) -> None:
