@@ -16,6 +16,7 @@ data preparation) do not pay the ~0.3 s it takes.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import threading
@@ -26,6 +27,7 @@ from typing import Any
 _compile_lock = threading.Lock()
 
 
+@functools.cache                               # enabled() runs once per elementwise block
 def numba_installed() -> bool:
     return importlib.util.find_spec("numba") is not None
 

@@ -257,11 +257,14 @@ def gelu_forward(x: np.ndarray, out: np.ndarray, slope: np.ndarray | None = None
         raise ValueError("gelu_forward needs C-contiguous x, out and slope of one shape and dtype")
 
     def work(lo: int, hi: int) -> None:
-        scratch = None if slope is None else np.empty(min(hi - lo, BLOCK_ELEMS // C + 1) * C, x.dtype)
+        # without a slope the exponent is built in `out`; with one, in a block of scratch
+        scratch = None if slope is None else np.empty((min(hi - lo, max(1, BLOCK_ELEMS // C)), C), x.dtype)
         for sl in _row_blocks(lo, hi, C):
             o = out[sl]
-            e = o if slope is None else scratch[: o.size].reshape(o.shape)
-            _gelu_block(x[sl], o, None if slope is None else slope[sl], e)
+            if slope is None:
+                _gelu_block(x[sl], o, None, o)
+            else:
+                _gelu_block(x[sl], o, slope[sl], scratch[: o.shape[0]])
     parallel_for(N, work)
     return out
 
@@ -275,16 +278,11 @@ def multiply_(a: np.ndarray, b: np.ndarray) -> None:
 
 
 def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: np.ndarray) -> None:
-    """dx = dout * gelu'(x). dx may alias dout."""
-    N, C = x.shape
-
-    def work(lo: int, hi: int) -> None:
-        for sl in _row_blocks(lo, hi, C):
-            xs = x[sl]
-            slope, scratch = np.empty_like(xs), np.empty_like(xs)
-            _gelu_block(xs, scratch, slope, scratch)
-            np.multiply(dout[sl], slope, out=dx[sl])
-    parallel_for(N, work)
+    """dx = dout * gelu'(x). dx may alias dout. (The model's backward does the same in two steps:
+    gelu_forward with a slope, which it needs for the output anyway, then multiply_.)"""
+    slope = np.empty_like(x)
+    gelu_forward(x, np.empty_like(x), slope=slope)
+    np.multiply(dout, slope, out=dx)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -321,7 +319,7 @@ def _additive_mask(T: int, window: int | None, dtype) -> np.ndarray:
 
 
 def _head_groups(lo: int, hi: int, nh: int, T: int):
-    """(b, h0, h1): the flat (batch, head) range [lo, hi) cut into runs of heads of one sequence,
+    """(b, heads): the flat (batch, head) range [lo, hi) cut into runs of heads of one sequence,
     each run small enough that its score blocks (heads x ATTN_BLOCK x T) stay in cache. At short T
     a run is all heads, so every step is one batched ufunc or matmul instead of a Python loop over
     heads (T = 64: attention 1.5x faster); at T = 1024 a run is one head. A one-head run is given
