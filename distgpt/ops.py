@@ -334,18 +334,23 @@ def _head_groups(lo: int, hi: int, nh: int, T: int):
 
 
 def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray):
-    """(q0, q1, k0, scores): for each query block [q0, q1), the scaled and masked scores
-    ([heads,] q1 - q0, q1 - k0) against keys [k0, q1), the only keys any of its queries can see.
-    q, k: ([heads,] T, hs)."""
+    """(q0, q1, k0, scores, scaled_q): for each query block [q0, q1), the scaled and masked scores
+    ([heads,] q1 - q0, q1 - k0) against keys [k0, q1), the only keys any of its queries can see, and
+    the block's queries times 1/sqrt(hs). q, k: ([heads,] T, hs).
+    The scale goes on the (rows, hs) queries rather than the (rows, keys) scores, and without a window
+    only the diagonal (rows, rows) square needs the mask: two fewer passes over the scores."""
     T, hs = q.shape[-2:]
     scale = 1.0 / math.sqrt(hs)
     for q0 in range(0, T, ATTN_BLOCK):
         q1 = min(T, q0 + ATTN_BLOCK)
         k0 = 0 if window is None else max(0, q0 - window + 1)
-        s = q[..., q0:q1, :] @ k[..., k0:q1, :].swapaxes(-1, -2)
-        s *= scale
-        s += mask[q0:q1, k0:q1]
-        yield q0, q1, k0, s
+        qs = q[..., q0:q1, :] * scale
+        s = qs @ k[..., k0:q1, :].swapaxes(-1, -2)
+        if window is None:
+            s[..., q0:] += mask[q0:q1, q0:q1]
+        else:
+            s += mask[q0:q1, k0:q1]
+        yield q0, q1, k0, s, qs
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
@@ -359,19 +364,22 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     def work(lo: int, hi: int) -> None:
         for b, hd in _head_groups(lo, hi, nh, T):
             vb, yb, lb = v[b, hd], y[b, hd], lse[b, hd]
-            for q0, q1, k0, s in _score_blocks(q[b, hd], k[b, hd], window, mask):
+            for q0, q1, k0, s, _ in _score_blocks(q[b, hd], k[b, hd], window, mask):
                 m = s.max(axis=-1, keepdims=True)
                 s -= m
                 np.exp(s, out=s)
                 total = s.sum(axis=-1, keepdims=True)
-                s /= total
+                if keep is not None:
+                    s *= keep[b, hd, q0:q1, k0:q1]
+                # normalise the (rows, hs) output instead of the (rows, keys) probabilities
+                yq = yb[..., q0:q1, :]
+                np.matmul(s, vb[..., k0:q1, :], out=yq)
+                yq /= total
+                if keep is not None:
+                    yq *= keep_scale
                 np.log(total, out=total)
                 total += m
                 lb[..., q0:q1] = total[..., 0]
-                if keep is not None:
-                    s *= keep[b, hd, q0:q1, k0:q1]
-                    s *= keep_scale
-                np.matmul(s, vb[..., k0:q1, :], out=yb[..., q0:q1, :])
     parallel_for(B * nh, work)
 
 
@@ -391,7 +399,7 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
             rowdot = np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]
             dkb[...] = 0.0
             dvb[...] = 0.0
-            for q0, q1, k0, p in _score_blocks(qb, kb, window, mask):
+            for q0, q1, k0, p, qs in _score_blocks(qb, kb, window, mask):
                 p -= lb[..., q0:q1, None]                # recompute the probabilities
                 np.exp(p, out=p)
                 dp = dyb[..., q0:q1, :] @ vb[..., k0:q1, :].swapaxes(-1, -2)
@@ -403,10 +411,11 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
                 else:
                     dvb[..., k0:q1, :] += p.swapaxes(-1, -2) @ dyb[..., q0:q1, :]
                 dp -= rowdot[..., q0:q1, :]
-                dp *= p
-                dp *= scale                            # dp is now the score gradient
-                np.matmul(dp, kb[..., k0:q1, :], out=dqb[..., q0:q1, :])
-                dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qb[..., q0:q1, :]
+                dp *= p                                # dp is now the score gradient
+                dqq = dqb[..., q0:q1, :]
+                np.matmul(dp, kb[..., k0:q1, :], out=dqq)
+                dqq *= scale
+                dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qs
     parallel_for(B * nh, work)
 
 
