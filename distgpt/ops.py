@@ -14,6 +14,7 @@ therefore walk their rows in cache-sized blocks (a chain of ufuncs on a block st
 split the blocks over the rank's threads (`set_threads`): ufuncs and BLAS calls release the GIL.
 BLAS itself is kept to one thread (dist.setup_threads) and big matmuls are split by rows over the
 same threads: one pool owns the rank's cores, so idle BLAS workers never spin against it.
+The big 2-D matmuls go through blas.gemm: NumPy's BLAS, or MKL where it is installed and faster.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from distgpt import jit
+from distgpt import blas, jit
 
 GELU_C = math.sqrt(2.0 / math.pi)
 LN_EPS = 1e-5
@@ -74,7 +75,7 @@ def parallel_for(n: int, fn: Callable[[int, int], None], grain: int = 1) -> None
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = a @ b for 2-D arrays, rows of `a` split over the threads."""
     def work(lo: int, hi: int) -> None:
-        np.matmul(a[lo:hi], b, out=out[lo:hi])
+        blas.gemm(a[lo:hi], b, out[lo:hi])
     parallel_for(a.shape[0], work, grain=64)
     return out
 
@@ -146,7 +147,7 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     def work(lo: int, hi: int) -> None:
-        np.matmul(x[lo:hi], w, out=out[lo:hi])
+        blas.gemm(x[lo:hi], w, out[lo:hi])
         out[lo:hi] += b
     parallel_for(x.shape[0], work, grain=64)
     return out
@@ -158,10 +159,7 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarr
     saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None."""
     def weight_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
-        if accumulate:
-            dw[lo:hi] += x[:, lo:hi].T @ dout
-        else:
-            np.matmul(x[:, lo:hi].T, dout, out=dw[lo:hi])
+        blas.gemm(x[:, lo:hi].T, dout, dw[lo:hi], accumulate=accumulate)
     parallel_for(x.shape[1], weight_grad, grain=64)
     if accumulate:
         db += dout.sum(axis=0)
@@ -472,9 +470,6 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
                 step = max(1, (1 << 20) // max(1, xc.shape[1]))
                 for v0 in range(lo, hi, step):
                     v1 = min(hi, v0 + step)
-                    if add:
-                        dwte[v0:v1] += logits[:, v0:v1].T @ xc
-                    else:
-                        np.matmul(logits[:, v0:v1].T, xc, out=dwte[v0:v1])
+                    blas.gemm(logits[:, v0:v1].T, xc, dwte[v0:v1], accumulate=add)
             parallel_for(V, embed_grad)
     return float(losses.sum() / N)

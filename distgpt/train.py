@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import dist, jit
+from distgpt import blas, dist, jit
 from distgpt.config import Config, ConfigError, check_batch_layout, load_config
 from distgpt.model import GPT, Layout, ModelConfig, activation_bytes, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
@@ -37,7 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distgpt.data import DataError
     from distgpt.weights import WeightsError
 
-    return (ConfigError, DataError, CheckpointError, WeightsError)
+    return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -67,6 +67,7 @@ def summary(cfg: Config, world: int, accum: int) -> list[str]:
         f"lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
         f"wd {t.weight_decay}, clip {t.grad_clip}"
         + ("" if world == 1 else ", ZeRO-1" if cfg.parallel.zero else ", replicated"),
+        f"matmuls: {blas.describe()}",
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}; total {mb(total)}",
     ]
@@ -257,6 +258,7 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
     bar = None  # the live progress bar, on rank 0 when stdout is a terminal
     threads = dist.setup_threads(comm, cfg.parallel.threads_per_rank)
+    blas.describe()                    # a bad DISTGPT_BLAS fails here, on every rank alike
     accum = check_batch_layout(cfg, comm.size)
 
     if dry_run:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,25 @@ def tiny_hf_gpt2(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head
     cfg = transformers.GPT2Config(**{**fields, **config})
     cfg._attn_implementation = "eager"   # transformers 5 takes it on the config, not the constructor
     return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def require_mkl() -> None:
+    """Fail when MKL is missing where the test extra installs it (x86-64 Linux); skip elsewhere."""
+    from distgpt import blas
+
+    if blas._mkl_library_path() is None:
+        if sys.platform != "linux" or platform.machine() != "x86_64":
+            pytest.skip("the test extra installs MKL on x86-64 Linux only")
+        pytest.fail("the mkl package is not installed: `pip install -e '.[test]'` installs it")
+
+
+@pytest.fixture(params=["numpy", "mkl"])
+def blas_backend(request):
+    """Run the test once with NumPy's BLAS and once with MKL."""
+    from distgpt import blas
+
+    if request.param == "mkl":
+        require_mkl()
+    blas.use(request.param)
+    yield request.param
+    blas.use("auto")

@@ -72,7 +72,7 @@ def ours_from_hf(hf, n_layer: int) -> GPT:
 
 
 @pytest.mark.parametrize("n_layer", [2, 3])
-def test_logits_loss_and_every_gradient_match_hugging_face(n_layer):
+def test_logits_loss_and_every_gradient_match_hugging_face(n_layer, blas_backend):
     hf = hf_reference(n_layer)
     m = ours_from_hf(hf, n_layer)
     idx, tgt = tokens(1, (B, T))
@@ -128,7 +128,7 @@ FD_SAMPLES = 5
     [{}, {"dropout": 0.2}, {"attention": "alternating_banded", "window": 2}],
     ids=["dense", "dropout", "banded"],
 )
-def test_every_parameter_gradient_matches_float64_finite_differences(extra):
+def test_every_parameter_gradient_matches_float64_finite_differences(extra, blas_backend):
     cfg = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11, **extra)
     m = GPT(cfg, dtype=np.float64)
     randomize(m, seed=3, weight_std=0.3)
@@ -216,7 +216,7 @@ def test_alternating_banded_attention_matches_a_masked_torch_reference():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_two_half_scaled_micro_batches_accumulate_to_the_full_batch_gradient(dropout):
+def test_two_half_scaled_micro_batches_accumulate_to_the_full_batch_gradient(dropout, blas_backend):
     cfg = ModelConfig(n_layer=2, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V, dropout=dropout)
     m = GPT(cfg, dtype=np.float64)  # float64: the sums are re-associated, so only rounding may differ
     randomize(m, seed=8)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
-from conftest import read_metrics, run_cli, tiny_config
+from conftest import read_metrics, require_mkl, run_cli, tiny_config
 
 
 def test_training_lowers_train_and_val_loss(tmp_path, shakespeare_bytes):
@@ -147,3 +148,24 @@ def test_compiled_kernels_train_exactly_like_their_numpy_twins(tmp_path, shakesp
                       for row in read_metrics(run_dir / "out")]
     assert len(runs["1"]) == 4 and runs["1"][-1][2] is not None
     assert runs["0"] == runs["1"]
+
+
+def test_matmul_library_is_chosen_by_distgpt_blas(tmp_path, shakespeare_bytes):
+    """DISTGPT_BLAS=numpy and =mkl both train, say which library runs the matmuls, and agree to
+    rounding (another summation order); an unknown value is a one-line error naming it."""
+    require_mkl()
+    losses = {}
+    for name, header in (("numpy", "matmuls: NumPy's BLAS"), ("mkl", "matmuls: MKL ")):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        cfg = tiny_config(run_dir, shakespeare_bytes, train={"max_steps": 3, "eval_every": 3})
+        r = run_cli("train", "--config", str(cfg), env={"DISTGPT_BLAS": name})
+        assert r.returncode == 0, r.stderr
+        assert header in r.stdout
+        losses[name] = [row["train_loss"] for row in read_metrics(run_dir / "out")]
+    assert len(losses["mkl"]) == 3
+    assert np.allclose(losses["mkl"], losses["numpy"], rtol=1e-5)
+    r = run_cli("train", "--config", str(cfg), env={"DISTGPT_BLAS": "cuda"})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "distgpt.train: error: DISTGPT_BLAS='cuda': expected auto, mkl or numpy")

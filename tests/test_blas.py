@@ -1,0 +1,100 @@
+"""blas.gemm: MKL through ctypes (when the mkl package is installed) against NumPy's matmul, on the
+operand layouts ops passes it (row slices, column slices, transposed views) and the ones it must
+refuse (falling back to NumPy)."""
+import numpy as np
+import pytest
+
+from distgpt import blas
+
+from conftest import require_mkl
+
+HAS_MKL = blas._mkl_library_path() is not None
+
+
+def operand(rng, shape, how, dtype):
+    """A (rows, cols) array laid out `how`: contiguous, a column slice of a wider array, or the
+    transpose of a (cols, rows) one (also sliced)."""
+    r, c = shape
+    if how == "contiguous":
+        return rng.standard_normal((r, c)).astype(dtype)
+    if how == "column-slice":
+        return rng.standard_normal((r, c + 7)).astype(dtype)[:, 3:3 + c]
+    if how == "transposed":
+        return rng.standard_normal((c, r)).astype(dtype).T
+    return rng.standard_normal((c, r + 5)).astype(dtype)[:, 2:2 + r].T          # transposed slice
+
+
+LAYOUTS = ["contiguous", "column-slice", "transposed", "transposed-slice"]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("a_how", LAYOUTS)
+@pytest.mark.parametrize("b_how", LAYOUTS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_gemm_matches_numpy_on_every_layout(blas_backend, dtype, a_how, b_how, accumulate):
+    rng = np.random.default_rng(0)
+    M, K, N = 37, 53, 29
+    a, b = operand(rng, (M, K), a_how, dtype), operand(rng, (K, N), b_how, dtype)
+    base = rng.standard_normal((M, N + 4)).astype(dtype)
+    out = base[:, 1:1 + N]                                   # a strided output view
+    expect = (out.astype(np.float64) if accumulate else 0) + a.astype(np.float64) @ b.astype(np.float64)
+    before = base.copy()
+    blas.gemm(a, b, out, accumulate=accumulate)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.abs(out - expect).max() <= tol * np.abs(expect).max()
+    # the columns around the view are untouched
+    assert np.array_equal(base[:, 0], before[:, 0]) and np.array_equal(base[:, N + 1:], before[:, N + 1:])
+
+
+def test_mkl_actually_runs_when_chosen(monkeypatch):
+    require_mkl()
+    blas.use("mkl")
+    try:
+        mkl = blas._mkl()
+        calls = []
+        real = mkl.gemm[np.dtype(np.float32)]
+        spy = lambda *args: (calls.append(args[3:6]), real(*args))              # noqa: E731
+        monkeypatch.setitem(mkl.gemm, np.dtype(np.float32), spy)
+        a, b = np.ones((4, 3), np.float32), np.ones((3, 5), np.float32)
+        out = np.empty((4, 5), np.float32)
+        blas.gemm(a, b, out)
+        assert calls == [(4, 5, 3)] and np.all(out == 3)
+        assert blas.describe().startswith("MKL ")
+    finally:
+        blas.use("auto")
+
+
+def test_unsupported_operands_fall_back_to_numpy(monkeypatch):
+    blas.use("mkl" if HAS_MKL else "numpy")
+    try:
+        rng = np.random.default_rng(1)
+        a = rng.standard_normal((6, 8)).astype(np.float32)
+        b = rng.standard_normal((8, 5)).astype(np.float32)
+        cases = [
+            (a[::2], b, np.empty((3, 5), np.float32)),              # row stride not a plain leading dim
+            (a, b, np.empty((5, 6), np.float32).T),                  # transposed output
+            (a.astype(np.float16), b.astype(np.float16), np.empty((6, 5), np.float16)),
+            (a, b.astype(np.float64), np.empty((6, 5), np.float64)),  # mixed dtypes
+            ((a * 100).astype(np.int64), (b * 100).astype(np.int64), np.empty((6, 5), np.int64)),
+        ]
+        for x, y, out in cases:
+            blas.gemm(x, y, out)
+            assert np.allclose(out, x @ y, rtol=1e-2, atol=1e-2)
+        sq = rng.standard_normal((5, 5)).astype(np.float32)
+        expect = sq @ sq
+        blas.gemm(sq, sq.copy(), sq)                                 # output overlaps an input
+        assert np.allclose(sq, expect, rtol=1e-5, atol=1e-5)
+    finally:
+        blas.use("auto")
+
+
+def test_unknown_backend_and_missing_mkl_are_clear_errors(monkeypatch):
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS='cuda': expected auto, mkl or numpy"):
+        blas.use("cuda")
+    monkeypatch.setattr(blas, "_mkl_library_path", lambda: None)
+    with pytest.raises(blas.BlasError, match="mkl. package is not installed"):
+        blas.use("mkl")
+    blas.use("auto")
+    assert blas.describe() == "NumPy's BLAS"
+    monkeypatch.undo()
+    blas.use("auto")
