@@ -23,6 +23,7 @@ import ctypes
 import functools
 import importlib.metadata
 import os
+import threading
 
 import numpy as np
 
@@ -71,6 +72,7 @@ class _Mkl:
 
 _backend: _Mkl | None = None
 _chosen = False
+_choosing = threading.Lock()                   # the first gemm may come from several threads at once
 
 
 def use(name: str) -> None:
@@ -89,7 +91,9 @@ def use(name: str) -> None:
 
 def _mkl() -> _Mkl | None:
     if not _chosen:
-        use(os.environ.get("DISTGPT_BLAS", "auto"))
+        with _choosing:
+            if not _chosen:
+                use(os.environ.get("DISTGPT_BLAS", "auto"))
     return _backend
 
 
@@ -120,7 +124,7 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False
     fn = None if mkl is None else mkl.gemm.get(out.dtype)
     M, K = a.shape
     N = out.shape[1]
-    if (fn is not None and a.dtype == b.dtype == out.dtype and M and N and K
+    if (fn is not None and a.dtype == b.dtype == out.dtype and M and N and K and out.flags.writeable
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
         la, lb, lc = _layout(a), _layout(b), _layout(out)
         if la and lb and lc and lc[0] == _NO_TRANS and b.shape == (K, N) and out.shape == (M, N):

@@ -98,3 +98,12 @@ def test_unknown_backend_and_missing_mkl_are_clear_errors(monkeypatch):
     assert blas.describe() == "NumPy's BLAS"
     monkeypatch.undo()
     blas.use("auto")
+
+
+def test_a_read_only_output_is_refused_as_numpy_refuses_it(blas_backend):
+    a, b = np.ones((4, 3), np.float32), np.ones((3, 5), np.float32)
+    out = np.zeros((4, 5), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        blas.gemm(a, b, out)
+    assert np.all(out == 0)
