@@ -13,8 +13,10 @@ DISTGPT_BLAS chooses:
 - `numpy`: NumPy's BLAS.
 
 MKL runs sequential here: a rank's threads come from ops.set_threads, one per core, as with
-OpenBLAS held to one thread. Results differ from OpenBLAS's in the last bits (another summation
-order), never in more than rounding: the tests hold both to PyTorch.
+OpenBLAS held to one thread. (torch, imported after MKL is loaded, takes its default thread count
+from MKL's and so starts with 1: a process that uses both should call torch.set_num_threads.)
+Results differ from OpenBLAS's in the last bits (another summation order), never in more than
+rounding: the tests hold both to PyTorch.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import functools
 import importlib.metadata
 import os
 import threading
+import warnings
 
 import numpy as np
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _SEQUENTIAL = 1                                # MKL_THREADING_SEQUENTIAL
+_LP64 = 0                                      # MKL_INTERFACE_LP64: 32-bit integer arguments
 
 
 class BlasError(RuntimeError):
@@ -59,7 +63,16 @@ def _intel_cpu() -> bool:
 class _Mkl:
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
-        self.lib.MKL_Set_Threading_Layer(_SEQUENTIAL)        # before any other MKL call
+        # both before any other MKL call; either may already be fixed if something else in the
+        # process (an MKL-linked NumPy, say) set MKL up first
+        for setter in ("MKL_Set_Interface_Layer", "MKL_Set_Threading_Layer"):
+            getattr(self.lib, setter).restype = ctypes.c_int
+        if self.lib.MKL_Set_Interface_Layer(_LP64) != _LP64:
+            raise OSError("MKL is set up for 64-bit integers (MKL_INTERFACE_LAYER=ILP64?)")
+        self.mode = "sequential"
+        if self.lib.MKL_Set_Threading_Layer(_SEQUENTIAL) != _SEQUENTIAL:
+            self.lib.MKL_Set_Num_Threads(1)                   # threaded MKL, held to one thread
+            self.mode = "threaded MKL held to 1 thread"
         args = [ctypes.c_int] * 6
         for name, real in (("cblas_sgemm", ctypes.c_float), ("cblas_dgemm", ctypes.c_double)):
             fn = getattr(self.lib, name)
@@ -85,7 +98,15 @@ def use(name: str) -> None:
         raise BlasError("DISTGPT_BLAS=mkl but the `mkl` package is not installed "
                         "(pip install 'distgpt[mkl]', or DISTGPT_BLAS=numpy)")
     want = name == "mkl" or (name == "auto" and path is not None and _intel_cpu())
-    _backend = _Mkl(path) if want else None
+    _backend = None
+    if want:
+        try:
+            _backend = _Mkl(path)
+        except (OSError, AttributeError) as exc:          # a broken install: say so, or use NumPy
+            if name == "mkl":
+                raise BlasError(f"DISTGPT_BLAS=mkl but MKL at {path} cannot be used: {exc}") from exc
+            warnings.warn(f"MKL at {path} cannot be used ({exc}); the matmuls use NumPy's BLAS",
+                          stacklevel=2)
     _chosen = True
 
 
@@ -101,7 +122,7 @@ def describe() -> str:
     """One line for the run header: which library does the matmuls."""
     mkl = _mkl()
     if mkl is not None:
-        return f"MKL {mkl.version} (sequential)"
+        return f"MKL {mkl.version} ({mkl.mode})"
     return "NumPy's BLAS"
 
 
@@ -125,6 +146,7 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False
     M, K = a.shape
     N = out.shape[1]
     if (fn is not None and a.dtype == b.dtype == out.dtype and M and N and K and out.flags.writeable
+            and a.flags.aligned and b.flags.aligned and out.flags.aligned
             and not np.may_share_memory(out, a) and not np.may_share_memory(out, b)):
         la, lb, lc = _layout(a), _layout(b), _layout(out)
         if la and lb and lc and lc[0] == _NO_TRANS and b.shape == (K, N) and out.shape == (M, N):

@@ -8,8 +8,6 @@ from distgpt import blas
 
 from conftest import require_mkl
 
-HAS_MKL = blas._mkl_library_path() is not None
-
 
 def operand(rng, shape, how, dtype):
     """A (rows, cols) array laid out `how`: contiguous, a column slice of a wider array, or the
@@ -31,7 +29,7 @@ LAYOUTS = ["contiguous", "column-slice", "transposed", "transposed-slice"]
 @pytest.mark.parametrize("a_how", LAYOUTS)
 @pytest.mark.parametrize("b_how", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_gemm_matches_numpy_on_every_layout(blas_backend, dtype, a_how, b_how, accumulate):
+def test_gemm_matches_numpy_on_every_layout(blas_backend, monkeypatch, dtype, a_how, b_how, accumulate):
     rng = np.random.default_rng(0)
     M, K, N = 37, 53, 29
     a, b = operand(rng, (M, K), a_how, dtype), operand(rng, (K, N), b_how, dtype)
@@ -39,7 +37,15 @@ def test_gemm_matches_numpy_on_every_layout(blas_backend, dtype, a_how, b_how, a
     out = base[:, 1:1 + N]                                   # a strided output view
     expect = (out.astype(np.float64) if accumulate else 0) + a.astype(np.float64) @ b.astype(np.float64)
     before = base.copy()
+    calls = []
+    if blas_backend == "mkl":                   # MKL itself must take every one of these layouts
+        real = blas._mkl().gemm[np.dtype(dtype)]
+        spy = lambda *args: (calls.append(args[1:3]), real(*args))          # noqa: E731
+        monkeypatch.setitem(blas._mkl().gemm, np.dtype(dtype), spy)
     blas.gemm(a, b, out, accumulate=accumulate)
+    if blas_backend == "mkl":
+        flag = {True: blas._TRANS, False: blas._NO_TRANS}
+        assert calls == [(flag[a_how.startswith("transposed")], flag[b_how.startswith("transposed")])]
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert np.abs(out - expect).max() <= tol * np.abs(expect).max()
     # the columns around the view are untouched
@@ -64,8 +70,9 @@ def test_mkl_actually_runs_when_chosen(monkeypatch):
         blas.use("auto")
 
 
-def test_unsupported_operands_fall_back_to_numpy(monkeypatch):
-    blas.use("mkl" if HAS_MKL else "numpy")
+def test_unsupported_operands_fall_back_to_numpy():
+    require_mkl()
+    blas.use("mkl")
     try:
         rng = np.random.default_rng(1)
         a = rng.standard_normal((6, 8)).astype(np.float32)
@@ -107,3 +114,30 @@ def test_a_read_only_output_is_refused_as_numpy_refuses_it(blas_backend):
     with pytest.raises(ValueError, match="read-only"):
         blas.gemm(a, b, out)
     assert np.all(out == 0)
+
+
+def test_a_broken_mkl_install_falls_back_or_is_a_clear_error(monkeypatch, tmp_path):
+    bogus = tmp_path / "libmkl_rt.so.2"
+    bogus.write_text("not a library")
+    monkeypatch.setattr(blas, "_mkl_library_path", lambda: str(bogus))
+    monkeypatch.setattr(blas, "_intel_cpu", lambda: True)
+    with pytest.warns(UserWarning, match="cannot be used"):
+        blas.use("auto")
+    assert blas.describe() == "NumPy's BLAS"
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS=mkl but MKL at .*libmkl_rt.so.2 cannot be used"):
+        blas.use("mkl")
+    monkeypatch.undo()
+    blas.use("auto")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 5, 4), (5, 1, 4), (5, 4, 1), (1, 1, 1)])
+def test_unit_dimensions_and_broadcast_rows(blas_backend, M, K, N):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    out = np.full((M, N), np.nan, np.float32)
+    blas.gemm(a, b, out)
+    assert np.allclose(out, a @ b, rtol=1e-5, atol=1e-6)
+    a_rows = np.broadcast_to(a[:1], (M, K))                          # stride-0 rows
+    blas.gemm(a_rows, b.T.copy().T, out)                              # and a transposed b
+    assert np.allclose(out, a_rows @ b, rtol=1e-5, atol=1e-6)
