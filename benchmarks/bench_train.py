@@ -105,7 +105,7 @@ def sgemm_flops(comm, threads: int) -> float:
             t0 = time.perf_counter()
             np.matmul(a, b, out=c)
             best = min(best, time.perf_counter() - t0)
-    if blas.describe().startswith("MKL"):
+    if blas.using_mkl():
         before = ops.n_threads()
         ops.set_threads(threads)
         try:

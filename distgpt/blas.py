@@ -118,6 +118,11 @@ def _mkl() -> _Mkl | None:
     return _backend
 
 
+def using_mkl() -> bool:
+    """True when gemm goes to MKL (chosen on first use, from DISTGPT_BLAS)."""
+    return _mkl() is not None
+
+
 def describe() -> str:
     """One line for the run header: which library does the matmuls."""
     mkl = _mkl()
