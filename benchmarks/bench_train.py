@@ -40,6 +40,8 @@ from distgpt import blas, dist, ops
 from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
 from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
+from distgpt.threads import n_threads, set_threads
+from distgpt.threads import setup as setup_threads
 from distgpt.train import Trainer, build_model, flops_per_token
 
 SEED = 1337
@@ -106,8 +108,8 @@ def sgemm_flops(comm, threads: int) -> float:
             np.matmul(a, b, out=c)
             best = min(best, time.perf_counter() - t0)
     if blas.using_mkl():
-        before = ops.n_threads()
-        ops.set_threads(threads)
+        before = n_threads()
+        set_threads(threads)
         try:
             for _ in range(SGEMM_REPEATS):
                 comm.barrier()
@@ -115,7 +117,7 @@ def sgemm_flops(comm, threads: int) -> float:
                 ops.matmul(a, b, c)
                 best = min(best, time.perf_counter() - t0)
         finally:
-            ops.set_threads(before)
+            set_threads(before)
     return 2 * SGEMM_N**3 / best
 
 
@@ -152,7 +154,7 @@ def write_result(path: str, result: dict) -> None:
 def distgpt_worker(args: argparse.Namespace) -> None:
     comm = dist.init()
     try:
-        threads = dist.setup_threads(comm, args.threads)
+        threads = setup_threads(comm.local_size, args.threads)
         shape = CONFIGS[args.config]
         cfg = Config(
             model=model_config(shape),

@@ -12,7 +12,7 @@ DISTGPT_BLAS chooses:
 - `mkl`: MKL, or an error if it is not installed;
 - `numpy`: NumPy's BLAS.
 
-MKL runs sequential here: a rank's threads come from ops.set_threads, one per core, as with
+MKL runs sequential here: a rank's threads come from distgpt.threads, one per core, as with
 OpenBLAS held to one thread. (torch, imported after MKL is loaded, takes its default thread count
 from MKL's and so starts with 1: a process that uses both should call torch.set_num_threads.)
 Results differ from OpenBLAS's in the last bits (another summation order), never in more than

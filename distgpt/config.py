@@ -17,13 +17,34 @@ from typing import Any
 
 import yaml
 
-from distgpt.model import ModelConfig
-
 REDUCE_METHODS = ("auto", "shared_memory", "mpi")
 
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message is one line, ready to print."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    vocab_size: int = 50257
+    dropout: float = 0.0
+    attention: str = "dense"  # dense | alternating_banded (GPT-3: odd layers see a local band)
+    window: int = 128  # band width for alternating_banded
+    vocab_multiple: int = 64  # wte rows are padded to a multiple of this; padded rows stay 0
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.attention == "alternating_banded" and layer % 2 == 1:
+            return self.window
+        return None
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,10 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 
-from distgpt.ops import parallel_for
+from distgpt.threads import parallel_for
 
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID",
                   "HYDI_CONTROL_FD")
@@ -209,42 +208,6 @@ def init() -> Comm:
         warnings.warn("launched by an MPI launcher but mpi4py is not installed: running single-process",
                       stacklevel=2)
         return Comm()
-
-
-# ----------------------------------------------------------------------------- threads per rank
-
-@dataclass
-class ThreadSetup:
-    threads: int
-    blas: str
-    oversubscribed: bool
-    limiter: object      # keeps the threadpoolctl limit alive
-
-
-def setup_threads(comm: Comm, threads_per_rank: int | str) -> ThreadSetup:
-    """Give each rank its share of its own node's cores (ranks per node come from MPI).
-
-    The rank's threads are distgpt's own kernel threads (ops.set_threads); BLAS is held to one
-    thread inside them, so each core runs exactly one busy thread."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
-    from distgpt import ops
-
-    cores = os.cpu_count() or 1
-    bound = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    if threads_per_rank == "auto":
-        # a launcher that bound this rank to some cores has already chosen for us
-        threads = bound if bound < cores else max(1, cores // comm.local_size)
-    else:
-        threads = int(threads_per_rank)
-    oversubscribed = threads * comm.local_size > cores
-    limiter = threadpool_limits(limits=1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ops.set_threads(threads)
-    infos = threadpool_info()
-    blas = ", ".join(sorted({f"{i.get('internal_api')} {i.get('version') or ''}".strip()
-                             for i in infos if i.get("user_api") == "blas"})) or "unknown"
-    return ThreadSetup(threads, blas, oversubscribed, limiter)
 
 
 # ----------------------------------------------------------------------------- gradient reduction

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distgpt import ops
+from distgpt.config import ModelConfig
 
 LAYER_PARAMS = (  # name, shape as a function of C, decayed (2-D matmul weights only)
     ("ln_1.weight", lambda c: (c,), False),
@@ -32,29 +33,6 @@ LAYER_PARAMS = (  # name, shape as a function of C, decayed (2-D matmul weights 
     ("mlp.c_proj.weight", lambda c: (4 * c, c), True),
     ("mlp.c_proj.bias", lambda c: (c,), False),
 )
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    attention: str = "dense"  # dense | alternating_banded (GPT-3: odd layers see a local band)
-    window: int = 128  # band width for alternating_banded
-    vocab_multiple: int = 64  # wte rows are padded to a multiple of this; padded rows stay 0
-
-    @property
-    def padded_vocab(self) -> int:
-        m = self.vocab_multiple
-        return ((self.vocab_size + m - 1) // m) * m
-
-    def layer_window(self, layer: int) -> int | None:
-        if self.attention == "alternating_banded" and layer % 2 == 1:
-            return self.window
-        return None
 
 
 @dataclass(frozen=True)

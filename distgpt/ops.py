@@ -11,9 +11,8 @@ Conventions:
 
 Speed: NumPy runs each ufunc as one pass over memory on one thread. The elementwise kernels here
 therefore walk their rows in cache-sized blocks (a chain of ufuncs on a block stays in cache) and
-split the blocks over the rank's threads (`set_threads`): ufuncs and BLAS calls release the GIL.
-BLAS itself is kept to one thread (dist.setup_threads) and big matmuls are split by rows over the
-same threads: one pool owns the rank's cores, so idle BLAS workers never spin against it.
+split the blocks over the rank's threads (distgpt.threads): ufuncs and BLAS calls release the GIL.
+Big matmuls are split by rows over the same threads, BLAS itself running single-threaded inside them.
 The big 2-D matmuls go through blas.gemm: NumPy's BLAS, or MKL where it is installed and faster.
 """
 
@@ -21,12 +20,11 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from distgpt import blas, jit
+from distgpt.threads import n_threads, parallel_for
 
 GELU_C = math.sqrt(2.0 / math.pi)
 LN_EPS = 1e-5
@@ -36,41 +34,6 @@ LN_EPS = 1e-5
 # their many short ufunc calls (LayerNorm 3x slower with 32K).
 BLOCK_ELEMS = 1 << 17
 ATTN_BLOCK = 128               # query rows per attention block
-
-# ----------------------------------------------------------------------------- threads
-
-_pool: ThreadPoolExecutor | None = None
-_n_threads = 1
-
-
-def set_threads(n: int) -> None:
-    """Use n threads (this one and n - 1 workers) for the kernels below."""
-    global _pool, _n_threads
-    if _pool is not None:
-        _pool.shutdown()
-        _pool = None
-    _n_threads = max(1, int(n))
-    if _n_threads > 1:
-        _pool = ThreadPoolExecutor(_n_threads - 1, thread_name_prefix="distgpt-ops")
-
-
-def n_threads() -> int:
-    return _n_threads
-
-
-def parallel_for(n: int, fn: Callable[[int, int], None], grain: int = 1) -> None:
-    """fn(lo, hi) over a split of range(n) into one contiguous part per thread (parts of at least
-    `grain` items: tiny work is not worth a thread hand-off)."""
-    parts = min(_n_threads, n // max(1, grain))
-    if parts <= 1:
-        fn(0, n)
-        return
-    bounds = [n * i // parts for i in range(parts + 1)]
-    futures = [_pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    fn(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
-
 
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = a @ b for 2-D arrays, rows of `a` split over the threads."""
@@ -115,7 +78,7 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
                        dw: np.ndarray, db: np.ndarray, dx: np.ndarray, accumulate: bool = True) -> None:
     """Writes dx (may alias dout); accumulates dw, db (overwrites them if not `accumulate`)."""
     N, C = dout.shape
-    partial = np.zeros((min(_n_threads, N), 2, C), np.float64)
+    partial = np.zeros((min(n_threads(), N), 2, C), np.float64)
     lock = threading.Lock()
 
     def work(lo: int, hi: int) -> None:

@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from distgpt import jit
-from distgpt.ops import n_threads, parallel_for
+from distgpt.threads import n_threads, parallel_for
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
@@ -103,7 +103,7 @@ class AdamW:
     def step(self, params: np.ndarray, grads: np.ndarray, lr: float, grad_scale: float = 1.0) -> None:
         """params -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * params), in place.
         grad_scale multiplies the gradient first (clipping) without touching `grads`.
-        The chunks are split over the rank's threads (ops.set_threads)."""
+        The chunks are split over the rank's threads (distgpt.threads)."""
         n = self.m.size
         if {params.shape, grads.shape} != {(n,)} or {params.dtype, grads.dtype} != {np.dtype(self.dtype)}:
             raise ValueError(f"AdamW over {n} {np.dtype(self.dtype).name} values got params "

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from distgpt import blas, dist, jit
+from distgpt import threads as kernel_threads
 from distgpt.config import Config, ConfigError, check_batch_layout, load_config
 from distgpt.model import GPT, Layout, ModelConfig, activation_bytes, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
@@ -257,7 +258,7 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     rank0 = comm.rank == 0
     log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
     bar = None  # the live progress bar, on rank 0 when stdout is a terminal
-    threads = dist.setup_threads(comm, cfg.parallel.threads_per_rank)
+    threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
     blas.describe()                    # a bad DISTGPT_BLAS fails here, on every rank alike
     accum = check_batch_layout(cfg, comm.size)
 

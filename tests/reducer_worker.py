@@ -11,7 +11,8 @@ import warnings
 
 import numpy as np
 
-from distgpt import dist, ops
+from distgpt import dist
+from distgpt.threads import set_threads
 
 comm = dist.init()
 n = 100
@@ -67,7 +68,7 @@ for method in ("mpi", "shared_memory"):
 # backward), one rank is late each round, two threads sum. Any missing barrier lets a rank read a
 # peer's buffer after the peer has overwritten it. The sum must equal (b0 + b1) + b2 ... exactly,
 # and in replicated mode be bitwise the same on every rank.
-ops.set_threads(2)
+set_threads(2)
 for zero in (False, True):
     red = dist.make_reducer(comm, layers, rank_data(comm.rank), zero, 1, "shared_memory")
     s, e = red.ranges[comm.rank] if zero else (0, n)
@@ -89,7 +90,7 @@ for zero in (False, True):
             everyone = comm.allgather_obj(got.tobytes())
             if len(set(everyone)) != 1:
                 fail(f"round {rnd}: the ranks' sums differ")
-ops.set_threads(1)
+set_threads(1)
 
 # a /dev/shm too small for the buffers (Docker's 64 MB default): auto falls back to MPI, and an
 # explicit shared_memory request fails with the reason

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distgpt import ops
+from distgpt.threads import set_threads
 
 
 def rel(a, b) -> float:
@@ -96,7 +97,7 @@ def test_compiled_gelu_is_bitwise_the_numpy_twin(monkeypatch, dtype, threads):
     x[0, :4] = [-100.0, 100.0, 0.0, -0.0]
     dout = rng.standard_normal(x.shape).astype(dtype)
     monkeypatch.setattr(ops, "BLOCK_ELEMS", 5 * 29)
-    ops.set_threads(threads)
+    set_threads(threads)
     try:
         results = []
         for flag in ("0", "1"):
@@ -107,7 +108,7 @@ def test_compiled_gelu_is_bitwise_the_numpy_twin(monkeypatch, dtype, threads):
             ops.gelu_backward(dout, x, dx)
             results.append((out, out2, slope, dx))
     finally:
-        ops.set_threads(1)
+        set_threads(1)
     for name, a, b in zip(("out", "out with slope", "slope", "dx"), *results, strict=True):
         assert np.isfinite(b).all(), name
         np.testing.assert_array_equal(a, b, err_msg=name)
@@ -196,12 +197,12 @@ def test_attention_with_dropout_matches_torch(monkeypatch, threads, heads_per_ru
     y, lse = np.empty((B, nh, T, hs)), np.empty((B, nh, T))
     dq, dk, dv = (np.empty_like(q) for _ in range(3))
     dy = rng.standard_normal(y.shape)
-    ops.set_threads(threads)
+    set_threads(threads)
     try:
         ops.attention_forward(q, k, v, window, y, lse, keep=keep, keep_scale=1 / (1 - p))
         ops.attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv, keep=keep, keep_scale=1 / (1 - p))
     finally:
-        ops.set_threads(1)
+        set_threads(1)
     qt, kt, vt = t64(q), t64(k), t64(v)
     scores = (qt @ kt.transpose(-1, -2)) / np.sqrt(hs)
     blocked = torch.tensor(ops.causal_mask(T, window))

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from distgpt import jit, ops
+from distgpt import jit
 from distgpt.model import Layout, ModelConfig, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
+from distgpt.threads import set_threads
 
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11)  # wte padded to 64 rows
 LR, MIN_LR, WARMUP, MAX_STEPS = 1e-2, 1e-3, 2, 5
@@ -225,7 +226,7 @@ def test_compiled_adamw_is_bitwise_the_numpy_update(monkeypatch, dtype, threads)
     segments = layout.decay_segments(start, end)
     assert {decay for _, _, decay in segments} == {True, False}
     monkeypatch.setattr(AdamW, "CHUNK", 53)
-    ops.set_threads(threads)
+    set_threads(threads)
     try:
         params0 = (rng.standard_normal(end - start) * 0.1).astype(dtype)
         results = []
@@ -237,7 +238,7 @@ def test_compiled_adamw_is_bitwise_the_numpy_update(monkeypatch, dtype, threads)
                 opt.step(params, grads, lr=1e-2 / (step + 1), grad_scale=scale)
             results.append((params, opt.m, opt.v))
     finally:
-        ops.set_threads(1)
+        set_threads(1)
     for (name, a), b in zip((("params", x) for x in results[0]), results[1], strict=True):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_array_equal(a, b, err_msg=name)

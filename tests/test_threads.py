@@ -5,19 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distgpt import ops
 from distgpt.model import GPT, ModelConfig, init_params
 from distgpt.optim import AdamW
+from distgpt.threads import n_threads, set_threads
 
 
 @pytest.fixture
 def threads():
-    yield ops.set_threads
-    ops.set_threads(1)
+    yield set_threads
+    set_threads(1)
 
 
 def _step(n_threads: int, dropout: float):
-    ops.set_threads(n_threads)
+    set_threads(n_threads)
     cfg = ModelConfig(n_layer=2, n_head=3, n_embd=48, block_size=160, vocab_size=300, dropout=dropout)
     model = GPT(cfg)
     init_params(model.layout, model.params, 0)
@@ -35,7 +35,7 @@ def _step(n_threads: int, dropout: float):
 def test_two_threads_match_one(threads, dropout):
     loss1, grads1, params1 = _step(1, dropout)
     loss2, grads2, params2 = _step(2, dropout)
-    assert ops.n_threads() == 2
+    assert n_threads() == 2
     assert abs(loss1 - loss2) <= 1e-6 * abs(loss1)
     assert np.linalg.norm(grads1 - grads2) <= 1e-6 * np.linalg.norm(grads1)
     assert np.linalg.norm(params1 - params2) <= 1e-6 * np.linalg.norm(params1)
