@@ -33,7 +33,7 @@ def best_time(fn, repeats: int) -> tuple[float, list[int]]:
 
 
 def prefill(model: GPT, prompt: list[int]) -> list[int]:
-    model.forward_cached(np.asarray([prompt]), model.new_cache(1, len(prompt)))
+    model.logits(np.asarray([prompt]), model.new_cache(1, len(prompt)))
     return prompt
 
 

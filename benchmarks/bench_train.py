@@ -36,13 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import blas, dist, ops
+from distgpt import blas, dist, fileio, ops
 from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
 from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
-from distgpt.threads import n_threads, set_threads
+from distgpt.threads import ThreadSetup, n_threads, set_threads
 from distgpt.threads import setup as setup_threads
-from distgpt.train import Trainer, build_model, flops_per_token
+from distgpt.train import Trainer, flops_per_token, initial_params
 
 SEED = 1337
 SGEMM_N = 4096
@@ -143,10 +143,7 @@ def top_functions(profiler: cProfile.Profile, n: int = 25) -> str:
 
 
 def write_result(path: str, result: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f)
-    os.replace(tmp, path)
+    fileio.write_json_atomic(path, result, indent=None)
 
 
 # ----------------------------------------------------------------------------- distgpt worker
@@ -173,12 +170,12 @@ def distgpt_worker(args: argparse.Namespace) -> None:
         comm.abort(1)  # exits; with MPI it also ends the other ranks instead of leaving them waiting
 
 
-def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, threads: dist.ThreadSetup) -> dict:
+def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, threads: ThreadSetup) -> dict:
     t, mb = cfg.train, cfg.train.micro_batch_size
-    _, model = build_model(cfg, {})
-    if comm.size > 1:
-        comm.bcast_(model.params)
-    trainer = Trainer(cfg, comm, model)       # the very step distgpt.train runs
+    _, params = initial_params(cfg)
+    trainer = Trainer(cfg, comm, params)       # the very step distgpt.train runs
+    trainer.reducer.broadcast_params()
+    model = trainer.model
     tokens = random_tokens(CONFIGS[args.config], args.warmup + args.steps, t.batch_size)
     rows = slice(comm.rank * mb, (comm.rank + 1) * mb)
 
@@ -193,7 +190,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         x, y = np.ascontiguousarray(tokens[step, rows, :-1]), np.ascontiguousarray(tokens[step, rows, 1:])
         before = dict(trainer.timing)
         t0 = time.perf_counter()
-        loss, _, _, _ = trainer.step(step, [(x, y, comm.rank * mb)])
+        loss = trainer.step(step, [(x, y, comm.rank * mb)]).loss
         dt = time.perf_counter() - t0
         losses.append(loss)
         if timed:
@@ -214,7 +211,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "ranks": comm.size,
         "threads": threads.threads,
         "batch": t.batch_size,
-        "zero": trainer.zero,
+        "zero": trainer.partition.zero,
         "overlap": trainer.overlap,
         "reduce": type(trainer.reducer).__name__,
         "n_params": n_params,

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps, after one untimed")
-    ap.add_argument("--threads", type=int, default=1, help="ops.set_threads, where the code has it")
+    ap.add_argument("--threads", type=int, default=1, help="kernel threads, where the code has them")
     ap.add_argument("--top", type=int, default=10)
     args = ap.parse_args()
 
@@ -36,8 +36,12 @@ def main() -> None:
     from distgpt.model import GPT, ModelConfig, init_params
     from distgpt.optim import AdamW
 
-    if hasattr(ops, "set_threads"):
-        ops.set_threads(args.threads)
+    try:
+        from distgpt.threads import set_threads
+    except ImportError:                       # checkouts before distgpt/threads.py
+        set_threads = getattr(ops, "set_threads", None)
+    if set_threads is not None:
+        set_threads(args.threads)
     cfg = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
     model = GPT(cfg)
     init_params(model.layout, model.params, 1337)
@@ -47,8 +51,13 @@ def main() -> None:
 
     def step() -> float:
         model.zero_grad()
-        loss = model.forward(idx, targets, grad_scale=1.0)
-        model.backward()
+        fwd = model.forward(idx, targets, grad_scale=1.0)
+        if isinstance(fwd, float):            # checkouts whose forward returned the loss
+            model.backward()
+            loss = fwd
+        else:
+            model.backward(fwd)
+            loss = fwd.loss
         opt.step(model.params, model.grads, 6e-4)
         return float(loss)
 

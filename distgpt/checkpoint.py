@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, io_error, write_text_atomic
+from distgpt.partition import Partition
+
 FORMAT = "distgpt-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -50,8 +53,13 @@ def step_name(step: int) -> str:
 
 def _message(e: Exception, where: Path) -> str:
     """One-line description of a failure inside a collective section. These sections catch every
-    exception, because one that escaped on a single rank would leave the others waiting forever."""
-    return str(e) if isinstance(e, CheckpointError) else f"{where}: {type(e).__name__}: {e}"
+    exception, because one that escaped on a single rank would leave the others waiting forever.
+    A full disk reads `<file>: no space left on device`, naming the file that did not fit."""
+    if isinstance(e, OSError):
+        e = io_error(e.filename or where, e)
+    if isinstance(e, (CheckpointError, DiskFullError)):
+        return str(e)
+    return f"{where}: {type(e).__name__}: {e}"
 
 
 def _crash_point(name: str) -> None:
@@ -64,26 +72,6 @@ def _crash_point(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- small file-system helpers
-
-def _fsync_dir(path: Path) -> None:
-    """Make renames and new entries inside `path` durable (a file's fsync does not cover its name)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some network file systems refuse fsync on a directory; nothing more we can do there
-    finally:
-        os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def _remove_tree(path: Path) -> None:
     """Delete a checkpoint folder by first renaming it to a dot-name: a crash half way through the
@@ -111,8 +99,8 @@ def _write_shard(path: Path, rows: tuple[np.ndarray, ...]) -> tuple[int, str]:
                                                   "shape": (len(rows), n)})
     h = hashlib.sha256(header.getvalue())
     size = len(header.getvalue())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    # atomic_write: a shard is either complete under its name or absent, and a full disk names it
+    with atomic_write(path) as f:
         f.write(header.getvalue())
         for i, row in enumerate(rows):
             for lo in range(0, n, CHUNK):
@@ -122,21 +110,20 @@ def _write_shard(path: Path, rows: tuple[np.ndarray, ...]) -> tuple[int, str]:
                 size += chunk.nbytes
             if i == 0:
                 _crash_point("mid_shard")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return size, h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- saving
 
-def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[int, int],
+def save_checkpoint(out_dir: str | Path, step: int, comm, layout, partition: Partition,
                     params: np.ndarray, m: np.ndarray, v: np.ndarray, meta: dict, keep: int) -> Path:
-    """Collective: every rank writes its slice [start, end) of params, m, v; rank 0 writes the
-    manifest and publishes the folder. Returns OUT/ckpt/step_XXXXXXX on every rank.
+    """Collective: every rank writes params, m, v of its owned slice (partition.owned = [start, end),
+    the arrays hold just that slice); rank 0 writes the manifest and publishes the folder. Returns
+    OUT/ckpt/step_XXXXXXX on every rank.
 
     Failures on any rank are gathered and raised as CheckpointError on all ranks, so no rank is
-    left waiting in a collective that the failed one never reaches.
+    left waiting in a collective that the failed one never reaches. A failed save (a full disk
+    included) removes its temporary folder and leaves the earlier checkpoints and `latest` as they were.
     """
     ckpt_dir = Path(out_dir) / "ckpt"
     name = step_name(step)
@@ -160,7 +147,7 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[i
         raise CheckpointError(err)
 
     # 2. every rank writes its shard into the temporary folder
-    start, end = shard
+    start, end = partition.owned
     file = f"shard_{comm.rank:05d}.npy"
     try:
         for label, a in (("params", params), ("m", m), ("v", v)):
@@ -168,7 +155,6 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[i
                 raise CheckpointError(f"rank {comm.rank}: {label} has shape {a.shape}, "
                                       f"shard [{start}, {end}) needs ({end - start},)")
         nbytes, digest = _write_shard(tmp_dir / file, (params, m, v))
-        _fsync_dir(tmp_dir)
         record: dict | str = {"file": file, "start": start, "end": end, "bytes": nbytes, "sha256": digest}
     except Exception as e:
         record = _message(e, tmp_dir / file)
@@ -176,6 +162,8 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[i
     records = comm.allgather_obj(record)
     errors = [r for r in records if isinstance(r, str)]
     if errors:
+        if comm.rank == 0:  # every rank is past its write: free the space the partial save holds
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         raise CheckpointError(errors[0])
 
     # 3. rank 0 writes the manifest, then publishes the folder under its final name
@@ -186,6 +174,7 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, shard: tuple[i
             _finish(ckpt_dir, tmp_dir, final, step, comm.size, layout, records, meta, keep)
         except Exception as e:
             err = _message(e, final)
+            shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already if the folder was published
     # every rank waits here until the checkpoint is complete (or has failed) on rank 0
     err = comm.bcast_obj(err)
     if err:
@@ -214,8 +203,7 @@ def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, l
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
                 "layout": layout.describe(), "n_params": layout.size, "dtype": "float32",
                 "shards": records, "meta": meta}
-    _write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    _fsync_dir(tmp_dir)
+    write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _crash_point("after_manifest")
 
     # an older run may have left a checkpoint of the same step; keep it until the new one replaces it
@@ -223,13 +211,19 @@ def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, l
     if final.exists():
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(final, aside)
-    os.replace(tmp_dir, final)
-    _fsync_dir(ckpt_dir)
+    try:
+        os.replace(tmp_dir, final)
+    except OSError:
+        if aside.exists():  # put the old one back: the next save would clear it as debris
+            os.replace(aside, final)
+        raise
+    fsync_dir(ckpt_dir)
     shutil.rmtree(aside, ignore_errors=True)
 
     _crash_point("before_latest")
-    _write_text_atomic(ckpt_dir / LATEST, final.name + "\n")
-    _fsync_dir(ckpt_dir)
+    # a full disk here fails the save, but the folder is already complete and published, so
+    # resume=auto (which picks the newest valid folder, not `latest`) still finds it
+    write_text_atomic(ckpt_dir / LATEST, final.name + "\n")
 
     # prune: keep the one just written and the newest keep-1 others that are complete. Completeness
     # here is the cheap check (manifest and shard sizes); rehashing gigabytes every save would stall
@@ -242,7 +236,7 @@ def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, l
             kept += 1
         else:
             _remove_tree(path)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(ckpt_dir)
 
 
 # ----------------------------------------------------------------------------- finding and validating
@@ -421,15 +415,16 @@ def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int) -> 
     return out
 
 
-def load_checkpoint(path: str | Path, comm, layout, shard: tuple[int, int],
+def load_checkpoint(path: str | Path, comm, layout, partition: Partition,
                     verify: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Collective: this rank's slices params[start:end], m[start:end], v[start:end] and the manifest.
+    """Collective: params, m, v of this rank's owned slice (partition.owned = [start, end)) and the
+    manifest.
 
     The saving world size does not matter: the slice is read from the overlapping old shards.
     verify=True rehashes every shard first, the shards split round-robin across ranks.
     Any rank's failure is raised as CheckpointError on all ranks."""
     path = Path(path)
-    start, end = shard
+    start, end = partition.owned
     err = None
     try:
         manifest = _read_manifest(path)

@@ -1,5 +1,7 @@
-"""The command-line convention every entry point shares: a failure is one line
-`<tool>: error: <what and where>` on stderr and exit code 2, including argparse's own complaints."""
+"""The command-line convention of prepare, sample and export: a failure is one line
+`<tool>: error: <what and where>` on stderr and exit code 2, including argparse's own complaints.
+(train prints the same line for the user's mistakes, but also has to end every MPI rank: its main
+does that itself.)"""
 
 from __future__ import annotations
 

@@ -1,40 +1,66 @@
-"""Configuration: YAML files plus `key.sub=value` overrides -> frozen, validated dataclasses.
+"""Configuration: YAML files plus `key.sub=value` overrides -> frozen, validated pydantic models.
 
 Every mistake stops the run before any work with one line that names the key, the bad value and
-what was expected; a misspelt key gets the closest valid spelling suggested.
+what was expected; a misspelt key gets the closest valid spelling suggested. Pydantic checks types
+and ranges; `_config_error` turns its first complaint into that line.
+
+Types are strict, as in the YAML a user writes: an int is accepted where a float is expected, but a
+bool is not an int and "3" is not a number. A field's `description`, when it has one, is the
+expectation its errors print.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import math
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
-REDUCE_METHODS = ("auto", "shared_memory", "mpi")
+ReduceMethod = Literal["auto", "shared_memory", "mpi"]
+REDUCE_METHODS: tuple[str, ...] = typing.get_args(ReduceMethod)
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0, allow_inf_nan=False, description="a finite number >= 0")]
+Beta = Annotated[float, Field(ge=0, lt=1, description="a number in [0, 1)")]
 
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message is one line, ready to print."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 256
-    vocab_size: int = 50257
-    dropout: float = 0.0
-    attention: str = "dense"  # dense | alternating_banded (GPT-3: odd layers see a local band)
-    window: int = 128  # band width for alternating_banded
-    vocab_multiple: int = 64  # wte rows are padded to a multiple of this; padded rows stay 0
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _bad(key: str, value: Any, expected: str) -> PydanticCustomError:
+    """A cross-field rule broken: raised inside a validator, printed as `key = value: expected ...`."""
+    return PydanticCustomError(
+        "config", "{key} = {value}: expected {expected}", {"key": key, "value": value, "expected": expected}
+    )
+
+
+class ModelConfig(_Section):
+    n_layer: Positive = 4
+    n_head: Positive = 4
+    n_embd: Positive = 128
+    block_size: Positive = 256
+    vocab_size: Positive = 50257
+    dropout: float = Field(0.0, ge=0, lt=1, description="a probability in [0, 1)")
+    attention: Literal["dense", "alternating_banded"] = "dense"  # GPT-3: odd layers see a local band
+    window: Positive = 128  # band width for alternating_banded
+    vocab_multiple: Positive = 64  # wte rows are padded to a multiple of this; padded rows stay 0
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise _bad("model.n_embd", self.n_embd, f"a multiple of model.n_head ({self.n_head})")
+        return self
 
     @property
     def padded_vocab(self) -> int:
@@ -47,147 +73,120 @@ class ModelConfig:
         return None
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     train: str | None = None  # glob of token shards (required to train)
     val: str | None = None  # glob of token shards; None skips evaluation
     tokenizer: str | None = None  # expected tokenizer of the shards (gpt2 | bytes); None: take the manifest's
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 32  # global sequences per optimizer step
-    micro_batch_size: int = 8  # sequences per rank per forward/backward
-    seq_len: int = 256
-    max_steps: int = 1000
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 disables clipping
+class TrainConfig(_Section):
+    # batch_size must be a multiple of micro_batch_size x ranks: check_batch_layout, at run time
+    batch_size: Positive = 32  # global sequences per optimizer step
+    micro_batch_size: Positive = 8  # sequences per rank per forward/backward
+    seq_len: Positive = 256
+    max_steps: NonNegative = 1000
+    lr: float = Field(6e-4, gt=0, allow_inf_nan=False)
+    min_lr: Rate = 6e-5
+    warmup_steps: NonNegative = 100
+    weight_decay: Rate = 0.1
+    beta1: Beta = 0.9
+    beta2: Beta = 0.95
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: Rate = 1.0  # 0 disables clipping
     seed: int = 1337
-    eval_every: int = 100  # 0: only at the end
-    eval_steps: int = 10  # the val set is eval_steps x batch_size windows, fixed
-    log_every: int = 10
-    sample_every: int = 0  # 0: never print samples while training
-    sample_tokens: int = 64
+    eval_every: NonNegative = 100  # 0: only at the end
+    eval_steps: Positive = 10  # the val set is eval_steps x batch_size windows, fixed
+    log_every: Positive = 10
+    sample_every: NonNegative = 0  # 0: never print samples while training
+    sample_tokens: NonNegative = 64
+
+    @model_validator(mode="after")
+    def _min_lr_below_lr(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise _bad("train.min_lr", self.min_lr, f"at most train.lr ({self.lr})")
+        return self
 
 
-@dataclass(frozen=True)
-class ParallelConfig:
+class ParallelConfig(_Section):
     zero: bool = True  # ZeRO-1: shard AdamW state and update across ranks
-    threads_per_rank: int | str = "auto"
-    reduce: str = "auto"  # gradient sum: shared_memory (ranks on one node), mpi, or auto
+    threads_per_rank: Literal["auto"] | Positive = Field("auto", description="auto or a positive integer")
+    reduce: ReduceMethod = "auto"  # gradient sum: shared_memory (ranks on one node), mpi, or auto
     overlap: bool = True  # mpi reduce: reduce gradient buckets during backward
-    bucket_mb: float = 8.0  # mpi reduce: gradient bucket size for overlapped reduction
-    check_every: int = 100  # steps between cross-rank parameter checks (0: start only)
+    bucket_mb: float = Field(8.0, gt=0)  # mpi reduce: gradient bucket size for overlapped reduction
+    check_every: NonNegative = 100  # steps between cross-rank parameter checks (0: start only)
 
 
-@dataclass(frozen=True)
-class CheckpointConfig:
-    every: int = 0  # steps between checkpoints (0: only at the end and on signals)
-    keep: int = 3  # newest checkpoints kept on disk
+class CheckpointConfig(_Section):
+    every: NonNegative = 0  # steps between checkpoints (0: only at the end and on signals)
+    keep: Positive = 3  # newest checkpoints kept on disk
 
 
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     init_from: str = "scratch"  # scratch | a Hugging Face folder or hub id | an llm.c .bin
-    out_dir: str = "out"
+    out_dir: str = Field("out", min_length=1, description="a directory path")
     resume: str | None = None  # None | auto | path of a checkpoint folder
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-# ----------------------------------------------------------------------------- parsing
+def user_model_keys(cfg: Config) -> dict[str, int]:
+    """The model-shape keys the config file or the command line set, with their values (pretrained
+    weights must agree with these; the others are taken from the weights)."""
+    return {k: getattr(cfg.model, k) for k in SHAPE_KEYS if k in cfg.model.model_fields_set}
 
 
-def _fields(cls) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+# ----------------------------------------------------------------------------- loading
 
 
-def _describe(tp: Any) -> str:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    return {
-        int: "an integer",
-        float: "a number",
-        bool: "true/false",
-        str: "a string",
-        type(None): "null",
-    }.get(tp, str(tp))
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The run's config: the YAML file (or the defaults), then the overrides, validated. The batch
+    layout depends on the world size, so it is checked at run time (check_batch_layout)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(
+                f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
+            ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
+        tree = _floatify(loaded or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        cfg = Config.model_validate(tree)
+    except ValidationError as e:
+        raise _config_error(e) from None
+    # across sections, and only for a run: code may build a Config around a model alone
+    m, t = cfg.model, cfg.train
+    if t.seq_len > m.block_size:
+        raise ConfigError(f"train.seq_len = {t.seq_len}: expected at most model.block_size ({m.block_size})")
+    return cfg
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotated type; ints are accepted where floats are expected."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(key, value, option)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key} = {value!r}: expected {_describe(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    raise ConfigError(f"{key} = {value!r}: expected {_describe(tp)}")
-
-
-def _unknown(key: str, valid: list[str]) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    prefix = key[: len(key) - len(leaf)]
-    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def _build(cls, values: dict[str, Any], prefix: str = "") -> Any:
-    fields = _fields(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise _unknown(key, list(fields))
-        tp = fields[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} = {value!r}: expected a section of keys")
-            kwargs[name] = _build(tp, value, key + ".")
-        else:
-            kwargs[name] = _coerce(key, value, tp)
-    return cls(**kwargs)
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {dotted}: '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
+def check_batch_layout(cfg: Config, world: int) -> int:
+    """Gradient-accumulation steps for `world` ranks; a batch that does not divide is an error."""
+    t = cfg.train
+    per_step = t.micro_batch_size * world
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size = {t.batch_size}: expected a multiple of train.micro_batch_size x ranks "
+            f"= {t.micro_batch_size} x {world} = {per_step}"
+        )
+    return t.batch_size // per_step
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -213,29 +212,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(
-                f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', e)})"
-            ) from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping of keys at the top level")
-        tree = _floatify(loaded or {})
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-    cfg = _build(Config, tree)
-    validate(cfg)
-    return cfg
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
 
 
 def _floatify(node: Any) -> Any:
@@ -251,76 +236,58 @@ def _floatify(node: Any) -> Any:
     return node
 
 
-# ----------------------------------------------------------------------------- validation
+# ----------------------------------------------------------------------------- one-line errors
+
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true/false",
+    "string_type": "a string",
+    "model_type": "a section of keys",
+}
+_INT_FLOORS = {0: "a non-negative integer", 1: "a positive integer"}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than": "<", "less_than_equal": "<="}
 
 
-def _require(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r}: expected {expected}")
+def _config_error(exc: ValidationError) -> ConfigError:
+    """Pydantic's first error as `key = value: expected ...`, or an unknown key with a suggestion."""
+    err = exc.errors(include_url=False)[0]
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err["input"]
+    if kind == "config":  # a cross-field rule (_bad) names its key itself
+        return ConfigError(f"{ctx['key']} = {ctx['value']!r}: expected {ctx['expected']}")
+    # the loc is field names, then (inside a union) the name of the member that failed: drop those
+    section, names, field = Config, [], None
+    for part in err["loc"]:
+        if section is None or part not in section.model_fields:
+            if kind in ("extra_forbidden", "invalid_key"):  # a misspelt key, or a YAML key like 1
+                return _unknown(".".join([*names, str(part)]), list(section.model_fields))
+            break
+        names.append(part)
+        field = section.model_fields[part]
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(
+            field.annotation, BaseModel) else None
+    if field is not None and field.annotation is float and type(value) is int:
+        value = float(value)  # what the field would have held
+    if field is not None and field.description:
+        expected = field.description
+    elif kind in _TYPE_WORDS:
+        expected = _TYPE_WORDS[kind] + (" or null" if field is not None and field.default is None else "")
+    elif kind == "greater_than_equal" and type(value) is int:
+        expected = _INT_FLOORS.get(ctx["ge"], f"an integer >= {ctx['ge']}")
+    elif kind in _BOUNDS:
+        expected = f"a number {_BOUNDS[kind]} {next(iter(ctx.values())):g}"
+    elif kind == "finite_number":
+        expected = "a finite number"
+    elif kind == "literal_error":
+        expected = ctx["expected"].replace("'", "")
+    else:
+        expected = err["msg"][0].lower() + err["msg"][1:]  # pydantic's own words
+    return ConfigError(f"{'.'.join(names)} = {value!r}: expected {expected}")
 
 
-def validate(cfg: Config) -> None:
-    m, t, p, c = cfg.model, cfg.train, cfg.parallel, cfg.checkpoint
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple"):
-        _require(getattr(m, name) >= 1, f"model.{name}", getattr(m, name), "a positive integer")
-    _require(m.n_embd % m.n_head == 0, "model.n_embd", m.n_embd, f"a multiple of model.n_head ({m.n_head})")
-    _require(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "a probability in [0, 1)")
-    _require(
-        m.attention in ("dense", "alternating_banded"),
-        "model.attention",
-        m.attention,
-        "dense or alternating_banded",
-    )
-    _require(m.window >= 1, "model.window", m.window, "a positive integer")
-    for name in ("batch_size", "micro_batch_size", "seq_len", "log_every", "eval_steps"):
-        _require(getattr(t, name) >= 1, f"train.{name}", getattr(t, name), "a positive integer")
-    for name in ("max_steps", "warmup_steps", "eval_every", "sample_every", "sample_tokens"):
-        _require(getattr(t, name) >= 0, f"train.{name}", getattr(t, name), "a non-negative integer")
-    _require(
-        t.seq_len <= m.block_size, "train.seq_len", t.seq_len, f"at most model.block_size ({m.block_size})"
-    )
-    _require(
-        t.micro_batch_size <= t.batch_size,
-        "train.micro_batch_size",
-        t.micro_batch_size,
-        f"at most train.batch_size ({t.batch_size})",
-    )
-    _require(
-        t.batch_size % t.micro_batch_size == 0,
-        "train.batch_size",
-        t.batch_size,
-        f"a multiple of train.micro_batch_size ({t.micro_batch_size})",
-    )
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-        v = getattr(t, name)
-        _require(math.isfinite(v) and v >= 0.0, f"train.{name}", v, "a finite number >= 0")
-    _require(t.lr > 0.0, "train.lr", t.lr, "a number > 0")
-    _require(t.min_lr <= t.lr, "train.min_lr", t.min_lr, f"at most train.lr ({t.lr})")
-    for name in ("beta1", "beta2"):
-        _require(0.0 <= getattr(t, name) < 1.0, f"train.{name}", getattr(t, name), "a number in [0, 1)")
-    _require(t.eps > 0.0, "train.eps", t.eps, "a number > 0")
-    tpr = p.threads_per_rank
-    _require(
-        tpr == "auto" or (isinstance(tpr, int) and tpr >= 1),
-        "parallel.threads_per_rank",
-        tpr,
-        "auto or a positive integer",
-    )
-    _require(p.reduce in REDUCE_METHODS, "parallel.reduce", p.reduce, " or ".join(REDUCE_METHODS))
-    _require(p.bucket_mb > 0, "parallel.bucket_mb", p.bucket_mb, "a number > 0")
-    _require(p.check_every >= 0, "parallel.check_every", p.check_every, "a non-negative integer")
-    _require(c.every >= 0, "checkpoint.every", c.every, "a non-negative integer")
-    _require(c.keep >= 1, "checkpoint.keep", c.keep, "a positive integer")
-    _require(bool(cfg.out_dir), "out_dir", cfg.out_dir, "a directory path")
-
-
-def check_batch_layout(cfg: Config, world: int) -> int:
-    """Gradient-accumulation steps for `world` ranks; a batch that does not divide is an error."""
-    t = cfg.train
-    per_step = t.micro_batch_size * world
-    if t.batch_size % per_step:
-        raise ConfigError(
-            f"train.batch_size = {t.batch_size}: expected a multiple of train.micro_batch_size x ranks "
-            f"= {t.micro_batch_size} x {world} = {per_step}"
-        )
-    return t.batch_size // per_step
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(leaf)]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key '{key}'{hint}")

@@ -13,14 +13,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+
+from distgpt.fileio import atomic_write
+from distgpt.partition import even_ranges
 
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
@@ -31,51 +31,6 @@ MANIFEST_NAME = "manifest.json"
 
 class DataError(ValueError):
     """Bad data or a data setting that cannot work; the message names the file/key and the expectation."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-@contextmanager
-def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
-    """Open a temp file beside `path` for binary writing; on success fsync it and rename it onto `path`.
-
-    Readers therefore see either the old complete file or the new complete file, never a partial one;
-    on an exception the temp file is removed and `path` is untouched.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # the rename itself only becomes durable once the directory entry is flushed
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and non-POSIX platforms) refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: str | Path, obj: dict) -> None:
-    with atomic_open(path) as f:
-        f.write((json.dumps(obj, indent=2) + "\n").encode())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -96,7 +51,7 @@ def write_shard(path: str | Path, tokens: np.ndarray) -> None:
             )
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    with atomic_open(path) as f:
+    with atomic_write(path) as f:
         f.write(header.tobytes())
         f.write(np.ascontiguousarray(tokens, dtype="<u2").data)  # a view: no second copy of a big shard
 
@@ -326,6 +281,10 @@ class TrainLoader:
     Window i of the stream is tokens [i*T, i*T + T + 1). Global row j of step s is sample
     g = s*B + j, which is window perm_e[g % n_windows] of epoch e = g // n_windows, where perm_e is a
     permutation drawn from (seed, e). Rank r owns the contiguous rows [r*B/world, (r+1)*B/world).
+
+    batch_size must be a multiple of micro_batch_size * world (config.check_batch_layout, which the
+    train command calls first, is the one place that rule is checked and reported); otherwise the
+    rows past the last whole micro-batch of each rank would silently never be served.
     """
 
     def __init__(
@@ -347,11 +306,6 @@ class TrainLoader:
             raise DataError(f"seed {seed} must be >= 0 (it seeds numpy's default_rng)")
         if not 0 <= rank < world:
             raise DataError(f"rank {rank} is outside 0..{world - 1}")
-        if batch_size % (micro_batch_size * world):
-            raise DataError(
-                f"batch_size {batch_size} must be a multiple of micro_batch_size x world = "
-                f"{micro_batch_size} x {world} = {micro_batch_size * world}"
-            )
         self.stream = _TokenStream(shards)
         self.seq_len, self.batch_size, self.micro_batch_size = seq_len, batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world, seed
@@ -447,17 +401,14 @@ class ValSet:
                 f"seq_len {seq_len} (need at least {seq_len + 1} tokens)"
             )
 
-    def rank_range(self, rank: int, world: int) -> tuple[int, int]:
-        """Windows [lo, hi) of this rank: contiguous, sizes differ by at most one."""
-        base, extra = divmod(self.n_windows, world)
-        lo = rank * base + min(rank, extra)
-        return lo, lo + base + (1 if rank < extra else 0)
-
     def rank_windows(
         self, rank: int, world: int, micro_batch_size: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This rank's windows as (x, y) micro-batches of at most micro_batch_size rows. The windows
+        are split over the ranks like the parameters (partition.even_ranges): contiguous parts whose
+        sizes differ by at most one, so every window is evaluated exactly once."""
         T = self.seq_len
-        lo, hi = self.rank_range(rank, world)
+        lo, hi = even_ranges(self.n_windows, world)[rank]
         for start in range(lo, hi, micro_batch_size):
             k = min(micro_batch_size, hi - start)
             # consecutive windows overlap by one token, so one contiguous read serves the whole micro batch

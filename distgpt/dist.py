@@ -9,7 +9,9 @@ Gradients are summed by one of two reducers with the same interface (make_reduce
   MPICH only advances non-blocking collectives inside MPI calls, so every finished layer also
   tests the pending requests.
 
-Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice on rank r.
+Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice on rank r (the
+partition, distgpt/partition.py, says which slice that is). The reducer also decides where the
+flat parameter and gradient buffers live, since shared memory has to be allocated through MPI.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import warnings
 
 import numpy as np
 
+from distgpt.partition import Partition
 from distgpt.threads import parallel_for
 
 _LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID",
@@ -34,13 +37,6 @@ def launched_by_mpi() -> bool:
     if os.environ.get("DISTGPT_NO_MPI") == "1":
         return False
     return any(v in os.environ for v in _LAUNCHER_VARS)
-
-
-def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Rank's slice [start, end) of an n-element vector split as evenly as possible."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
 
 
 class Comm:
@@ -213,42 +209,44 @@ def init() -> Comm:
 # ----------------------------------------------------------------------------- gradient reduction
 
 class GradReducer:
-    """Sums the flat gradient buffer across ranks, bucket by bucket.
+    """Sums the flat gradient buffer across ranks with MPI, bucket by bucket.
 
-    After finish(): replicated mode -> `grads` holds the sum everywhere; ZeRO-1 -> `shard_grads`
-    (this rank's slice [start, end)) holds the sum, and the rest of `grads` is stale.
+    After finish(): `updated_grads` (the gradients of partition.updated) holds the sum over ranks;
+    under ZeRO-1 that is this rank's own slice in a buffer of its own and the rest of `grads` is stale.
+    Every rank keeps its own copy of the parameters (`params`).
     """
 
-    def __init__(self, comm: Comm, layer_ranges: list[tuple[int, int]], n: int, grads: np.ndarray,
-                 zero: bool, bucket_bytes: int):
-        self.comm, self.grads, self.zero, self.n = comm, grads, zero, n
-        self.ranges = [shard_range(n, r, comm.size) for r in range(comm.size)]
-        self.start, self.end = self.ranges[comm.rank]
-        self.shard_grads = np.zeros(self.end - self.start, grads.dtype) if zero else grads
+    def __init__(self, comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]],
+                 params: np.ndarray, bucket_bytes: int):
+        self.comm, self.partition, self.params = comm, partition, params
+        n, zero = partition.n, partition.zero
+        self.grads = np.zeros(n, params.dtype)
+        self.updated_grads = np.zeros(partition.owned_size, params.dtype) if zero else self.grads
+        self.shares_params = False
+        self.norm_is_partial = zero     # grad_sq_sum covers only this rank's slice
+        self.waited = 0.0               # (not separable from the transfer in an MPI collective)
         # buckets of whole layers, last layer first; the top bucket also holds ln_f (after the layers)
         # and the final one the embeddings (before them), which are only done when backward ends
         self.buckets: list[tuple[int, int]] = []
         self.bucket_of_layer: dict[int, int] = {}
-        hi, lo = n, n
+        hi = n
         for layer in reversed(range(len(layer_ranges))):
             lo = layer_ranges[layer][0]
-            if (hi - lo) * grads.itemsize >= bucket_bytes or layer == 0:
+            if (hi - lo) * self.grads.itemsize >= bucket_bytes or layer == 0:
                 self.bucket_of_layer[layer] = len(self.buckets)
                 self.buckets.append((lo, hi))
                 hi = lo
         self.buckets.append((0, layer_ranges[0][0] if layer_ranges else n))
         self.pending: list = []
         self.started = 0
-        self.sharded_norm = zero     # grad_sq_sum covers only this rank's slice
-        self.waited = 0.0            # (not separable from the transfer in an MPI collective)
-        self.shared_params = None    # every rank keeps its own copy of the parameters
 
     def _start(self, bucket: int) -> None:
         lo, hi = self.buckets[bucket]
-        if self.zero:
-            counts = [max(0, min(hi, e) - max(lo, s)) for s, e in self.ranges]
-            a, b = max(lo, self.start), min(hi, self.end)
-            recv = self.shard_grads[max(0, a - self.start):max(0, b - self.start)]
+        if self.partition.zero:
+            start, end = self.partition.owned
+            counts = [max(0, min(hi, e) - max(lo, s)) for s, e in self.partition.ranges]
+            a, b = max(lo, start), min(hi, end)
+            recv = self.updated_grads[max(0, a - start):max(0, b - start)]
             req = self.comm.start_reduce_scatter(self.grads[lo:hi], recv, counts)
         else:
             req = self.comm.start_allreduce(self.grads[lo:hi])
@@ -256,7 +254,7 @@ class GradReducer:
             self.pending.append(req)
         self.started = bucket + 1
 
-    def layer_done(self, layer: int) -> None:
+    def block_done(self, layer: int) -> None:
         """Backward hook: start the bucket that `layer` completes; push pending ones along."""
         bucket = self.bucket_of_layer.get(layer)
         if bucket is not None:
@@ -272,16 +270,20 @@ class GradReducer:
         self.started = 0
 
     def grad_sq_sum(self) -> float:
-        """Sum of squared gradients of this rank's part (the whole vector when replicated)."""
-        g = self.shard_grads
+        """Sum of squared gradients of updated_grads."""
+        g = self.updated_grads
         return float(np.dot(g, g))
 
     def describe(self) -> str:
-        return f"MPI {'reduce-scatter' if self.zero else 'allreduce'}, {len(self.buckets)} buckets"
+        return f"MPI {'reduce-scatter' if self.partition.zero else 'allreduce'}, {len(self.buckets)} buckets"
 
-    def allgather_params(self, params: np.ndarray) -> None:
-        """ZeRO-1: every rank updated its own slice of params; give everyone all of them."""
-        self.comm.allgatherv_(params, self.ranges)
+    def allgather_params(self) -> None:
+        """Every rank updated (or loaded) its own slice of the parameters; give everyone all of them."""
+        self.comm.allgatherv_(self.params, self.partition.ranges)
+
+    def broadcast_params(self) -> None:
+        """Rank 0's parameters everywhere."""
+        self.comm.bcast_(self.params)
 
 
 class SharedMemoryReducer:
@@ -290,7 +292,9 @@ class SharedMemoryReducer:
     Every rank's gradient buffer is its part of one shared-memory segment. When backward is done
     (a barrier), rank r adds up slice r of all the buffers in rank order, block by block, and
     writes the sum into slice r of its own buffer; in replicated mode it then copies the other
-    slices' sums from their owners. ZeRO-1 stops after the first half.
+    slices' sums from their owners. ZeRO-1 stops after the first half, and the node keeps one
+    shared copy of the parameters (each rank updates its slice in place; a barrier replaces the
+    allgather) when /dev/shm has room for it.
 
     Why not MPI: MPICH's shared-memory allreduce of GPT-2's 500 MB moves every byte through small
     copy cells and measured 1.8 GB/s on the 2-core machine (~280 ms a step), with no overlap since
@@ -303,26 +307,24 @@ class SharedMemoryReducer:
 
     BLOCK = 1 << 17    # elements per block: the additions of one block stay in cache
 
-    def __init__(self, comm: Comm, buffers: list[np.ndarray], zero: bool,
-                 shared_params: np.ndarray | None = None):
-        self.comm, self.zero, self.buffers = comm, zero, buffers
-        self.shared_params = shared_params
-        self.n = buffers[0].size
+    def __init__(self, comm: Comm, partition: Partition, buffers: list[np.ndarray], params: np.ndarray,
+                 shares_params: bool):
+        self.comm, self.partition, self.buffers = comm, partition, buffers
+        self.params, self.shares_params = params, shares_params
         self.grads = buffers[comm.rank]
-        self.ranges = [shard_range(self.n, r, comm.size) for r in range(comm.size)]
-        self.start, self.end = self.ranges[comm.rank]
-        self.shard_grads = self.grads[self.start:self.end] if zero else self.grads
-        self.sharded_norm = True
+        start, end = partition.owned
+        self.updated_grads = self.grads[start:end] if partition.zero else self.grads
+        self.norm_is_partial = True
         self._sq = 0.0
         self.waited = 0.0   # seconds the last finish() waited for the slowest rank's backward
 
-    def layer_done(self, layer: int) -> None:
+    def block_done(self, layer: int) -> None:
         pass
 
     def describe(self) -> str:
         mode = ", replicated"
-        if self.zero:
-            mode = ", ZeRO-1, " + ("one shared copy of the parameters" if self.shared_params is not None
+        if self.partition.zero:
+            mode = ", ZeRO-1, " + ("one shared copy of the parameters" if self.shares_params
                                   else "parameters gathered through the gradient buffers")
         return f"shared memory ({self.comm.size} ranks on one node{mode})"
 
@@ -331,7 +333,7 @@ class SharedMemoryReducer:
 
     def finish(self) -> None:
         bufs, rank, mine = self.buffers, self.comm.rank, self.grads
-        blocks = self._blocks(self.start, self.end)
+        blocks = self._blocks(*self.partition.owned)
         sq = np.zeros(len(blocks))
         t0 = time.perf_counter()
         self.comm.shared_barrier()                # every rank's gradients are complete
@@ -353,13 +355,13 @@ class SharedMemoryReducer:
         parallel_for(len(blocks), reduce)
         self._sq = float(sq.sum())
         self.comm.shared_barrier()                # every slice holds its sum
-        if not self.zero:
+        if not self.partition.zero:
             self._copy_from_owners(mine)
 
     def _copy_from_owners(self, dest: np.ndarray) -> None:
         """dest[slice q] = rank q's buffer[slice q] for every other rank q, then a barrier so that
         no owner overwrites its buffer before everyone has read it."""
-        parts = [(q, blk) for q, (lo, hi) in enumerate(self.ranges) if q != self.comm.rank
+        parts = [(q, blk) for q, (lo, hi) in enumerate(self.partition.ranges) if q != self.comm.rank
                  for blk in self._blocks(lo, hi)]
 
         def copy(first: int, last: int) -> None:
@@ -372,39 +374,52 @@ class SharedMemoryReducer:
         """Sum of squared gradients of this rank's slice, computed during finish()."""
         return self._sq
 
-    def allgather_params(self, params: np.ndarray) -> None:
-        """Each rank updated (or loaded) its slice of params; give everyone all of them.
-        Parameters in shared memory (ZeRO-1) are already everyone's: a barrier is all it takes.
-        Otherwise the gradient buffers, spent for this step, carry the slices: each rank puts
-        its own in, then reads everyone else's."""
-        if params is self.shared_params:
+    def allgather_params(self) -> None:
+        """Each rank updated (or loaded) its slice of the parameters; give everyone all of them.
+        Parameters in shared memory are already everyone's: a barrier is all it takes. Otherwise
+        the gradient buffers, spent for this step, carry the slices: each rank puts its own in,
+        then reads everyone else's."""
+        if self.shares_params:
             self.comm.shared_barrier()
             return
-        a, b = self.start, self.end
-        self.grads[a:b] = params[a:b]
+        a, b = self.partition.owned
+        self.grads[a:b] = self.params[a:b]
         self.comm.shared_barrier()
-        self._copy_from_owners(params)
+        self._copy_from_owners(self.params)
+
+    def broadcast_params(self) -> None:
+        """Rank 0's parameters everywhere (shared ones are rank 0's already)."""
+        if self.shares_params:
+            self.comm.shared_barrier()
+        else:
+            self.comm.bcast_(self.params)
 
 
-def make_reducer(comm: Comm, layer_ranges: list[tuple[int, int]], grads: np.ndarray, zero: bool,
+def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]], params: np.ndarray,
                  bucket_bytes: int, method: str) -> GradReducer | SharedMemoryReducer:
-    """The gradient reducer for `method` (parallel.reduce): auto picks shared memory when every
-    rank is on one node and there is more than one rank, MPI collectives otherwise."""
+    """The gradient reducer for `method` (parallel.reduce), holding the flat buffers: auto picks
+    shared memory when every rank is on one node and there is more than one rank, MPI collectives
+    otherwise. `params` is this rank's initial parameter vector; under ZeRO-1 on one node it is
+    copied (rank 0's) into one shared buffer, otherwise it is used as it is."""
     if method in ("auto", "shared_memory") and comm.size > 1:
-        buffers, why_not = comm.shared_buffers(grads.size, grads.dtype)
-        params = None
-        if buffers is not None and zero:
-            # ZeRO-1: each rank updates only its slice, so one copy of the parameters can serve
-            # the whole node, and the allgather after the update is just a barrier
-            shared, why_not = comm.shared_buffers(grads.size, grads.dtype, per_rank=False)
-            params = shared[0] if shared is not None else None
-            if params is None and comm.rank == 0:
-                warnings.warn(f"parameters not shared between ranks: {why_not}", stacklevel=2)
+        buffers, why_not = comm.shared_buffers(params.size, params.dtype)
         if buffers is not None:
-            return SharedMemoryReducer(comm, buffers, zero, params)
+            shared = None
+            if partition.zero:
+                # ZeRO-1: each rank updates only its slice, so one copy of the parameters can serve
+                # the whole node, and the allgather after the update is just a barrier
+                shared, why_not = comm.shared_buffers(params.size, params.dtype, per_rank=False)
+                if shared is None and comm.rank == 0:
+                    warnings.warn(f"parameters not shared between ranks: {why_not}", stacklevel=2)
+            if shared is None:
+                return SharedMemoryReducer(comm, partition, buffers, params, shares_params=False)
+            if comm.rank == 0:
+                shared[0][:] = params
+            comm.shared_barrier()
+            return SharedMemoryReducer(comm, partition, buffers, shared[0], shares_params=True)
         if method == "shared_memory":
             raise RuntimeError(f"parallel.reduce = shared_memory is not possible: {why_not} "
                                f"(use auto or mpi)")
         if comm.n_nodes == 1 and comm.rank == 0:
             warnings.warn(f"gradient sum through MPI, not shared memory: {why_not}", stacklevel=2)
-    return GradReducer(comm, layer_ranges, grads.size, grads, zero, bucket_bytes)
+    return GradReducer(comm, partition, layer_ranges, params, bucket_bytes)

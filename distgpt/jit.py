@@ -1,15 +1,15 @@
 """Compiled loops (numba) for the few kernels NumPy cannot fuse.
 
 NumPy runs every ufunc as its own pass over the data. That is fine for matmuls, but an update like
-AdamW's is fourteen ufuncs per element: even on cache-sized chunks it costs ~10 cycles per
-parameter, against ~2 for one compiled loop that reads each array once (GPT-2 124M, 62M parameters
-per rank: 200 ms vs 45 ms). numba compiles such a loop from plain Python on first use and caches the
-machine code next to this package, or in ~/.cache/numba, or in $NUMBA_CACHE_DIR; with none of them
-writable it compiles on every run (about half a second) and says so.
+AdamW's is fourteen ufuncs per element, each a pass over memory even on cache-sized chunks, where
+one compiled loop reads each array once (measured by benchmarks/bench_adamw.py). numba compiles such
+a loop from plain Python on first use and caches the machine code next to this package, or in
+~/.cache/numba, or in $NUMBA_CACHE_DIR; with none of them writable it compiles on every run (about
+half a second) and says so.
 
 Every compiled kernel has a NumPy twin doing the same float operations in the same order; the twin
 runs when numba is not installed or DISTGPT_JIT=0 is set, and the tests hold the two to bitwise
-equality. Kernels run with `nogil`, so the rank's threads (ops.parallel_for) can split them.
+equality. Kernels run with `nogil`, so the rank's threads (threads.parallel_for) can split them.
 numba (and LLVM) are imported on a kernel's first call, so commands that never run one (sampling,
 data preparation) do not pay the ~0.3 s it takes.
 """

@@ -1,38 +1,71 @@
-"""GPT-2 in NumPy: the flat parameter layout, forward and backward over reused buffers, KV cache.
+"""GPT-2 in NumPy: the flat parameter layout, the block forward/backward pair, the KV cache.
 
-Every parameter lives in one flat vector; each named tensor is a view into it. The gradient
-buffer has the same layout, so one allreduce covers all gradients, the optimizer runs one
-vectorised update over a slice, and a checkpoint shard is a byte range of the same vector.
+Every parameter lives in one flat vector and each named tensor is a view into it (llm.c's
+ParameterTensors). The gradient buffer has the same layout, so one reduction covers all gradients,
+the optimizer runs one vectorised update over a slice, and a checkpoint shard is a byte range.
 
-The layout order is [wte, wpe, layer 0 ... layer L-1, ln_f]. Layers are contiguous so that the
-backward pass, which finishes them last-to-first, can hand each finished layer's gradient slice
+The layout order is [wte, wpe, block 0 ... block L-1, ln_f]. Blocks are contiguous so that the
+backward pass, which finishes them last-to-first, can hand each finished block's gradient slice
 to the communicator while it works on the next one.
+
+Shapes in comments: B sequences, T positions, C = n_embd, nh heads of hs = C / nh, V vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from distgpt import ops
 from distgpt.config import ModelConfig
 
-LAYER_PARAMS = (  # name, shape as a function of C, decayed (2-D matmul weights only)
-    ("ln_1.weight", lambda c: (c,), False),
-    ("ln_1.bias", lambda c: (c,), False),
-    ("attn.c_attn.weight", lambda c: (c, 3 * c), True),
-    ("attn.c_attn.bias", lambda c: (3 * c,), False),
-    ("attn.c_proj.weight", lambda c: (c, c), True),
-    ("attn.c_proj.bias", lambda c: (c,), False),
-    ("ln_2.weight", lambda c: (c,), False),
-    ("ln_2.bias", lambda c: (c,), False),
-    ("mlp.c_fc.weight", lambda c: (c, 4 * c), True),
-    ("mlp.c_fc.bias", lambda c: (4 * c,), False),
-    ("mlp.c_proj.weight", lambda c: (4 * c, c), True),
-    ("mlp.c_proj.bias", lambda c: (c,), False),
-)
+__all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes"]
+
+
+# ----------------------------------------------------------------------------- the parameter table
+
+def _param(name: str, shape: Callable[[int], tuple[int, ...]], decay: bool):
+    """A block tensor: its Hugging Face name (without 'h.{layer}.'), shape from C, weight-decayed or not."""
+    return field(metadata={"name": name, "shape": shape, "decay": decay})
+
+
+@dataclass
+class BlockParams:
+    """One transformer block's tensors: views into a flat buffer, in layout order. The one table of
+    block tensors: Layout, the weights formats and the model all read it from these fields.
+    Matmul weights are (in, out), as Hugging Face's Conv1D stores them; only they are decayed."""
+
+    ln1_w: np.ndarray = _param("ln_1.weight", lambda c: (c,), False)
+    ln1_b: np.ndarray = _param("ln_1.bias", lambda c: (c,), False)
+    qkv_w: np.ndarray = _param("attn.c_attn.weight", lambda c: (c, 3 * c), True)
+    qkv_b: np.ndarray = _param("attn.c_attn.bias", lambda c: (3 * c,), False)
+    attn_proj_w: np.ndarray = _param("attn.c_proj.weight", lambda c: (c, c), True)
+    attn_proj_b: np.ndarray = _param("attn.c_proj.bias", lambda c: (c,), False)
+    ln2_w: np.ndarray = _param("ln_2.weight", lambda c: (c,), False)
+    ln2_b: np.ndarray = _param("ln_2.bias", lambda c: (c,), False)
+    fc_w: np.ndarray = _param("mlp.c_fc.weight", lambda c: (c, 4 * c), True)
+    fc_b: np.ndarray = _param("mlp.c_fc.bias", lambda c: (4 * c,), False)
+    mlp_proj_w: np.ndarray = _param("mlp.c_proj.weight", lambda c: (4 * c, c), True)
+    mlp_proj_b: np.ndarray = _param("mlp.c_proj.bias", lambda c: (c,), False)
+
+
+BLOCK_FIELDS = dataclasses.fields(BlockParams)
+BLOCK_PARAMS = tuple((f.metadata["name"], f.metadata["shape"], f.metadata["decay"]) for f in BLOCK_FIELDS)
+
+
+@dataclass
+class ParameterTensors:
+    """All of the model's tensors as views into one flat buffer (parameters or gradients)."""
+
+    wte: np.ndarray                 # (padded V, C), tied with the output head
+    wpe: np.ndarray                 # (block_size, C)
+    blocks: list[BlockParams]
+    lnf_w: np.ndarray               # (C,)
+    lnf_b: np.ndarray               # (C,)
 
 
 @dataclass(frozen=True)
@@ -65,7 +98,7 @@ class Layout:
         self.layer_ranges: list[tuple[int, int]] = []
         for layer in range(cfg.n_layer):
             start = offset
-            for name, shape, decay in LAYER_PARAMS:
+            for name, shape, decay in BLOCK_PARAMS:
                 add(f"h.{layer}.{name}", shape(C), decay)
             self.layer_ranges.append((start, offset))
         add("ln_f.weight", (C,), False)
@@ -76,8 +109,17 @@ class Layout:
         self.cfg = cfg
 
     def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        assert flat.shape == (self.size,), (flat.shape, self.size)
+        """{name: view} of every tensor (the names of Hugging Face's GPT-2 without 'transformer.')."""
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat buffer of shape {flat.shape}, the layout has ({self.size},)")
         return {e.name: flat[e.offset : e.offset + e.size].reshape(e.shape) for e in self.entries}
+
+    def tensors(self, flat: np.ndarray) -> ParameterTensors:
+        """The same views, typed: what the forward and backward passes index."""
+        v = self.views(flat)
+        blocks = [BlockParams(**{f.name: v[f"h.{layer}.{f.metadata['name']}"] for f in BLOCK_FIELDS})
+                  for layer in range(self.cfg.n_layer)]
+        return ParameterTensors(v["wte"], v["wpe"], blocks, v["ln_f.weight"], v["ln_f.bias"])
 
     def decay_segments(self, start: int = 0, end: int | None = None) -> list[tuple[int, int, bool]]:
         """[(lo, hi, decayed)] runs covering [start, end), relative to start, merging neighbours
@@ -123,43 +165,71 @@ def init_params(layout: Layout, params: np.ndarray, seed: int) -> None:
     p["wte"][cfg.vocab_size :] = 0.0
 
 
-class _Acts:
-    """Activation buffers for one (B, T), allocated once and reused every step."""
+# ----------------------------------------------------------------------------- activations, dropout
 
-    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int):
-        C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
-        hs = C // nh
-        BT = B * T
+@dataclass
+class BlockActs:
+    """What block_backward needs from block_forward, for one block (views into Activations)."""
+
+    ln1_xhat: np.ndarray            # (BT, C) normalised input of ln_1
+    ln1_out: np.ndarray             # (BT, C)
+    ln1_rstd: np.ndarray            # (BT,)
+    qkv: np.ndarray                 # (BT, 3C)
+    lse: np.ndarray                 # (B, nh, T) attention's log-normalisers: backward recomputes the rest
+    attn_y: np.ndarray              # (BT, C) attention output, before c_proj
+    ln2_xhat: np.ndarray            # (BT, C)
+    ln2_out: np.ndarray             # (BT, C)
+    ln2_rstd: np.ndarray            # (BT,)
+    fc_pre: np.ndarray              # (BT, 4C) input of the GELU (its output is recomputed in backward)
+
+
+class Scratch:
+    """Buffers every block reuses, each with one meaning:
+    branch      (BT, C)   a residual branch's output before it is added (forward), or the gradient
+                          reaching that branch after dropout (backward)
+    hidden      (BT, 4C)  the MLP's GELU output, then the gradient flowing back through it
+    gelu_slope  (BT, 4C)  GELU's derivative at fc_pre (backward)
+    d_in        (BT, C)   the gradient on its way from a sub-layer's output to the block's input
+    d_qkv       (BT, 3C)  the gradient of the attention's q, k and v (backward)"""
+
+    def __init__(self, BT: int, C: int, dtype: np.dtype, backward: bool):
+        self.branch = np.empty((BT, C), dtype)
+        self.hidden = np.empty((BT, 4 * C), dtype)
+        self.gelu_slope = np.empty((BT, 4 * C), dtype) if backward else None
+        self.d_in = np.empty((BT, C), dtype) if backward else None
+        self.d_qkv = np.empty((BT, 3 * C), dtype) if backward else None
+
+
+class Activations:
+    """Every buffer of a forward (and backward) pass for one (B, T), allocated once and reused.
+    Training keeps each block's activations (`saved_blocks` = L); inference reuses one set."""
+
+    def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
+                 saved_blocks: int, backward: bool):
+        C, nh, BT = cfg.n_embd, cfg.n_head, B * T
         z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
-        self.x = z(BT, C)  # residual stream
-        self.ln1_xhat, self.ln1_out, self.ln1_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
-        self.qkv = z(L, BT, 3 * C)
-        self.lse = z(L, B, nh, T)  # attention softmax log-normalisers: backward recomputes the rest
-        self.attn_y = z(L, BT, C)
-        self.ln2_xhat, self.ln2_out, self.ln2_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
-        self.fc_pre = z(L, BT, 4 * C)
+        self.B, self.T = B, T
+        self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
+        L = saved_blocks
+        ln1_xhat, ln1_out, ln1_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
+        qkv, lse, attn_y = z(L, BT, 3 * C), z(L, B, nh, T), z(L, BT, C)
+        ln2_xhat, ln2_out, ln2_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
+        fc_pre = z(L, BT, 4 * C)
+        self.blocks = [BlockActs(ln1_xhat[i], ln1_out[i], ln1_rstd[i], qkv[i], lse[i], attn_y[i],
+                                 ln2_xhat[i], ln2_out[i], ln2_rstd[i], fc_pre[i]) for i in range(L)]
         self.lnf_xhat, self.lnf_out, self.lnf_rstd = z(BT, C), z(BT, C), z(BT)
-        self.dlnf_out = z(BT, C)
-        # scratch, reused inside a layer
-        self.s_qkv = z(BT, 3 * C)
-        self.s_c = z(BT, C)
-        self.s_c2 = z(BT, C)
-        self.s_4c = z(BT, 4 * C)
-        self.gelu_slope = z(BT, 4 * C)
+        self.dlnf_out = z(BT, C) if backward else None
+        self.scratch = Scratch(BT, C, dtype, backward)
         # one chunk of the head's logits (a fresh 100 MB array every step would be page-faulted in)
         self.logits = z(min(BT, head_chunk_rows), cfg.vocab_size)
-        self.shape = (B, T, nh, hs)
+        self.owner: object = None                           # the TrainingForward whose activations these are
 
-    def heads(self, a: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(B*T, k*C) buffer -> k strided (B, nh, T, hs) views, one per C-wide part (no copies)."""
-        B, T, nh, hs = self.shape
-        parts = a.shape[-1] // (nh * hs)
-        v = a.reshape(B, T, parts, nh, hs).transpose(2, 0, 3, 1, 4)
-        return tuple(v[i] for i in range(parts))
+    def block(self, layer: int) -> BlockActs:
+        return self.blocks[layer % len(self.blocks)]
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4) -> int:
-    """Bytes of the training buffers `_Acts` allocates for a (B, T) micro-batch, plus the head's chunk."""
+    """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's chunk."""
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
     per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
@@ -167,53 +237,22 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
     return itemsize * (L * per_layer + scratch + head)
 
 
-class GPT:
-    """Owns the flat parameter and gradient buffers and the activations of the last forward."""
+class Dropout:
+    """Inverted dropout: keep masks for the embeddings, each block's attention probabilities and both
+    residual branches, drawn per global row from (seed..., row), so that the same rows get the same
+    masks whatever the number of ranks or micro-batches. Dropout.OFF applies nothing."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        dtype: type = np.float32,
-        params: np.ndarray | None = None,
-        head_chunk_rows: int = 512,
-        trainable: bool = True,
-    ):
-        if cfg.n_embd % cfg.n_head:
-            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
-        self.cfg = cfg
-        self.dtype = np.dtype(dtype)
-        self.layout = Layout(cfg)
-        self.params = np.zeros(self.layout.size, self.dtype) if params is None else params
-        # inference (sampling, export) needs no gradient buffer: a model's worth of memory saved
-        self.grads = np.zeros(self.layout.size, self.dtype) if trainable else None
-        self.p = self.layout.views(self.params)
-        self.g = self.layout.views(self.grads) if trainable else {}
-        self.head_chunk_rows = head_chunk_rows
-        self._acts: dict[tuple[int, int], _Acts] = {}
-        self._last: tuple | None = None
-        self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
-        self.layer_done_hook = None  # called with the layer index as its gradients finish
+    OFF: Dropout
 
-    # ------------------------------------------------------------------ helpers
-    def _buffers(self, B: int, T: int) -> _Acts:
-        key = (B, T)
-        if key not in self._acts:
-            if len(self._acts) >= 2:  # training and eval shapes; drop anything older
-                self._acts.pop(next(iter(self._acts)))
-            self._acts[key] = _Acts(self.cfg, B, T, self.dtype, self.head_chunk_rows)
-        return self._acts[key]
+    def __init__(self, p: float, masks: dict[str, np.ndarray] | None):
+        self.p, self.masks = p, masks
+        self.scale = 1.0 / (1.0 - p)
 
-    def _dropout_masks(self, B: int, T: int, seed: tuple[int, ...], row0: int) -> dict[str, np.ndarray]:
-        """Inverted-dropout keep masks drawn per global row from (seed..., row): the same rows
-        get the same masks whatever the number of ranks or micro-batches."""
-        cfg, p = self.cfg, self.cfg.dropout
-        C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
-        masks = {
-            "emb": np.empty((B, T, C), bool),
-            "att": np.empty((L, B, nh, T, T), bool),
-            "res1": np.empty((L, B, T, C), bool),
-            "res2": np.empty((L, B, T, C), bool),
-        }
+    @classmethod
+    def draw(cls, cfg: ModelConfig, B: int, T: int, seed: tuple[int, ...], row0: int) -> Dropout:
+        p, C, L, nh = cfg.dropout, cfg.n_embd, cfg.n_layer, cfg.n_head
+        masks = {"emb": np.empty((B, T, C), bool), "att": np.empty((L, B, nh, T, T), bool),
+                 "res1": np.empty((L, B, T, C), bool), "res2": np.empty((L, B, T, C), bool)}
         for b in range(B):
             rng = np.random.default_rng([*seed, row0 + b])
             masks["emb"][b] = rng.random((T, C), dtype=np.float32) >= p
@@ -221,278 +260,246 @@ class GPT:
                 masks["att"][layer, b] = rng.random((nh, T, T), dtype=np.float32) >= p
                 masks["res1"][layer, b] = rng.random((T, C), dtype=np.float32) >= p
                 masks["res2"][layer, b] = rng.random((T, C), dtype=np.float32) >= p
-        return masks
+        return cls(p, masks)
 
-    def _drop(self, a: np.ndarray, keep: np.ndarray) -> None:
-        a *= keep.reshape(a.shape)
-        a *= 1.0 / (1.0 - self.cfg.dropout)
+    def keep(self, name: str, layer: int | None = None) -> np.ndarray | None:
+        if self.masks is None:
+            return None
+        return self.masks[name] if layer is None else self.masks[name][layer]
 
-    # ------------------------------------------------------------------ training forward/backward
-    def forward(
-        self,
-        idx: np.ndarray,
-        targets: np.ndarray | None = None,
-        grad_scale: float | None = None,
-        dropout_seed: tuple[int, ...] | None = None,
-        row0: int = 0,
-        return_logits: bool = False,
-    ):
-        """Mean cross-entropy of `targets` given `idx` (both (B, T) ints).
+    def apply_(self, a: np.ndarray, name: str, layer: int | None = None) -> None:
+        """a *= mask * scale, in place (forward, and the gradient through the same mask)."""
+        if self.masks is not None:
+            a *= self.keep(name, layer).reshape(a.shape)
+            a *= self.scale
 
-        grad_scale: when given, this forward is followed by backward(); the loss gradient is scaled
-        by it (1 / (accumulation steps x ranks) makes a SUM-allreduce give the global mean).
-        dropout_seed: (seed, step) when dropout is active (training); None disables dropout.
-        return_logits: also return (B, T, vocab_size) logits (tests, sampling); costs memory.
-        """
-        cfg, p = self.cfg, self.p
+    def applied(self, d: np.ndarray, name: str, layer: int, out: np.ndarray) -> np.ndarray:
+        """d through the mask, written to `out`; d itself when there is no dropout."""
+        if self.masks is None:
+            return d
+        np.multiply(d, self.keep(name, layer).reshape(d.shape), out=out)
+        out *= self.scale
+        return out
+
+
+Dropout.OFF = Dropout(0.0, None)
+
+
+def split_heads(buf: np.ndarray, B: int, n_head: int, n_embd: int) -> tuple[np.ndarray, ...]:
+    """(B*T, k*C) buffer -> k strided (B, nh, T, hs) views, one per C-wide part (no copies)."""
+    parts, hs = buf.shape[-1] // n_embd, n_embd // n_head
+    v = buf.reshape(B, -1, parts, n_head, hs).transpose(2, 0, 3, 1, 4)
+    return tuple(v[i] for i in range(parts))
+
+
+# ----------------------------------------------------------------------------- the block pair
+
+def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
+                  drop: Dropout, cache: KVCache | None = None) -> None:
+    """x += attn(ln_1(x)); x += mlp(ln_2(x)), in place on the residual stream x (B*T, C). With a
+    KV cache, x holds the new positions only and attention also sees the cached ones."""
+    B = a.lse.shape[0]
+    split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
+    a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, a.ln1_out, a.ln1_xhat)   # (BT, C)
+    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv)                              # (BT, 3C)
+    q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
+    (y,) = split(a.attn_y)                                                              # (B, nh, T, hs)
+    q_offset = 0
+    if cache is not None:
+        q_offset = cache.length
+        k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
+    ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
+                          keep_scale=drop.scale, q_offset=q_offset)
+    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch)                # (BT, C)
+    drop.apply_(s.branch, "res1", layer)
+    x += s.branch
+    a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, a.ln2_out, a.ln2_xhat)   # (BT, C)
+    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre)                             # (BT, 4C)
+    ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
+    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch)                  # (BT, C)
+    drop.apply_(s.branch, "res2", layer)
+    x += s.branch
+
+
+def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs, s: Scratch,
+                   cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool) -> None:
+    """The gradient of block_forward. dx (B*T, C) comes in as d loss / d block output and leaves as
+    d loss / d block input; the block's parameter gradients g are added to (written, if not
+    `accumulate`: the first micro-batch of a step)."""
+    B = a.lse.shape[0]
+    split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
+    # MLP branch: x = x + mlp_proj(gelu(fc(ln_2(x))))
+    d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
+    ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
+    ops.linear_backward(d_branch, s.hidden, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
+                        accumulate)                                                     # (BT, 4C) d hidden
+    ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
+    ops.linear_backward(s.hidden, a.ln2_out, w.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate)  # (BT, C)
+    ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
+    dx += s.d_in
+    # attention branch: x = x + attn_proj(attention(ln_1(x)))
+    d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
+    ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
+                        accumulate)                                                     # (BT, C) d attn_y
+    q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
+    (y,), (dy,) = split(a.attn_y), split(s.d_in)
+    dq, dk, dv = split(s.d_qkv)
+    ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
+                           keep=drop.keep("att", layer), keep_scale=drop.scale)
+    ops.linear_backward(s.d_qkv, a.ln1_out, w.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate)  # (BT, C)
+    ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
+    dx += s.d_in
+
+
+# ----------------------------------------------------------------------------- the model
+
+@dataclass
+class TrainingForward:
+    """A training forward's result and what its backward needs (the activations stay in `acts`)."""
+
+    loss: float
+    idx: np.ndarray                 # (B, T) input tokens
+    dropout: Dropout
+    acts: Activations
+    accumulate: bool                # add to the gradients (False: the first micro-batch writes them)
+
+
+class GPT:
+    """Owns views of the flat parameter and gradient buffers and the activation buffers.
+
+    forward(idx, targets, grad_scale) -> TrainingForward, then backward(that): one training micro-batch.
+    loss(idx, targets) -> float: evaluation. logits(idx, cache=None) -> (B, T, V): inference, with or
+    without a KV cache. The flat buffers may be given (e.g. in memory shared with other ranks)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
+                 grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True):
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        self.cfg = cfg
+        self.dtype = np.dtype(dtype)
+        self.layout = Layout(cfg)
+        self.params = self._flat(params, "parameter")
+        # inference (sampling, export) needs no gradient buffer: a model's worth of memory saved
+        self.grads = self._flat(grads, "gradient") if trainable else None
+        self.p = self.layout.views(self.params)              # by name (weights formats, tests)
+        self.g = self.layout.views(self.grads) if trainable else {}
+        self.w = self.layout.tensors(self.params)           # typed (the passes below)
+        self.dw = self.layout.tensors(self.grads) if trainable else None
+        self.head_chunk_rows = head_chunk_rows
+        self._acts: dict[tuple[int, int, int], Activations] = {}
+        self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
+
+    def _flat(self, buf: np.ndarray | None, what: str) -> np.ndarray:
+        if buf is None:
+            return np.zeros(self.layout.size, self.dtype)
+        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
+            raise ValueError(f"{what} buffer {buf.dtype}{buf.shape}, "
+                             f"expected {self.dtype}({self.layout.size},)")
+        return buf
+
+    def _activations(self, B: int, T: int, training: bool) -> Activations:
+        key = (B, T, training)
+        if key not in self._acts:
+            if len(self._acts) >= 3:  # training, eval and one more shape; drop the oldest
+                self._acts.pop(next(iter(self._acts)))
+            saved = self.cfg.n_layer if training else 1
+            self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, saved, training)
+        return self._acts[key]
+
+    def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:
+        if seed is None or self.cfg.dropout == 0.0:
+            return Dropout.OFF
+        return Dropout.draw(self.cfg, B, T, seed, row0)
+
+    def _trunk(self, idx: np.ndarray, a: Activations, drop: Dropout, cache: KVCache | None = None) -> None:
+        """Embeddings, every block, ln_f: a.lnf_out (B*T, C) is the head's input."""
+        cfg, w = self.cfg, self.w
         B, T = idx.shape
-        self._last = None  # only a training forward may be followed by backward(); this one overwrites it
-        if grad_scale is not None and self.grads is None:
+        t0 = 0 if cache is None else cache.length
+        if cache is not None and t0 + T > cache.max_len:
+            raise ValueError(f"KV cache full: {t0} + {T} > {cache.max_len} positions")
+        if t0 + T > cfg.block_size:
+            raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
+        x = a.x                                                                         # (BT, C)
+        np.take(w.wte, idx.reshape(-1), axis=0, out=x)
+        x.reshape(B, T, -1)[...] += w.wpe[t0 : t0 + T]
+        drop.apply_(x, "emb")
+        for layer, block in enumerate(w.blocks):
+            block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, cache)
+        if cache is not None:
+            cache.length += T
+        a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
+
+    def forward(self, idx: np.ndarray, targets: np.ndarray, grad_scale: float,
+                dropout_seed: tuple[int, ...] | None = None, row0: int = 0) -> TrainingForward:
+        """The training forward of a micro-batch (idx, targets: (B, T) ints). The loss gradient is
+        scaled by grad_scale (1 / (accumulation steps x ranks) makes a SUM over ranks the global
+        mean). dropout_seed (seed, step) draws dropout masks for global rows row0...; None: none."""
+        if self.grads is None:
             raise RuntimeError("this model was built with trainable=False: no gradients")
-        if T > cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {cfg.block_size}")
-        C = cfg.n_embd
-        a = self._buffers(B, T)
-        use_dropout = dropout_seed is not None and cfg.dropout > 0.0
-        masks = self._dropout_masks(B, T, dropout_seed, row0) if use_dropout else None
-        keep_scale = 1.0 / (1.0 - cfg.dropout)
+        B, T = idx.shape
+        a = self._activations(B, T, training=True)
+        drop = self._dropout(B, T, dropout_seed, row0)
+        self._trunk(idx, a, drop)
+        V, accumulate = self.cfg.vocab_size, not self._grads_stale
+        # the head's backward happens here, while each chunk's probabilities are at hand
+        loss = ops.head_loss(a.lnf_out, self.w.wte[:V], targets.reshape(-1), grad_scale, a.dlnf_out,
+                             self.dw.wte[:V], self.head_chunk_rows, accumulate=accumulate, scratch=a.logits)
+        self._grads_stale = False
+        a.owner = TrainingForward(loss, idx, drop, a, accumulate)
+        return a.owner
 
-        x = a.x
-        np.take(p["wte"], idx.reshape(-1), axis=0, out=x)
-        x.reshape(B, T, C)[...] += p["wpe"][:T]
-        if use_dropout:
-            self._drop(x, masks["emb"])
-        for layer in range(cfg.n_layer):
-            lp = f"h.{layer}."
-            a.ln1_rstd[layer] = ops.layernorm_forward(
-                x, p[lp + "ln_1.weight"], p[lp + "ln_1.bias"], a.ln1_out[layer], a.ln1_xhat[layer]
-            )
-            ops.linear_forward(
-                a.ln1_out[layer], p[lp + "attn.c_attn.weight"], p[lp + "attn.c_attn.bias"], a.qkv[layer]
-            )
-            q, k, v = a.heads(a.qkv[layer])
-            (y,) = a.heads(a.attn_y[layer])
-            ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse[layer],
-                                  keep=masks["att"][layer] if use_dropout else None, keep_scale=keep_scale)
-            ops.linear_forward(
-                a.attn_y[layer], p[lp + "attn.c_proj.weight"], p[lp + "attn.c_proj.bias"], a.s_c
-            )
-            if use_dropout:
-                self._drop(a.s_c, masks["res1"][layer])
-            x += a.s_c
-            a.ln2_rstd[layer] = ops.layernorm_forward(
-                x, p[lp + "ln_2.weight"], p[lp + "ln_2.bias"], a.ln2_out[layer], a.ln2_xhat[layer]
-            )
-            ops.linear_forward(
-                a.ln2_out[layer], p[lp + "mlp.c_fc.weight"], p[lp + "mlp.c_fc.bias"], a.fc_pre[layer]
-            )
-            ops.gelu_forward(a.fc_pre[layer], a.s_4c)
-            ops.linear_forward(a.s_4c, p[lp + "mlp.c_proj.weight"], p[lp + "mlp.c_proj.bias"], a.s_c)
-            if use_dropout:
-                self._drop(a.s_c, masks["res2"][layer])
-            x += a.s_c
-        a.lnf_rstd[:] = ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], a.lnf_out, a.lnf_xhat)
-
-        V = cfg.vocab_size
-        if targets is None:
-            return (a.lnf_out @ p["wte"][:V].T).reshape(B, T, V)
-        logits = np.empty((B * T, V), self.dtype) if return_logits else None
-        accumulate = not self._grads_stale
-        loss = ops.head_loss(
-            a.lnf_out,
-            p["wte"][:V],
-            targets.reshape(-1),
-            grad_scale,
-            a.dlnf_out if grad_scale is not None else None,
-            self.g["wte"][:V] if grad_scale is not None else None,
-            self.head_chunk_rows,
-            logits,
-            accumulate=accumulate,
-            scratch=a.logits,
-        )
-        if grad_scale is not None:
-            self._grads_stale = False
-            self._last = (idx, masks, B, T, accumulate)
-        if return_logits:
-            return loss, logits.reshape(B, T, V)
-        return loss
-
-    def backward(self) -> None:
-        """Accumulates the gradient of the last training forward into self.grads (overwrites it,
-        if this is the first backward since zero_grad())."""
-        if self._last is None:
-            raise RuntimeError("backward() needs a forward() with grad_scale set")
-        idx, masks, B, T, acc = self._last
-        self._last = None
-        cfg, p, g = self.cfg, self.p, self.g
-        a = self._buffers(B, T)
-        dx = a.x  # the residual stream's buffer now carries its gradient
-        ops.layernorm_backward(
-            a.dlnf_out, a.lnf_xhat, a.lnf_rstd, p["ln_f.weight"], g["ln_f.weight"], g["ln_f.bias"], dx, acc
-        )
+    def backward(self, fwd: TrainingForward, on_block_done: Callable[[int], None] | None = None) -> None:
+        """Adds the gradient of `fwd` (the latest training forward of its shape) to self.grads, or
+        writes it if this is the first backward since zero_grad(). on_block_done(layer) is called as
+        each block's gradients are complete (last block first)."""
+        a = fwd.acts
+        if a.owner is not fwd:
+            raise RuntimeError("backward() needs the latest training forward of its shape: "
+                               "these activations were overwritten")
+        a.owner = None
+        cfg, w, dw, drop, acc = self.cfg, self.w, self.dw, fwd.dropout, fwd.accumulate
+        B, T = fwd.idx.shape
+        dx = a.x                                   # the residual stream's buffer now carries its gradient
+        ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
         for layer in reversed(range(cfg.n_layer)):
-            lp = f"h.{layer}."
-            # MLP: x = x + proj(gelu(fc(ln2(x))))
-            dres = a.s_c
-            if masks is not None:
-                np.multiply(dx, masks["res2"][layer].reshape(dx.shape), out=dres)
-                dres *= 1.0 / (1.0 - cfg.dropout)
-            else:
-                dres = dx
-            # recompute the gelu output instead of storing it; its slope comes from the same exp
-            ops.gelu_forward(a.fc_pre[layer], a.s_4c, slope=a.gelu_slope)
-            ops.linear_backward(
-                dres,
-                a.s_4c,
-                p[lp + "mlp.c_proj.weight"],
-                g[lp + "mlp.c_proj.weight"],
-                g[lp + "mlp.c_proj.bias"],
-                a.s_4c,
-                acc,
-            )
-            ops.multiply_(a.s_4c, a.gelu_slope)                 # through the gelu
-            ops.linear_backward(
-                a.s_4c,
-                a.ln2_out[layer],
-                p[lp + "mlp.c_fc.weight"],
-                g[lp + "mlp.c_fc.weight"],
-                g[lp + "mlp.c_fc.bias"],
-                a.s_c2,
-                acc,
-            )
-            ops.layernorm_backward(
-                a.s_c2,
-                a.ln2_xhat[layer],
-                a.ln2_rstd[layer],
-                p[lp + "ln_2.weight"],
-                g[lp + "ln_2.weight"],
-                g[lp + "ln_2.bias"],
-                a.s_c2,
-                acc,
-            )
-            dx += a.s_c2
-            # attention: x = x + proj(attn(ln1(x)))
-            if masks is not None:
-                dres = a.s_c
-                np.multiply(dx, masks["res1"][layer].reshape(dx.shape), out=dres)
-                dres *= 1.0 / (1.0 - cfg.dropout)
-            else:
-                dres = dx
-            ops.linear_backward(
-                dres,
-                a.attn_y[layer],
-                p[lp + "attn.c_proj.weight"],
-                g[lp + "attn.c_proj.weight"],
-                g[lp + "attn.c_proj.bias"],
-                a.s_c2,
-                acc,
-            )
-            q, k, v = a.heads(a.qkv[layer])
-            (y,) = a.heads(a.attn_y[layer])
-            (dy,) = a.heads(a.s_c2)
-            dq, dk, dv = a.heads(a.s_qkv)
-            ops.attention_backward(dy, q, k, v, y, a.lse[layer], cfg.layer_window(layer), dq, dk, dv,
-                                   keep=masks["att"][layer] if masks is not None else None,
-                                   keep_scale=1.0 / (1.0 - cfg.dropout))
-            ops.linear_backward(
-                a.s_qkv,
-                a.ln1_out[layer],
-                p[lp + "attn.c_attn.weight"],
-                g[lp + "attn.c_attn.weight"],
-                g[lp + "attn.c_attn.bias"],
-                a.s_c2,
-                acc,
-            )
-            ops.layernorm_backward(
-                a.s_c2,
-                a.ln1_xhat[layer],
-                a.ln1_rstd[layer],
-                p[lp + "ln_1.weight"],
-                g[lp + "ln_1.weight"],
-                g[lp + "ln_1.bias"],
-                a.s_c2,
-                acc,
-            )
-            dx += a.s_c2
-            if self.layer_done_hook is not None:
-                self.layer_done_hook(layer)
-        if masks is not None:
-            dx *= masks["emb"].reshape(dx.shape)
-            dx *= 1.0 / (1.0 - cfg.dropout)
-        g["wpe"][:T] += dx.reshape(B, T, -1).sum(axis=0)
-        np.add.at(g["wte"], idx.reshape(-1), dx)
+            block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
+                           drop, acc)
+            if on_block_done is not None:
+                on_block_done(layer)
+        drop.apply_(dx, "emb")
+        dw.wpe[:T] += dx.reshape(B, T, -1).sum(axis=0)
+        np.add.at(dw.wte, fwd.idx.reshape(-1), dx)
 
     def zero_grad(self) -> None:
         """Start a new accumulation. Lazily: the next training forward/backward overwrites every
         gradient it produces instead of adding to it (no zeroing pass, no read-add-write pass);
         only the rows no backward writes (positions beyond T, the vocabulary padding) are zeroed."""
-        V = self.cfg.vocab_size
-        self.g["wpe"][:] = 0.0
-        self.g["wte"][V:] = 0.0
+        self.dw.wpe[:] = 0.0
+        self.dw.wte[self.cfg.vocab_size :] = 0.0
         self._grads_stale = True
 
-    def use_grad_buffer(self, buf: np.ndarray) -> None:
-        """Accumulate gradients into `buf` from now on (e.g. memory shared with the other ranks)."""
-        self.g = self._flat_views(buf, "gradient")
-        self.grads = buf
+    def loss(self, idx: np.ndarray, targets: np.ndarray, dropout_seed: tuple[int, ...] | None = None,
+             row0: int = 0) -> float:
+        """Mean cross-entropy of targets given idx (both (B, T)), without gradients; without dropout
+        unless dropout_seed is given (then with the masks a training forward would draw)."""
+        B, T = idx.shape
+        a = self._activations(B, T, training=False)
+        self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0))
+        return ops.head_loss(a.lnf_out, self.w.wte[: self.cfg.vocab_size], targets.reshape(-1), None, None,
+                             None, self.head_chunk_rows, scratch=a.logits)
 
-    def use_param_buffer(self, buf: np.ndarray) -> None:
-        """Read and update parameters in `buf` from now on (it must hold them already)."""
-        self.p = self._flat_views(buf, "parameter")
-        self.params = buf
+    def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
+        """(B, T, V) logits of idx (B, T). With a KV cache, idx are the next positions after
+        cache.length, and their keys and values are appended: a new token costs one position."""
+        B, T = idx.shape
+        a = self._activations(B, T, training=False)
+        self._trunk(idx, a, Dropout.OFF, cache)
+        V = self.cfg.vocab_size
+        return (a.lnf_out @ self.w.wte[:V].T).reshape(B, T, V)
 
-    def _flat_views(self, buf: np.ndarray, what: str) -> dict[str, np.ndarray]:
-        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
-            raise ValueError(f"{what} buffer {buf.dtype}{buf.shape}, "
-                             f"expected {self.dtype}({self.layout.size},)")
-        return self.layout.views(buf)
-
-    # ------------------------------------------------------------------ inference with a KV cache
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         return KVCache(self.cfg, batch, max_len or self.cfg.block_size, self.dtype)
-
-    def forward_cached(self, idx: np.ndarray, cache: KVCache) -> np.ndarray:
-        """Logits (B, Tn, V) for the new tokens idx (B, Tn) at positions cache.length.., appending
-        their keys and values to the cache: each new token costs one position, not a full pass."""
-        cfg, p = self.cfg, self.p
-        B, Tn = idx.shape
-        t0 = cache.length
-        if t0 + Tn > cache.max_len:
-            raise ValueError(f"KV cache full: {t0} + {Tn} > {cache.max_len} positions")
-        C, nh = cfg.n_embd, cfg.n_head
-        hs = C // nh
-        x = p["wte"][idx.reshape(-1)] + np.tile(p["wpe"][t0 : t0 + Tn], (B, 1))
-        xhat = np.empty_like(x)
-        h = np.empty_like(x)
-        t_all = np.arange(t0 + Tn)
-        t_new = np.arange(t0, t0 + Tn)
-        for layer in range(cfg.n_layer):
-            lp = f"h.{layer}."
-            ops.layernorm_forward(x, p[lp + "ln_1.weight"], p[lp + "ln_1.bias"], h, xhat)
-            qkv = h @ p[lp + "attn.c_attn.weight"] + p[lp + "attn.c_attn.bias"]
-            qkv = qkv.reshape(B, Tn, 3, nh, hs).transpose(2, 0, 3, 1, 4)
-            cache.k[layer, :, :, t0 : t0 + Tn] = qkv[1]
-            cache.v[layer, :, :, t0 : t0 + Tn] = qkv[2]
-            k = cache.k[layer, :, :, : t0 + Tn]
-            v = cache.v[layer, :, :, : t0 + Tn]
-            att = (qkv[0] @ k.swapaxes(-1, -2)) * (1.0 / math.sqrt(hs))
-            blocked = t_all[None, :] > t_new[:, None]
-            w = cfg.layer_window(layer)
-            if w is not None:
-                blocked |= t_all[None, :] <= t_new[:, None] - w
-            att[..., blocked] = -np.inf
-            ops.softmax_lastaxis_(att)
-            y = (att @ v).transpose(0, 2, 1, 3).reshape(B * Tn, C)
-            x += y @ p[lp + "attn.c_proj.weight"] + p[lp + "attn.c_proj.bias"]
-            ops.layernorm_forward(x, p[lp + "ln_2.weight"], p[lp + "ln_2.bias"], h, xhat)
-            f = h @ p[lp + "mlp.c_fc.weight"] + p[lp + "mlp.c_fc.bias"]
-            x += (
-                ops.gelu_forward(f, np.empty_like(f)) @ p[lp + "mlp.c_proj.weight"]
-                + p[lp + "mlp.c_proj.bias"]
-            )
-        ops.layernorm_forward(x, p["ln_f.weight"], p["ln_f.bias"], h, xhat)
-        cache.length = t0 + Tn
-        return (h @ p["wte"][: cfg.vocab_size].T).reshape(B, Tn, cfg.vocab_size)
 
 
 class KVCache:
@@ -505,6 +512,13 @@ class KVCache:
         self.v = np.zeros(shape, dtype)
         self.length = 0
         self.max_len = max_len
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store layer's keys and values (B, nh, T, hs) of positions length.. ; return all of them so far."""
+        t0, t1 = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, t0:t1] = k
+        self.v[layer, :, :, t0:t1] = v
+        return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep sequence rows[i] as row i (beam search reshuffles its beams)."""

@@ -273,19 +273,21 @@ _mask_cache: dict = {}
 
 
 def _additive_mask(T: int, window: int | None, dtype) -> np.ndarray:
-    key = (T, window, np.dtype(dtype))
-    if key not in _mask_cache:
+    """0 / -inf (T', T') mask for some T' >= T: a mask depends only on the two positions, so any
+    square corner of a bigger one serves (sampling asks for every T up to block_size)."""
+    key = (window, np.dtype(dtype))
+    if key not in _mask_cache or _mask_cache[key].shape[0] < T:
         _mask_cache[key] = np.where(causal_mask(T, window), -np.inf, 0.0).astype(dtype)
     return _mask_cache[key]
 
 
-def _head_groups(lo: int, hi: int, nh: int, T: int):
+def _head_groups(lo: int, hi: int, nh: int, Tq: int, Tk: int):
     """(b, heads): the flat (batch, head) range [lo, hi) cut into runs of heads of one sequence,
-    each run small enough that its score blocks (heads x ATTN_BLOCK x T) stay in cache. At short T
+    each run small enough that its score blocks (heads x ATTN_BLOCK x Tk) stay in cache. At short T
     a run is all heads, so every step is one batched ufunc or matmul instead of a Python loop over
     heads (T = 64: attention 1.5x faster); at T = 1024 a run is one head. A one-head run is given
     as an int, so its arrays stay 2-D (stacked matmuls cost more than plain ones)."""
-    per_run = max(1, BLOCK_ELEMS // (min(T, ATTN_BLOCK) * T))
+    per_run = max(1, BLOCK_ELEMS // (min(Tq, ATTN_BLOCK) * Tk))
     i = lo
     while i < hi:
         b, h0 = divmod(i, nh)
@@ -294,38 +296,45 @@ def _head_groups(lo: int, hi: int, nh: int, T: int):
         i += h1 - h0
 
 
-def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray):
-    """(q0, q1, k0, scores, scaled_q): for each query block [q0, q1), the scaled and masked scores
-    ([heads,] q1 - q0, q1 - k0) against keys [k0, q1), the only keys any of its queries can see, and
-    the block's queries times 1/sqrt(hs). q, k: ([heads,] T, hs).
+def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray, q_offset: int = 0):
+    """(q0, q1, k0, scores, scaled_q): for each block [q0, q1) of the query rows, the scaled and masked
+    scores ([heads,] q1 - q0, q_offset + q1 - k0) against keys [k0, q_offset + q1), the only keys any of
+    its queries can see, and the block's queries times 1/sqrt(hs). q: ([heads,] Tq, hs) at positions
+    q_offset..; k: ([heads,] q_offset + Tq, hs) (training: q_offset 0; a KV cache: the cached length).
     The scale goes on the (rows, hs) queries rather than the (rows, keys) scores, and without a window
     only the diagonal (rows, rows) square needs the mask: two fewer passes over the scores."""
-    T, hs = q.shape[-2:]
+    Tq, hs = q.shape[-2:]
     scale = 1.0 / math.sqrt(hs)
-    for q0 in range(0, T, ATTN_BLOCK):
-        q1 = min(T, q0 + ATTN_BLOCK)
-        k0 = 0 if window is None else max(0, q0 - window + 1)
+    for q0 in range(0, Tq, ATTN_BLOCK):
+        q1 = min(Tq, q0 + ATTN_BLOCK)
+        p0, p1 = q_offset + q0, q_offset + q1          # the block's positions
+        k0 = 0 if window is None else max(0, p0 - window + 1)
         qs = q[..., q0:q1, :] * scale
-        s = qs @ k[..., k0:q1, :].swapaxes(-1, -2)
+        s = qs @ k[..., k0:p1, :].swapaxes(-1, -2)
         if window is None:
-            s[..., q0:] += mask[q0:q1, q0:q1]
+            s[..., p0:] += mask[p0:p1, p0:p1]
         else:
-            s += mask[q0:q1, k0:q1]
+            s += mask[p0:p1, k0:p1]
         yield q0, q1, k0, s, qs
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
-                      lse: np.ndarray, keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
-    """y = softmax(q k^T / sqrt(hs) + mask) @ v per (batch, head); lse (B, nh, T) gets the log of
-    each softmax row's normaliser. keep: optional dropout keep-mask (B, nh, T, T) on the probabilities,
-    surviving ones scaled by keep_scale."""
-    B, nh, T, hs = q.shape
-    mask = _additive_mask(T, window, q.dtype)
+                      lse: np.ndarray, keep: np.ndarray | None = None, keep_scale: float = 1.0,
+                      q_offset: int = 0) -> None:
+    """y = softmax(q k^T / sqrt(hs) + mask) @ v per (batch, head); lse (B, nh, Tq) gets the log of
+    each softmax row's normaliser. q, y: (B, nh, Tq, hs) at positions q_offset..; k, v: (B, nh,
+    q_offset + Tq, hs). keep: optional dropout keep-mask (B, nh, T, T) on the probabilities (training,
+    q_offset 0), surviving ones scaled by keep_scale."""
+    B, nh, Tq, hs = q.shape
+    Tk = k.shape[2]
+    if Tk != q_offset + Tq:
+        raise ValueError(f"{Tk} keys for {Tq} queries at offset {q_offset}")
+    mask = _additive_mask(Tk, window, q.dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, T):
+        for b, hd in _head_groups(lo, hi, nh, Tq, Tk):
             vb, yb, lb = v[b, hd], y[b, hd], lse[b, hd]
-            for q0, q1, k0, s, _ in _score_blocks(q[b, hd], k[b, hd], window, mask):
+            for q0, q1, k0, s, _ in _score_blocks(q[b, hd], k[b, hd], window, mask, q_offset):
                 m = s.max(axis=-1, keepdims=True)
                 s -= m
                 np.exp(s, out=s)
@@ -334,7 +343,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
                     s *= keep[b, hd, q0:q1, k0:q1]
                 # normalise the (rows, hs) output instead of the (rows, keys) probabilities
                 yq = yb[..., q0:q1, :]
-                np.matmul(s, vb[..., k0:q1, :], out=yq)
+                np.matmul(s, vb[..., k0 : q_offset + q1, :], out=yq)
                 yq /= total
                 if keep is not None:
                     yq *= keep_scale
@@ -354,7 +363,7 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
     mask = _additive_mask(T, window, q.dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, T):
+        for b, hd in _head_groups(lo, hi, nh, T, T):
             qb, kb, vb, lb = q[b, hd], k[b, hd], v[b, hd], lse[b, hd]
             dyb, dqb, dkb, dvb = dy[b, hd], dq[b, hd], dk[b, hd], dv[b, hd]
             rowdot = np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from distgpt.fileio import DiskFullError, atomic_write
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
@@ -42,10 +43,11 @@ def plot(out_dirs: list[Path], out: Path, width: int = 1200, height: int = 900) 
         rows = read_metrics(run)
         colour = f"C{i}"
         label = run.name or str(run)
+        val = [(r["step"], r.get("tokens", r["step"]), r["val_loss"]) for r in rows if "val_loss" in r]
+        rows = [r for r in rows if "train_loss" in r]   # not the step-0 record, which has only val_loss
         steps = [r["step"] for r in rows]
         tokens = [r.get("tokens", r["step"]) for r in rows]
         loss = [r["train_loss"] for r in rows]
-        val = [(r["step"], r.get("tokens", r["step"]), r["val_loss"]) for r in rows if "val_loss" in r]
         ax_step.plot(steps, loss, color=colour, label=f"{label} train")
         ax_tok.plot(tokens, loss, color=colour, label=f"{label} train")
         if val:
@@ -61,10 +63,11 @@ def plot(out_dirs: list[Path], out: Path, width: int = 1200, height: int = 900) 
         ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_write(out) as f:  # a viewer refreshing the PNG never sees half of one
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = plot(args.out_dirs, args.out or args.out_dirs[0] / "loss.png")
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, DiskFullError) as e:
         print(f"plot: error: {e}", file=sys.stderr)
         return 2
     print(f"plot: wrote {path}")

@@ -2,7 +2,8 @@
 
 Writes DIR/train_000000.bin, ..., DIR/val_000000.bin and, last, DIR/manifest.json. Every document is
 preceded by the end-of-text token (GPT-2 / llm.c convention). The last documents go to val; a corpus of
-a single document is split by tokens instead.
+a single document is split by tokens instead. The files are built in DIR/.prepare.tmp and moved in
+once all of them are written: a run that fails (a full disk, a bad row) leaves an earlier output as it was.
 
 Sources, in the order they are recognised:
   builtin            the standard library's .py files (no network, deterministic for a Python install)
@@ -24,6 +25,7 @@ import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import sysconfig
 import urllib.request
@@ -35,15 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from distgpt.cli import Parser
-from distgpt.data import (
-    MANIFEST_NAME,
-    DataError,
-    Tokenizer,
-    atomic_open,
-    get_tokenizer,
-    write_json_atomic,
-    write_shard,
-)
+from distgpt.data import MANIFEST_NAME, DataError, Tokenizer, get_tokenizer, write_shard
+from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
 from distgpt.progress import Progress
 
 TINYSHAKESPEARE_URL = (
@@ -54,6 +49,7 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
 DATAFILE_SUFFIXES = {*LOCAL_SUFFIXES, ".json", ".csv", ".gz", ".zst", ".bin", ".arrow"}
 CHUNK_CHARS = 1 << 20  # text per worker task: big enough to amortise pickling, small enough to balance
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
+STAGING = ".prepare.tmp"  # inside --out; a dot-name, so no train_*.bin glob looks into it
 
 
 class PrepareError(Exception):
@@ -124,7 +120,7 @@ def _tinyshakespeare_path() -> Path:
                 f"could not download tinyshakespeare from {TINYSHAKESPEARE_URL}: {e} "
                 "(set DISTGPT_TINYSHAKESPEARE to a local copy)"
             ) from e
-        with atomic_open(path) as f:
+        with atomic_write(path) as f:
             f.write(data)
     return path
 
@@ -416,41 +412,56 @@ def prepare(args: argparse.Namespace) -> dict:
         n_docs = min(n_docs, args.max_docs)
     if n_docs == 0:
         raise PrepareError(f"empty corpus: source {args.source} has no documents")
-    n_val = split_counts(n_docs, args.val_fraction)
-    split_single = n_docs == 1 and args.val_fraction > 0
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise PrepareError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    writers = {s: ShardWriter(out, s, args.shard_tokens) for s in ("train", "val")}
+    # the new shards and manifest are built in a hidden folder inside `out` (same file system, so
+    # they can be renamed in) and only published once all of them are on disk: a failure on the way,
+    # a full disk included, leaves an earlier output in `out` untouched and valid. The price: room
+    # for the old and the new output at once.
+    staging = out / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier run left
+    try:
+        staging.mkdir()
+        manifest = _write_staged(args, tok, corpus, n_docs, staging)
+        _publish(staging, out, manifest)
+    except DiskFullError as e:
+        if e.path.parent != staging:
+            raise
+        raise DiskFullError(out / e.path.name, e.errno) from None  # the name the user knows
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _write_staged(args: argparse.Namespace, tok: Tokenizer, corpus: Corpus, n_docs: int,
+                  staging: Path) -> dict:
+    """Encode the corpus into shards in `staging` and write their manifest there, last."""
+    n_val = split_counts(n_docs, args.val_fraction)
+    split_single = n_docs == 1 and args.val_fraction > 0
+    writers = {s: ShardWriter(staging, s, args.shard_tokens) for s in ("train", "val")}
     docs = itertools.islice(corpus.docs(), n_docs)
     max_token, text_tokens = tok.eot, 0
-    try:
-        with Progress(None, f"prepare {args.source}", unit="tokens") as progress:
-            for i, ids in enumerate(encode_docs(docs, tok.name, args.workers)):
-                if len(ids) > 1:
-                    max_token = max(max_token, int(ids[1:].max()))
-                text_tokens += len(ids) - 1
-                before = _tokens_written(writers)
-                if split_single:
-                    _split_single_doc(ids, args.val_fraction, writers, tok.eot)
-                else:
-                    writers["val" if i >= n_docs - n_val else "train"].add(ids)
-                progress.update(_tokens_written(writers) - before)
-                progress.set_postfix(docs=f"{i + 1}/{n_docs}", shards=_shards_written(writers))
-            # checked before the final flush so an empty corpus writes nothing
-            if text_tokens == 0:
-                raise PrepareError(f"empty corpus: the {n_docs} document(s) of {args.source} hold 0 tokens")
-            for w in writers.values():
-                w.flush()
-            progress.set_postfix(docs=n_docs, shards=_shards_written(writers))
-    except BaseException:
-        # shards without a matching manifest would look like valid llm.c shards to a glob: remove them
+    with Progress(None, f"prepare {args.source}", unit="tokens") as progress:
+        for i, ids in enumerate(encode_docs(docs, tok.name, args.workers)):
+            if len(ids) > 1:
+                max_token = max(max_token, int(ids[1:].max()))
+            text_tokens += len(ids) - 1
+            before = _tokens_written(writers)
+            if split_single:
+                _split_single_doc(ids, args.val_fraction, writers, tok.eot)
+            else:
+                writers["val" if i >= n_docs - n_val else "train"].add(ids)
+            progress.update(_tokens_written(writers) - before)
+            progress.set_postfix(docs=f"{i + 1}/{n_docs}", shards=_shards_written(writers))
+        # checked before the final flush so an empty corpus writes nothing
+        if text_tokens == 0:
+            raise PrepareError(f"empty corpus: the {n_docs} document(s) of {args.source} hold 0 tokens")
         for w in writers.values():
-            for entry in w.entries:
-                (out / entry["file"]).unlink(missing_ok=True)
-        raise
+            w.flush()
+        progress.set_postfix(docs=n_docs, shards=_shards_written(writers))
 
     manifest = {
         "format": "distgpt-shards",
@@ -462,9 +473,20 @@ def prepare(args: argparse.Namespace) -> dict:
         "max_token": max_token,
         "shards": writers["train"].entries + writers["val"].entries,
     }
-    write_json_atomic(out / MANIFEST_NAME, manifest)
-    _remove_stale_shards(out, manifest)
+    write_json_atomic(staging / MANIFEST_NAME, manifest)
     return manifest
+
+
+def _publish(staging: Path, out: Path, manifest: dict) -> None:
+    """Move the staged shards, then the manifest, into `out`, then drop shards the manifest does not
+    list. Renames and deletions only: they need no free space, so a full disk cannot stop this half
+    way (only a crash within these few renames could leave the old manifest beside new shards, which
+    open_shards reports as out of sync when the sizes differ)."""
+    for entry in manifest["shards"]:
+        os.replace(staging / entry["file"], out / entry["file"])
+    os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
+    fsync_dir(out)
+    _remove_stale_shards(out, manifest)
 
 
 def _tokens_written(writers: dict[str, ShardWriter]) -> int:
@@ -561,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         manifest = prepare(args)
-    except (PrepareError, DataError) as e:
+    except (PrepareError, DataError, DiskFullError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     splits = {s: [e["n_tokens"] for e in manifest["shards"] if e["split"] == s] for s in ("train", "val")}

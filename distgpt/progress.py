@@ -1,7 +1,8 @@
 """A tiny progress reporter: a live tqdm bar on a terminal, sparse log lines otherwise.
 
-Logs and CI capture stderr to files, where a redrawn bar becomes thousands of carriage-return fragments;
-there we print one plain line every `interval` seconds at most instead.
+Logs and CI capture output to files, where a redrawn bar becomes thousands of carriage-return
+fragments; there we print one plain line every `interval` seconds at most instead (or none, with
+interval=None, for a caller that logs lines of its own: the training loop).
 """
 
 from __future__ import annotations
@@ -26,13 +27,15 @@ class Progress:
         desc: str,
         unit: str = "tokens",
         stream: TextIO | None = None,
-        interval: float = 5.0,
+        interval: float | None = 5.0,
         live: bool | None = None,
+        initial: int = 0,
+        scale_units: bool = True,
     ) -> None:
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
-        self.n = 0
+        self.n = initial
         self.postfix: dict[str, object] = {}
         self.start = time.monotonic()
         self._last_log = self.start
@@ -43,9 +46,8 @@ class Progress:
         if live:
             from tqdm import tqdm
 
-            self._bar = tqdm(
-                total=total, desc=desc, unit=f" {unit}", unit_scale=True, file=self.stream, dynamic_ncols=True
-            )
+            self._bar = tqdm(total=total, desc=desc, unit=f" {unit}", unit_scale=scale_units, initial=initial,
+                             file=self.stream, dynamic_ncols=True)
 
     def update(self, n: int) -> None:
         self.n += n
@@ -53,9 +55,16 @@ class Progress:
             self._bar.update(n)
             return
         now = time.monotonic()
-        if now - self._last_log >= self.interval:
+        if self.interval is not None and now - self._last_log >= self.interval:
             self._last_log = now
             print(self._line(now), file=self.stream, flush=True)
+
+    def write(self, line: str) -> None:
+        """A log line: above the live bar, or plainly on the stream."""
+        if self._bar is not None:
+            self._bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def set_postfix(self, **kv: object) -> None:
         self.postfix.update(kv)

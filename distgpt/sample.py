@@ -115,9 +115,9 @@ def generate(
         return out
     if use_cache:
         cache = model.new_cache(1, len(prompt) + n)
-        logits = model.forward_cached(np.asarray([prompt]), cache)[0, -1]  # the prompt in one pass
+        logits = model.logits(np.asarray([prompt]), cache)[0, -1]  # the prompt in one pass
     else:
-        logits = model.forward(np.asarray([prompt]), return_logits=True)[0, -1]
+        logits = model.logits(np.asarray([prompt]))[0, -1]
     while True:
         tok = _choose(logits[:vocab_limit], temperature, top_k, top_p, greedy, rng)
         if tok == eot:
@@ -128,9 +128,9 @@ def generate(
         if len(out) == n:
             break
         if use_cache:
-            logits = model.forward_cached(np.asarray([[tok]]), cache)[0, -1]
+            logits = model.logits(np.asarray([[tok]]), cache)[0, -1]
         else:
-            logits = model.forward(np.asarray([prompt + out]), return_logits=True)[0, -1]
+            logits = model.logits(np.asarray([prompt + out]))[0, -1]
     return out
 
 
@@ -158,7 +158,7 @@ def beam_search(
     if n == 0:
         return []
     cache = model.new_cache(1, len(prompt) + n)
-    logits = model.forward_cached(np.asarray([prompt]), cache)[:, -1]  # prefill once, then copy it
+    logits = model.logits(np.asarray([prompt]), cache)[:, -1]  # prefill once, then copy it
     cache.reorder(np.zeros(beams, dtype=np.intp))
     logits = np.repeat(logits, beams, axis=0)
     seqs = np.zeros((beams, 0), dtype=np.int64)
@@ -190,7 +190,7 @@ def beam_search(
         if len(finished) == beams and scores[0] / length**length_penalty <= finished[-1][0]:
             break  # HF's early-stop heuristic: the live beams can no longer improve the finished set
         cache.reorder(src[live])
-        logits = model.forward_cached(tok[live, None], cache)[:, -1]
+        logits = model.logits(tok[live, None], cache)[:, -1]
     best = finished[0][1]
     return best[:-1] if eot is not None and best and best[-1] == eot else best
 

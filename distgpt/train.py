@@ -13,7 +13,6 @@ One optimizer step, on every rank:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import signal
@@ -21,24 +20,28 @@ import sys
 import time
 import traceback
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from distgpt import blas, dist, jit
+from distgpt import blas, dist, fileio, jit
 from distgpt import threads as kernel_threads
-from distgpt.config import Config, ConfigError, check_batch_layout, load_config
-from distgpt.model import GPT, Layout, ModelConfig, activation_bytes, init_params
+from distgpt.config import Config, ConfigError, ModelConfig, check_batch_layout, load_config, user_model_keys
+from distgpt.model import GPT, Layout, activation_bytes, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
+from distgpt.partition import Partition
+from distgpt.progress import Progress
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the user's input: reported as one line, exit code 2."""
+    """Errors caused by the user's input or machine (a full disk): one line, exit code 2."""
     from distgpt.checkpoint import CheckpointError
     from distgpt.data import DataError
     from distgpt.weights import WeightsError
 
-    return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError)
+    return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError, fileio.DiskFullError)
 
 
 # ----------------------------------------------------------------------------- summary
@@ -74,7 +77,7 @@ def summary(cfg: Config, world: int, accum: int) -> list[str]:
     ]
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- pieces of the run
 
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (a scheduler's preemption warning); acted on at a step boundary."""
@@ -99,25 +102,54 @@ def check_params_agree(comm: dist.Comm, params: np.ndarray, step: int) -> None:
         raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0")
 
 
+class Log:
+    """Rank 0's output: log lines on stdout and, on a terminal, a live progress bar below them.
+    Every other rank stays quiet."""
+
+    def __init__(self, rank0: bool):
+        self.rank0 = rank0
+        self.bar: Progress | None = None
+
+    def __call__(self, *lines: str) -> None:
+        for line in lines if self.rank0 else ():
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+
+    def start_bar(self, total: int, initial: int) -> None:
+        if self.rank0 and sys.stdout.isatty():
+            self.bar = Progress(total, "train", unit="step", stream=sys.stdout, interval=None, live=True,
+                                initial=initial, scale_units=False)
+
+    def advance(self, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close(summary=False)
+            self.bar = None
+
+
 class Metrics:
-    """metrics.jsonl on rank 0: one JSON object per logged step (floats round-trip exactly)."""
+    """metrics.jsonl on rank 0: one JSON object per logged step (floats round-trip exactly). A write
+    that fails (a full disk) is one line naming the file, and leaves no half record behind."""
 
     def __init__(self, out_dir: Path, resume_step: int | None):
         self.path = out_dir / "metrics.jsonl"
         if resume_step is None:
-            self.path.write_text("")
+            fileio.write_text_atomic(self.path, "")
         elif self.path.exists():
             # drop records past the checkpoint we resume from: they will be produced again
             keep = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            os.replace(tmp, self.path)
+            fileio.write_text_atomic(self.path, "".join(line + "\n" for line in keep))
         self.file = open(self.path, "a")
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        fileio.append_line(self.file, json.dumps(record), self.path)
 
 
 def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int) -> float:
@@ -125,23 +157,23 @@ def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int) -> float:
     number is the same whatever the number of ranks."""
     acc = np.zeros(2, np.float64)
     for x, y in val.rank_windows(comm.rank, comm.size, micro_batch_size):
-        acc[0] += model.forward(x, y) * x.size
+        acc[0] += model.loss(x, y) * x.size
         acc[1] += x.size
     comm.allreduce_(acc)
     return float(acc[0] / acc[1])
 
 
-def build_model(cfg: Config, explicit_model_keys: dict[str, int]) -> tuple[Config, GPT]:
+def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
+    """The starting parameters (GPT-2 init, or pretrained weights) and the config they imply."""
     if cfg.init_from == "scratch":
-        model = GPT(cfg.model)
-        init_params(model.layout, model.params, cfg.train.seed)
-        return cfg, model
+        params = np.zeros(Layout(cfg.model).size, np.float32)
+        init_params(Layout(cfg.model), params, cfg.train.seed)
+        return cfg, params
     from distgpt import weights
 
     mcfg, params = weights.load_init(cfg.init_from, cfg.model)
-    weights.check_shape(explicit_model_keys, mcfg, cfg.init_from)
-    cfg = dataclasses.replace(cfg, model=mcfg)
-    return cfg, GPT(mcfg, params=params)
+    weights.check_shape(user_model_keys(cfg), mcfg, cfg.init_from)
+    return cfg.model_copy(update={"model": mcfg}), params
 
 
 def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:
@@ -149,58 +181,76 @@ def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:
 
     rng = np.random.default_rng([cfg.train.seed, step, 7])
     ids = generate(model, [tokenizer.eot], cfg.train.sample_tokens, temperature=0.8, top_k=50, rng=rng,
-                   vocab_limit=tokenizer.vocab_size,
-                   eot=tokenizer.eot)
+                   vocab_limit=tokenizer.vocab_size, eot=tokenizer.eot)
     text = tokenizer.decode(ids).replace("\n", "\n  | ")
     return f"sample at step {step}:\n  | {text}"
 
 
-# ----------------------------------------------------------------------------- the run
+def with_injected_faults(step_fn: Callable, rank: int) -> Callable:
+    """Test hook: DISTGPT_FAIL_AT="RANK:STEP" makes that rank raise when it starts that step, and
+    "RANK:STEP:9" SIGKILLs it there. Without the variable, step_fn itself."""
+    spec = os.environ.get("DISTGPT_FAIL_AT")
+    if not spec:
+        return step_fn
+    fail_rank, fail_step, *how = (int(v) for v in spec.split(":"))
+
+    def step_or_fail(step: int, *args):
+        if (rank, step) == (fail_rank, fail_step):
+            if how == [9]:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure (DISTGPT_FAIL_AT) at step {step}")
+        return step_fn(step, *args)
+    return step_or_fail
+
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+@dataclass
+class StepResult:
+    loss: float              # mean over the global batch
+    grad_norm: float         # before clipping
+    lr: float
+    stop_requested: bool     # some rank was signalled: every rank checkpoints and exits
+
 
 class Trainer:
     """One optimizer step on this rank: the rank's micro-batches forward and backward, the gradient
     reduction (overlapped with the last backward), clipping, AdamW on this rank's slice, and the
-    ZeRO-1 allgather. The training loop and the benchmark both drive it."""
+    ZeRO-1 allgather. The training loop and the benchmark both drive it.
 
-    def __init__(self, cfg: Config, comm: dist.Comm, model: GPT):
-        t, layout = cfg.train, model.layout
-        self.cfg, self.comm, self.model, self.n = cfg, comm, model, layout.size
-        self.zero = cfg.parallel.zero and comm.size > 1
-        self.shard = dist.shard_range(self.n, comm.rank, comm.size)   # this rank's checkpoint slice
-        self.s, self.e = self.shard if self.zero else (0, self.n)      # the slice AdamW updates
-        self.opt = AdamW(self.e - self.s, layout.decay_segments(self.s, self.e), t.beta1, t.beta2, t.eps,
-                         t.weight_decay)
-        self.reducer = dist.make_reducer(comm, layout.layer_ranges, model.grads, self.zero,
+    The reducer decides where the flat buffers live (shared memory on one node), so the model is
+    built on its buffers; the partition says which slice this rank sums, updates and checkpoints."""
+
+    def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
+        t, layout = cfg.train, Layout(cfg.model)
+        self.cfg, self.comm = cfg, comm
+        zero = cfg.parallel.zero and comm.size > 1
+        self.partition = Partition(layout.size, comm.size, comm.rank, zero)
+        self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
-        if self.reducer.grads is not model.grads:
-            model.use_grad_buffer(self.reducer.grads)
-        shared = self.reducer.shared_params
-        if shared is not None:          # one copy for the node, rank 0's values
-            if comm.rank == 0:
-                shared[:] = model.params
-            comm.shared_barrier()
-            model.use_param_buffer(shared)
+        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads)
+        lo, hi = self.partition.updated
+        self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.overlap = (cfg.parallel.overlap and comm.size > 1
                         and isinstance(self.reducer, dist.GradReducer))
         self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
 
-    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0
-             ) -> tuple[float, float, float, bool]:
-        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`).
-        Returns (mean loss over the global batch, gradient norm, lr, whether any rank asked to stop)."""
+    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0) -> StepResult:
+        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`);
+        `stop` is this rank's stop signal (0: none), shared with the others in the step's allreduce."""
         cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
         t = cfg.train
         scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
+        dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
         model.zero_grad()
         loss_sum = 0.0
         for i, (x, y, row0) in enumerate(micro):
             last = self.overlap and i == len(micro) - 1    # reduce while the last backward runs
-            model.layer_done_hook = reducer.layer_done if last else None
             ta = time.perf_counter()
-            dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
-            loss_sum += model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
+            fwd = model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
             tb = time.perf_counter()
-            model.backward()
+            model.backward(fwd, on_block_done=reducer.block_done if last else None)
+            loss_sum += fwd.loss
             timing["forward"] += tb - ta
             timing["backward"] += time.perf_counter() - tb
         tc = time.perf_counter()
@@ -209,67 +259,96 @@ class Trainer:
         timing["wait"] += reducer.waited
         timing["comm"] += time.perf_counter() - tc - reducer.waited
         # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
-        sharded = reducer.sharded_norm
-        stats = np.array([loss_sum, reducer.grad_sq_sum() if sharded else 0.0, float(stop)])
+        partial = reducer.norm_is_partial
+        stats = np.array([loss_sum, reducer.grad_sq_sum() if partial else 0.0, float(stop)])
         comm.allreduce_(stats)
-        grad_norm = float(np.sqrt(stats[1] if sharded else reducer.grad_sq_sum()))
+        grad_norm = float(np.sqrt(stats[1] if partial else reducer.grad_sq_sum()))
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         td = time.perf_counter()
-        self.opt.step(model.params[self.s:self.e], reducer.shard_grads, lr,
-                      clip_coefficient(grad_norm, t.grad_clip))
-        if self.zero:
-            reducer.allgather_params(model.params)
+        lo, hi = self.partition.updated
+        clip = clip_coefficient(grad_norm, t.grad_clip)
+        self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
+        if self.partition.zero:
+            reducer.allgather_params()
         timing["optim"] += time.perf_counter() - td
-        return float(stats[0] * scale), grad_norm, lr, bool(stats[2])
-
-    def broadcast_params(self) -> None:
-        """Rank 0's parameters everywhere (parameters in shared memory already are rank 0's)."""
-        if self.model.params is self.reducer.shared_params:
-            self.comm.shared_barrier()
-        else:
-            self.comm.bcast_(self.model.params)
+        return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]))
 
     def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, opt_t: int) -> None:
-        """This rank's checkpoint slices (self.shard) -> full parameters, and moments where kept."""
-        a, b = self.shard
-        ranges, model, opt, comm = self.reducer.ranges, self.model, self.opt, self.comm
-        model.params[a:b] = params
-        self.reducer.allgather_params(model.params)
-        if self.zero:
+        """This rank's owned slices from a checkpoint -> full parameters, and moments where kept."""
+        a, b = self.partition.owned
+        self.model.params[a:b] = params
+        self.reducer.allgather_params()
+        opt = self.opt
+        if self.partition.zero:
             opt.m[:], opt.v[:] = m, v
         else:
             opt.m[a:b], opt.v[a:b] = m, v
-            comm.allgatherv_(opt.m, ranges)
-            comm.allgatherv_(opt.v, ranges)
+            self.comm.allgatherv_(opt.m, self.partition.ranges)
+            self.comm.allgatherv_(opt.v, self.partition.ranges)
         opt.t = opt_t
 
     def state_slices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """params, m, v of this rank's checkpoint slice."""
-        a, b = self.shard
-        if self.zero:
+        """params, m, v of this rank's owned slice (its checkpoint shard)."""
+        a, b = self.partition.owned
+        if self.partition.zero:
             return self.model.params[a:b], self.opt.m, self.opt.v
         return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
 
 
-def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_run: bool) -> None:
-    from distgpt import checkpoint, data
+class Checkpoints:
+    """Saving and resuming the whole training state: parameters and moments (the trainer's shards),
+    the step, tokens seen and the loader's position."""
+
+    def __init__(self, cfg: Config, comm: dist.Comm, trainer: Trainer, loader, tokenizer: str | None,
+                 log: Log):
+        self.cfg, self.comm, self.trainer, self.loader, self.tokenizer, self.log = (
+            cfg, comm, trainer, loader, tokenizer, log)
+        self.out_dir = Path(cfg.out_dir)
+        self.last_step = -1          # the step of the newest checkpoint this run wrote or resumed
+
+    def resume(self) -> tuple[int, int] | None:
+        """Load the checkpoint `resume` names (if any): (step, tokens seen), or None to start fresh."""
+        from distgpt import checkpoint
+
+        if not self.cfg.resume:
+            return None
+        path = checkpoint.resolve_resume(self.out_dir, self.cfg.resume, self.comm)
+        if path is None:
+            return None
+        layout = self.trainer.model.layout
+        params, m, v, manifest = checkpoint.load_checkpoint(path, self.comm, layout, self.trainer.partition)
+        meta = manifest["meta"]
+        saved_tok = meta.get("tokenizer")
+        if saved_tok and self.tokenizer and saved_tok != self.tokenizer:
+            raise checkpoint.CheckpointError(
+                f"{path}: saved with tokenizer {saved_tok}, the data uses {self.tokenizer}")
+        self.trainer.load_state(params, m, v, meta["opt_t"])
+        self.loader.load_state_dict(meta["loader"])
+        self.last_step = meta["step"]
+        self.log(f"resumed from {path} at step {meta['step']}")
+        return meta["step"], meta["tokens_seen"]
+
+    def save(self, step: int, tokens_seen: int) -> None:
+        from distgpt import checkpoint
+
+        t = self.cfg.train
+        meta = {"config": self.cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
+                "opt_t": self.trainer.opt.t, "loader": self.loader.state_dict(), "tokenizer": self.tokenizer,
+                "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
+        path = checkpoint.save_checkpoint(self.out_dir, step, self.comm, self.trainer.model.layout,
+                                          self.trainer.partition, *self.trainer.state_slices(), meta,
+                                          self.cfg.checkpoint.keep)
+        self.last_step = step
+        self.log(f"checkpoint: {path}")
+
+
+def open_data(cfg: Config, comm: dist.Comm):
+    """(train loader, val set or None, tokenizer name) for this rank."""
+    from distgpt import data
 
     t = cfg.train
-    rank0 = comm.rank == 0
-    log = (lambda *a: print(*a, flush=True)) if rank0 else (lambda *a: None)
-    bar = None  # the live progress bar, on rank 0 when stdout is a terminal
-    threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
-    blas.describe()                    # a bad DISTGPT_BLAS fails here, on every rank alike
-    accum = check_batch_layout(cfg, comm.size)
-
-    if dry_run:
-        log("\n".join(summary(cfg, comm.size, accum)))
-        log(json.dumps(cfg.to_dict(), indent=2))
-        return
-
     if cfg.data.train is None:
         raise ConfigError("data.train is not set: expected a glob of token shard files (see distgpt.prepare)")
-    cfg, model = build_model(cfg, explicit_model_keys)
     shards = data.open_shards(cfg.data.train, cfg.model.vocab_size, cfg.data.tokenizer, what="data.train")
     loader = data.TrainLoader(shards, t.seq_len, t.batch_size, t.micro_batch_size, comm.rank, comm.size,
                               t.seed)
@@ -277,133 +356,112 @@ def run(cfg: Config, comm: dist.Comm, explicit_model_keys: dict[str, int], dry_r
     if cfg.data.val:
         val_shards = data.open_shards(cfg.data.val, cfg.model.vocab_size, cfg.data.tokenizer, what="data.val")
         val = data.ValSet(val_shards, t.seq_len, t.eval_steps * t.batch_size)
-    tokenizer_name = cfg.data.tokenizer or shards.tokenizer
+    return loader, val, cfg.data.tokenizer or shards.tokenizer
 
-    trainer = Trainer(cfg, comm, model)
-    layout = model.layout
 
-    out_dir = Path(cfg.out_dir)
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    step, tokens_seen = 0, 0
-    resume_from = checkpoint.resolve_resume(out_dir, cfg.resume, comm) if cfg.resume else None
-    if resume_from is not None:
-        p_sh, m_sh, v_sh, manifest = checkpoint.load_checkpoint(resume_from, comm, layout, trainer.shard)
-        meta = manifest["meta"]
-        saved_tok = meta.get("tokenizer")
-        if saved_tok and tokenizer_name and saved_tok != tokenizer_name:
-            raise checkpoint.CheckpointError(
-                f"{resume_from}: saved with tokenizer {saved_tok}, the data uses {tokenizer_name}")
-        trainer.load_state(p_sh, m_sh, v_sh, meta["opt_t"])
-        loader.load_state_dict(meta["loader"])
-        step, tokens_seen = meta["step"], meta["tokens_seen"]
-    elif comm.size > 1:
-        trainer.broadcast_params()           # identical starting point, whatever each rank computed
-    check_params_agree(comm, model.params, step)
-
-    log("\n".join(summary(cfg, comm.size, accum)))
-    log(f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
-        f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}")
+def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) -> list[str]:
+    lines = summary(cfg, comm.size, accum) + [
+        f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
+        f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}"]
     if comm.size > 1:
-        log(f"gradient sum: {trainer.reducer.describe()}"
-            f"{', overlapped with backward' if trainer.overlap else ''}")
+        lines.append(f"gradient sum: {trainer.reducer.describe()}"
+                     f"{', overlapped with backward' if trainer.overlap else ''}")
     if threads.oversubscribed:
-        log(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
-            f"{os.cpu_count()} cores: expect slowdowns (set parallel.threads_per_rank)")
-    if resume_from is not None:
-        log(f"resumed from {resume_from} at step {step}")
+        lines.append(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
+                     f"{os.cpu_count()} cores: expect slowdowns (set parallel.threads_per_rank)")
+    return lines
 
-    metrics = Metrics(out_dir, step if resume_from is not None else None) if rank0 else None
+
+# ----------------------------------------------------------------------------- the run
+
+def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> None:
+    t = cfg.train
+    log = Log(comm.rank == 0)
+    threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
+    blas.describe()                    # a bad DISTGPT_BLAS fails here, on every rank alike
+    accum = check_batch_layout(cfg, comm.size)
+    if dry_run:
+        log(*summary(cfg, comm.size, accum), json.dumps(cfg.to_dict(), indent=2))
+        return
+
+    # set up: weights, data, the trainer on this rank's buffers
+    cfg, params = initial_params(cfg)
+    loader, val, tokenizer_name = open_data(cfg, comm)
+    trainer = Trainer(cfg, comm, params)
+    model = trainer.model
+    del params
+    out_dir = Path(cfg.out_dir)
+    if comm.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    log(*header(cfg, comm, trainer, accum, threads))
+
+    # resume, or start every rank from rank 0's parameters
+    checkpoints = Checkpoints(cfg, comm, trainer, loader, tokenizer_name, log)
+    resumed = checkpoints.resume()
+    step, tokens_seen = resumed or (0, 0)
+    if resumed is None:
+        trainer.reducer.broadcast_params()
+    check_params_agree(comm, model.params, step)
+    metrics = Metrics(out_dir, step if resumed else None) if comm.rank == 0 else None
+    sampler = None
+    if t.sample_every and tokenizer_name and comm.rank == 0:
+        from distgpt.data import get_tokenizer
+        sampler = get_tokenizer(tokenizer_name)
     stop = StopFlag()
-    tokenizer = data.get_tokenizer(tokenizer_name) if (t.sample_every and tokenizer_name and rank0) else None
+    train_step = with_injected_faults(trainer.step, comm.rank)
     tokens_per_step = t.batch_size * t.seq_len
-    last_ckpt_step = step if resume_from is not None else -1
 
-    def save(at_step: int) -> None:
-        nonlocal last_ckpt_step
-        meta = {"config": cfg.to_dict(), "step": at_step, "tokens_seen": tokens_seen, "opt_t": trainer.opt.t,
-                "loader": loader.state_dict(), "tokenizer": tokenizer_name,
-                "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)",
-                        "seed": t.seed}}
-        path = checkpoint.save_checkpoint(out_dir, at_step, comm, layout, trainer.shard,
-                                          *trainer.state_slices(), meta, cfg.checkpoint.keep)
-        last_ckpt_step = at_step
-        log(f"checkpoint: {path}")
-
-    # test hook: DISTGPT_FAIL_AT="RANK:STEP" raises on that rank at that step, "RANK:STEP:9" SIGKILLs it
-    fail_at = tuple(int(v) for v in os.environ["DISTGPT_FAIL_AT"].split(":")) \
-        if os.environ.get("DISTGPT_FAIL_AT") else None
-    if rank0 and sys.stdout.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(total=t.max_steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout)
-        log = lambda *a: bar.write(" ".join(str(x) for x in a))  # noqa: E731 (lines above the bar)
+    # the loop: curves start at the initial loss (step 0), as in nanoGPT and llm.c
+    if val is not None and step == 0:
+        val_loss = evaluate(model, val, comm, t.micro_batch_size)
+        log(f"step {0:6d} | val loss {val_loss:.4f}")
+        if metrics is not None:
+            metrics.write({"step": 0, "val_loss": val_loss, "tokens": 0, "time_s": 0.0})
+    log.start_bar(t.max_steps, step)
     t_run = time.perf_counter()
     while step < t.max_steps:
-        if fail_at is not None and fail_at[:2] == (comm.rank, step):
-            if fail_at[2:] == (9,):
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure (DISTGPT_FAIL_AT) at step {step}")
         t0 = time.perf_counter()
-        train_loss, grad_norm, lr, stopping = trainer.step(step, loader.micro_batches(step), stop.signum)
-        loader.step = step + 1
+        result = train_step(step, loader.micro_batches(step), stop.signum)
         step += 1
+        loader.step = step
         tokens_seen += tokens_per_step
         dt = time.perf_counter() - t0
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(f"loss is {train_loss} at step {step}: lower train.lr or check the data")
+        if not np.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step}: "
+                                     "lower train.lr or check the data")
 
-        logged = step % t.log_every == 0 or step == t.max_steps or step == 1
-        evaluated = val is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
-        record = {"step": step, "train_loss": float(train_loss), "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000, "tokens": tokens_seen,
                   "time_s": time.perf_counter() - t_run}
+        logged = step % t.log_every == 0 or step == t.max_steps or step == 1
         if logged:
-            log(f"step {step:6d}/{t.max_steps} | loss {train_loss:.4f} | lr {lr:.2e} | "
-                f"grad norm {grad_norm:.3f} | {dt * 1000:8.1f} ms/step | {tokens_per_step / dt:9.0f} tok/s")
+            log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+                f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
+                f"{tokens_per_step / dt:9.0f} tok/s")
+        evaluated = val is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
         if evaluated:
             record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size)
             log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
-        if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_step / dt:.0f}", refresh=False)
-            bar.update(1)
+        log.advance(result.loss, tokens_per_step / dt)
         if (logged or evaluated) and metrics is not None:
             metrics.write(record)
-        if tokenizer is not None and step % t.sample_every == 0:
-            log(sample_text(model, tokenizer, cfg, step))
+        if sampler is not None and step % t.sample_every == 0:
+            log(sample_text(model, sampler, cfg, step))
         if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
             check_params_agree(comm, model.params, step)
-        if stopping:
-            if bar is not None:
-                bar.close()
+        if result.stop_requested:
+            log.close()
             log(f"signal received: checkpointing at step {step} and exiting")
-            save(step)
+            checkpoints.save(step, tokens_seen)
             return
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            save(step)
-    if bar is not None:
-        bar.close()
-    if last_ckpt_step != step:
-        save(step)
+            checkpoints.save(step, tokens_seen)
+    log.close()
+    if checkpoints.last_step != step:
+        checkpoints.save(step, tokens_seen)
     total = sum(trainer.timing.values())
     if total > 0:
         log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in trainer.timing.items()))
-
-
-def explicit_keys(config_path: str | None, overrides: list[str]) -> dict[str, int]:
-    """Model shape keys the user set on purpose (file or command line): checked against pretrained weights."""
-    import yaml
-
-    from distgpt.config import parse_override
-
-    tree = {}
-    if config_path:
-        tree = (yaml.safe_load(Path(config_path).read_text()) or {}).get("model", {}) or {}
-    for text in overrides:
-        key, value = parse_override(text)
-        if key.startswith("model."):
-            tree[key.split(".", 1)[1]] = value
-    return {k: v for k, v in tree.items() if k in ("n_layer", "n_head", "n_embd", "vocab_size")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,8 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
     comm = dist.init()
     try:
-        cfg = load_config(args.config, overrides)
-        run(cfg, comm, explicit_keys(args.config, overrides), args.dry_run)
+        run(load_config(args.config, overrides), comm, args.dry_run)
         return 0
     except Exception as exc:  # every failure ends the whole job, never leaves ranks waiting
         user = isinstance(exc, _user_errors())

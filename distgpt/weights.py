@@ -9,7 +9,6 @@ mapping is a transpose per layer.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt.model import Layout, ModelConfig
+from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
+from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
 
 
 class WeightsError(ValueError):
@@ -118,7 +118,7 @@ def load_init(
     if cfg is not None:
         check_shape({k: getattr(cfg, k) for k in check}, file_cfg, spec)
         check_shape({"block_size": cfg.block_size}, file_cfg, spec)
-        model_cfg = dataclasses.replace(cfg, **{k: getattr(file_cfg, k) for k in SHAPE_KEYS})
+        model_cfg = cfg.model_copy(update={k: getattr(file_cfg, k) for k in SHAPE_KEYS})
     layout = Layout(model_cfg)
     params = np.zeros(layout.size, np.float32)
     try:
@@ -134,12 +134,8 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
     newest checkpoint), or anything load_init reads. Returns (config, params, tokenizer name or None)."""
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").exists() and not _has_hf_index(path):
-        try:
-            from distgpt.checkpoint import read_params  # imported lazily: sampling need not train
-        except ImportError as e:
-            raise WeightsError(
-                f"{spec}: no config.json here, and distgpt.checkpoint is unavailable ({e})"
-            ) from None
+        from distgpt.checkpoint import read_params
+
         try:
             manifest, params = read_params(str(path))
         except Exception as e:  # its errors vary; we only relay them, on one line
@@ -147,8 +143,8 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
                 f"{spec}: not a Hugging Face folder (no config.json) nor a readable distgpt checkpoint: {e}"
             ) from None
         meta = manifest.get("meta", {})
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        model = {k: v for k, v in meta.get("config", {}).get("model", {}).items() if k in fields}
+        saved = meta.get("config", {}).get("model", {})
+        model = {k: v for k, v in saved.items() if k in ModelConfig.model_fields}
         cfg = ModelConfig(**model)
         return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
     cfg, params = load_init(spec)
@@ -307,25 +303,10 @@ def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
 
 
 def _llmc_tensors(L: int, C: int, Vp: int, maxT: int) -> list[tuple[str, tuple[int, ...]]]:
-    """llm.c's parameter order and shapes (train_gpt2.c ParameterTensors)."""
-    return [
-        ("wte", (Vp, C)),
-        ("wpe", (maxT, C)),
-        ("ln_1.weight", (L, C)),
-        ("ln_1.bias", (L, C)),
-        ("attn.c_attn.weight", (L, 3 * C, C)),
-        ("attn.c_attn.bias", (L, 3 * C)),
-        ("attn.c_proj.weight", (L, C, C)),
-        ("attn.c_proj.bias", (L, C)),
-        ("ln_2.weight", (L, C)),
-        ("ln_2.bias", (L, C)),
-        ("mlp.c_fc.weight", (L, 4 * C, C)),
-        ("mlp.c_fc.bias", (L, 4 * C)),
-        ("mlp.c_proj.weight", (L, C, 4 * C)),
-        ("mlp.c_proj.bias", (L, C)),
-        ("ln_f.weight", (C,)),
-        ("ln_f.bias", (C,)),
-    ]
+    """llm.c's parameter order and shapes (train_gpt2.c ParameterTensors): the embeddings, then each
+    block tensor of model.BLOCK_PARAMS stacked over the layers (matmul weights as (out, in)), then ln_f."""
+    stacked = [(name, (L, *shape(C)[::-1])) for name, shape, _ in BLOCK_PARAMS]
+    return [("wte", (Vp, C)), ("wpe", (maxT, C)), *stacked, ("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
 
 
 def _read_llmc(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -372,23 +353,15 @@ def save_llmc(path: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> 
     L, C = cfg.n_layer, cfg.n_embd
     header = np.zeros(LLMC_HEADER_INTS, "<i4")
     header[:8] = [LLMC_MAGIC, 3, cfg.block_size, cfg.vocab_size, L, cfg.n_head, C, cfg.padded_vocab]
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(header.tobytes())
-            for name, _ in _llmc_tensors(L, C, cfg.padded_vocab, cfg.block_size):
-                if name in ("wte", "wpe", "ln_f.weight", "ln_f.bias"):
-                    f.write(np.ascontiguousarray(p[name], "<f4").tobytes())
-                    continue
-                for layer in range(L):
-                    t = p[f"h.{layer}.{name}"]
-                    f.write(np.ascontiguousarray(t.T if t.ndim == 2 else t, "<f4").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        f.write(header.tobytes())
+        for name, _ in _llmc_tensors(L, C, cfg.padded_vocab, cfg.block_size):
+            if name in ("wte", "wpe", "ln_f.weight", "ln_f.bias"):
+                f.write(np.ascontiguousarray(p[name], "<f4").tobytes())
+                continue
+            for layer in range(L):
+                t = p[f"h.{layer}.{name}"]
+                f.write(np.ascontiguousarray(t.T if t.ndim == 2 else t, "<f4").tobytes())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,7 +403,7 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> 
     tied, so, like save_pretrained, it is not stored). Built in a temporary folder, then renamed."""
     if cfg.attention != "dense":
         raise WeightsError(f"model.attention = {cfg.attention!r} has no Hugging Face GPT-2 equivalent")
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
@@ -439,13 +412,23 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> 
     tmp.mkdir(parents=True)
     try:
         state = to_hf_state_dict(Layout(cfg), np.asarray(params, dtype=np.float32))
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        with open(tmp / "config.json", "w") as f:
-            json.dump(hf_config(cfg), f, indent=2)
-            f.write("\n")
+        # safetensors' save() returns the bytes, so atomic_write can fsync them and report a full disk
+        # (save_file writes from Rust, unsynced, and fails with a SafetensorError that hides the errno)
+        try:
+            with atomic_write(tmp / "model.safetensors") as f:
+                f.write(save(state, metadata={"format": "pt"}))
+            write_json_atomic(tmp / "config.json", hf_config(cfg))
+        except DiskFullError as e:
+            raise DiskFullError(folder / e.path.name, e.errno) from None  # the name the user asked for
         if folder.exists():  # a directory cannot be os.replace'd over a non-empty one: swap it aside
             os.replace(folder, old)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if old.exists():  # put the previous export back rather than delete it below
+                os.replace(old, folder)
+            raise
+        fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

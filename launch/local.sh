@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train on this machine with every core busy and none oversubscribed.
 #   launch/local.sh configs/X.yaml [key=value ...]
-# RANKS and THREADS override the layout; by default one rank per core, one BLAS thread each
-# (the faster layout on small models here: see the README's performance section).
+# RANKS and THREADS override the layout; by default one rank per core with one kernel thread each
+# (distgpt's own thread pool, distgpt/threads.py; BLAS always runs single-threaded inside it), the
+# faster layout here: see the README's performance section.
 set -euo pipefail
 config=${1:?usage: launch/local.sh CONFIG [key=value ...]}; shift
 cores=$(python -c "import os; print(len(os.sched_getaffinity(0)))")
@@ -13,6 +14,6 @@ mpirun_bin=$(command -v mpirun || echo "$(dirname "$(command -v "$python_bin")")
 if [ "$ranks" -eq 1 ] || [ ! -x "$mpirun_bin" ]; then
   exec "$python_bin" -m distgpt.train --config "$config" parallel.threads_per_rank="$threads" "$@"
 fi
-# bind each rank to its own block of cores so BLAS threads of different ranks never share one
+# bind each rank to its own block of cores so the threads of different ranks never share one
 exec "$mpirun_bin" -n "$ranks" -bind-to "core:$threads" \
   "$python_bin" -m distgpt.train --config "$config" parallel.threads_per_rank="$threads" "$@"

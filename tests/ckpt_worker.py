@@ -19,6 +19,7 @@ import numpy as np
 from distgpt import dist
 from distgpt.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from distgpt.model import Layout, ModelConfig
+from distgpt.partition import Partition
 
 LAYOUT = Layout(ModelConfig(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=50, vocab_multiple=1))
 
@@ -40,18 +41,19 @@ def main() -> None:
     ap.add_argument("--keep", type=int, default=3)
     args = ap.parse_args()
     comm = dist.init()
-    start, end = dist.shard_range(LAYOUT.size, comm.rank, comm.size)
+    partition = Partition(LAYOUT.size, comm.size, comm.rank)
+    start, end = partition.owned
 
     if args.mode == "save":
         state = make_state(args.seed)[:, start:end]
         meta = {"seed": args.seed, "tokens_seen": 1000 * args.step, "saved_by": comm.size}
-        save_checkpoint(args.dir, args.step, comm, LAYOUT, (start, end), state[0], state[1], state[2],
+        save_checkpoint(args.dir, args.step, comm, LAYOUT, partition, state[0], state[1], state[2],
                         meta, keep=args.keep)
         return
 
     path = resolve_resume(args.dir, "auto", comm)
     assert path is not None, f"no checkpoint in {args.dir}"
-    params, m, v, manifest = load_checkpoint(path, comm, LAYOUT, (start, end), verify=True)
+    params, m, v, manifest = load_checkpoint(path, comm, LAYOUT, partition, verify=True)
     loaded = np.stack([params, m, v])
     np.save(Path(args.dir) / f"loaded_w{comm.size}_r{comm.rank}.npy", loaded)
     expected = make_state(manifest["meta"]["seed"])[:, start:end]

@@ -1,4 +1,8 @@
-"""Shared helpers for tests that run the real command-line tools, with and without mpirun."""
+"""Shared helpers: the fixtures' paths, one runner for the real command-line tools (with and
+without mpirun), a tiny config, the Hugging Face reference model, relative error.
+
+Markers (pyproject.toml): `mpi` for tests that start mpirun, `slow` for the ones that take more
+than a few seconds; `pytest -m "not slow and not mpi"` is the fast loop."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -16,15 +21,29 @@ TINYSHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 MPIRUN = Path(sys.executable).parent / "mpirun"
 
 
-def run_cli(module: str, *args: str, ranks: int = 0, cwd: Path | None = None, timeout: float = 300,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment the tools run in: offline, with the shared fixtures (BPE files, corpus)."""
+    return {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken_cache"),
+            "DISTGPT_TINYSHAKESPEARE": str(TINYSHAKESPEARE), "HF_HUB_OFFLINE": "1", **extra}
+
+
+def cli_command(module: str, *args: str, ranks: int = 0) -> list[str]:
     """`python -m distgpt.<module> args`, under `mpirun -n ranks` when ranks > 0."""
     cmd = [sys.executable, "-m", f"distgpt.{module}", *args]
-    if ranks:
-        cmd = [str(MPIRUN), "-n", str(ranks), *cmd]
-    full_env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(SHARED / "tiktoken_cache"),
-                "DISTGPT_TINYSHAKESPEARE": str(TINYSHAKESPEARE), "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return [str(MPIRUN), "-n", str(ranks), *cmd] if ranks else cmd
+
+
+def run_cli(module: str, *args: str, ranks: int = 0, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m distgpt.<module> args` (under mpirun when ranks > 0) to completion."""
+    return subprocess.run(cli_command(module, *args, ranks=ranks), cwd=cwd, env=cli_env(**(env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def rel(a, b) -> float:
+    """Relative error |a - b| / |b| in float64."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

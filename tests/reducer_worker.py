@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 
 from distgpt import dist
+from distgpt.partition import Partition
 from distgpt.threads import set_threads
 
 comm = dist.init()
@@ -33,35 +34,29 @@ expected = sum(rank_data(r).astype(np.float64) for r in range(comm.size))
 for method in ("mpi", "shared_memory"):
     for zero in (False, True):
         where = f"{method} zero={zero}"
-        red = dist.make_reducer(comm, layers, rank_data(comm.rank), zero, 1, method)
+        red = dist.make_reducer(comm, Partition(n, comm.size, comm.rank, zero), layers,
+                                rank_data(comm.rank), 1, method)
         if type(red).__name__ != {"mpi": "GradReducer", "shared_memory": "SharedMemoryReducer"}[method]:
             fail(f"{where}: got {type(red).__name__}")
         red.grads[:] = rank_data(comm.rank)
         for layer in (1, 0):
-            red.layer_done(layer)
+            red.block_done(layer)
         red.finish()
-        s, e = red.ranges[comm.rank] if zero else (0, n)
-        if not np.allclose(red.shard_grads, expected[s:e], rtol=1e-5, atol=1e-5):
-            fail(f"{where}: {red.shard_grads} != {expected[s:e]}")
+        s, e = red.partition.updated
+        if not np.allclose(red.updated_grads, expected[s:e], rtol=1e-5, atol=1e-5):
+            fail(f"{where}: {red.updated_grads} != {expected[s:e]}")
         sq = np.array([red.grad_sq_sum()])
-        if red.sharded_norm:
+        if red.norm_is_partial:
             comm.allreduce_(sq)
         if not np.isclose(sq[0], np.dot(expected, expected), rtol=1e-5):
             fail(f"{where}: squared norm {sq[0]} != {np.dot(expected, expected)}")
+        if red.shares_params != (method == "shared_memory" and zero):
+            fail(f"{where}: shared parameters {red.shares_params}")
         if zero:   # each rank owns its slice of the parameters; afterwards all ranks hold all of them
-            params = np.full(n, -1.0, np.float32)
-            params[s:e] = np.arange(s, e)
-            red.allgather_params(params)
-            if not np.array_equal(params, np.arange(n, dtype=np.float32)):
-                fail(f"{where}: allgathered params {params}")
-        shared = red.shared_params
-        if (shared is not None) != (method == "shared_memory" and zero):
-            fail(f"{where}: shared parameters {shared is not None}")
-        if shared is not None:   # one array for all ranks: each writes its slice, all see all
-            shared[s:e] = np.arange(s, e)
-            red.allgather_params(shared)
-            if not np.array_equal(shared, np.arange(n, dtype=np.float32)):
-                fail(f"{where}: shared params {shared}")
+            red.params[s:e] = np.arange(s, e)
+            red.allgather_params()
+            if not np.array_equal(red.params, np.arange(n, dtype=np.float32)):
+                fail(f"{where}: allgathered params {red.params}")
             red.comm.barrier()
 
 # many rounds, as in training: new gradients are written straight after finish() (the next step's
@@ -70,8 +65,9 @@ for method in ("mpi", "shared_memory"):
 # and in replicated mode be bitwise the same on every rank.
 set_threads(2)
 for zero in (False, True):
-    red = dist.make_reducer(comm, layers, rank_data(comm.rank), zero, 1, "shared_memory")
-    s, e = red.ranges[comm.rank] if zero else (0, n)
+    red = dist.make_reducer(comm, Partition(n, comm.size, comm.rank, zero), layers, rank_data(comm.rank),
+                            1, "shared_memory")
+    s, e = red.partition.updated
     for rnd in range(30):
         data = [np.random.default_rng(1000 * rnd + r).standard_normal(n).astype(np.float32)
                 for r in range(comm.size)]
@@ -82,7 +78,7 @@ for zero in (False, True):
             time.sleep(0.02)
         red.grads[:] = data[comm.rank]
         red.finish()
-        got = red.shard_grads.copy()
+        got = red.updated_grads.copy()
         red.grads[:] = np.nan                     # the next step starts writing at once
         if not np.array_equal(got, exact[s:e]):
             fail(f"round {rnd} zero={zero}: {got} != {exact[s:e]}")
@@ -97,13 +93,14 @@ set_threads(1)
 dist.shutil.disk_usage = lambda path: type("Usage", (), {"free": 10})()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    red = dist.make_reducer(comm, layers, rank_data(comm.rank), False, 1, "auto")
+    red = dist.make_reducer(comm, Partition(n, comm.size, comm.rank), layers, rank_data(comm.rank), 1, "auto")
 if type(red).__name__ != "GradReducer":
     fail(f"small /dev/shm: auto gave {type(red).__name__}")
 if comm.rank == 0 and not any("/dev/shm has 0 MiB free" in str(w.message) for w in caught):
     fail(f"small /dev/shm: no warning, got {[str(w.message) for w in caught]}")
 try:
-    dist.make_reducer(comm, layers, rank_data(comm.rank), False, 1, "shared_memory")
+    dist.make_reducer(comm, Partition(n, comm.size, comm.rank), layers, rank_data(comm.rank), 1,
+                      "shared_memory")
     fail("small /dev/shm: shared_memory did not raise")
 except RuntimeError as e:
     if "/dev/shm" not in str(e):

@@ -23,13 +23,14 @@ from distgpt.checkpoint import (
     save_checkpoint,
     validate,
 )
-from distgpt.dist import Comm, shard_range
+from distgpt.dist import Comm
 from distgpt.model import Layout, ModelConfig
+from distgpt.partition import Partition, even_ranges
 
 from ckpt_worker import LAYOUT, make_state
+from conftest import MPIRUN
 
 WORKER = Path(__file__).with_name("ckpt_worker.py")
-MPIRUN = Path(sys.executable).parent / "mpirun"
 N = LAYOUT.size
 SOLO = Comm()  # a single process: every collective is the identity
 
@@ -37,11 +38,11 @@ SOLO = Comm()  # a single process: every collective is the identity
 def save(out: Path, step: int, seed: int, keep: int = 3, meta: dict | None = None) -> Path:
     state = make_state(seed)
     meta = {"seed": seed} if meta is None else meta
-    return save_checkpoint(out, step, SOLO, LAYOUT, (0, N), state[0], state[1], state[2], meta, keep)
+    return save_checkpoint(out, step, SOLO, LAYOUT, Partition(N, 1, 0), *state, meta, keep)
 
 
 def load(path: Path, layout: Layout = LAYOUT) -> tuple[np.ndarray, dict]:
-    params, m, v, manifest = load_checkpoint(path, SOLO, layout, (0, layout.size))
+    params, m, v, manifest = load_checkpoint(path, SOLO, layout, Partition(layout.size, 1, 0))
     return np.stack([params, m, v]), manifest
 
 
@@ -85,9 +86,11 @@ def test_round_trip_is_bit_exact(tmp_path: Path):
         manifest2, params = read_params(where)
         assert manifest2 == manifest and same_bits(params, state[0])
 
-    # any slice loads, not only the one saved
-    params, m, v, _ = load_checkpoint(path, SOLO, LAYOUT, (100, 900))
-    assert same_bits(np.stack([params, m, v]), state[:, 100:900])
+    # any rank's part of any partition loads, not only the one saved
+    part = Partition(N, 3, 1)
+    params, m, v, _ = load_checkpoint(path, SOLO, LAYOUT, part)
+    start, end = part.owned
+    assert same_bits(np.stack([params, m, v]), state[:, start:end])
 
 
 def test_keep_prunes_and_latest_points_to_newest(tmp_path: Path):
@@ -125,6 +128,7 @@ def test_unserialisable_meta_fails_before_writing(tmp_path: Path):
 
 # ----------------------------------------------------------------------------- resharding under mpirun
 
+@pytest.mark.mpi
 @pytest.mark.parametrize("saved_world, load_worlds", [(2, (1, 3)), (1, (2,)), (3, (2,))])
 def test_resharding_across_world_sizes(tmp_path: Path, saved_world: int, load_worlds: tuple[int, ...]):
     r = run_worker("save", str(tmp_path), "11", world=saved_world)
@@ -132,14 +136,13 @@ def test_resharding_across_world_sizes(tmp_path: Path, saved_world: int, load_wo
     path = tmp_path / "ckpt" / "step_0000001"
     manifest = validate(path)
     assert manifest["world_size"] == saved_world and len(manifest["shards"]) == saved_world
-    assert [(s["start"], s["end"]) for s in manifest["shards"]] == [
-        shard_range(N, rank, saved_world) for rank in range(saved_world)]
+    assert tuple((s["start"], s["end"]) for s in manifest["shards"]) == even_ranges(N, saved_world)
 
     for world in load_worlds:
         r = run_worker("load", str(tmp_path), world=world)
         assert r.returncode == 0, r.stderr
         parts = [np.load(tmp_path / f"loaded_w{world}_r{rank}.npy") for rank in range(world)]
-        sizes = [e - s for s, e in (shard_range(N, rank, world) for rank in range(world))]
+        sizes = [e - s for s, e in even_ranges(N, world)]
         assert [p.shape[1] for p in parts] == sizes
         assert same_bits(np.concatenate(parts, axis=1), make_state(11))
 
@@ -175,6 +178,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path: Path, point: s
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000010", "step_0000020"]
 
 
+@pytest.mark.mpi
 def test_sigkill_of_one_rank_under_mpirun(tmp_path: Path):
     assert run_worker("save", str(tmp_path), "10", "--step", "10", world=2).returncode == 0
     r = run_worker("save", str(tmp_path), "20", "--step", "20", world=2, env={CRASH_ENV: "before_manifest"})
@@ -249,7 +253,7 @@ def test_verify_on_load_catches_corruption(tmp_path: Path):
     bad_file = flip_byte(path)
     load(path)  # without verify only the structure is checked (resolve_resume already hashed)
     with pytest.raises(CheckpointError, match="sha256") as e:
-        load_checkpoint(path, SOLO, LAYOUT, (0, N), verify=True)
+        load_checkpoint(path, SOLO, LAYOUT, Partition(N, 1, 0), verify=True)
     assert str(bad_file) in str(e.value)
 
 

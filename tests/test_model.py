@@ -12,15 +12,10 @@ import transformers
 from distgpt.model import GPT, ModelConfig
 from distgpt.weights import from_hf_state_dict, to_hf_state_dict
 
-from conftest import tiny_hf_gpt2
+from conftest import rel, tiny_hf_gpt2
 
 V, C, NH, BLOCK = 1000, 48, 3, 32  # odd sizes: head size 16, vocab padded 1000 -> 1024
 B, T = 3, 17
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def tokens(seed: int, shape: tuple[int, int], vocab: int = V) -> tuple[np.ndarray, np.ndarray]:
@@ -45,9 +40,9 @@ def randomize(m: GPT, seed: int, weight_std: float = 0.1) -> None:
 
 def train_step(m: GPT, idx, tgt, grad_scale=1.0, **kw):
     m.zero_grad()
-    loss, logits = m.forward(idx, tgt, grad_scale=grad_scale, return_logits=True, **kw)
-    m.backward()
-    return loss, logits
+    fwd = m.forward(idx, tgt, grad_scale=grad_scale, **kw)
+    m.backward(fwd)
+    return fwd.loss, m.logits(idx)
 
 
 # ----------------------------------------------------------------------------- against Hugging Face
@@ -136,8 +131,8 @@ def test_every_parameter_gradient_matches_float64_finite_differences(extra, blas
     idx, tgt = tokens(4, (Bf, Tf), cfg.vocab_size)
     kw = {"dropout_seed": (7, 3), "row0": 4} if cfg.dropout else {}
     if cfg.dropout:  # the masks are really applied, and fixed for this seed
-        assert m.forward(idx, tgt, **kw) != m.forward(idx, tgt)
-        assert m.forward(idx, tgt, **kw) == m.forward(idx, tgt, **kw)
+        assert m.loss(idx, tgt, **kw) != m.loss(idx, tgt)
+        assert m.loss(idx, tgt, **kw) == m.loss(idx, tgt, **kw)
     scale = 0.75
     train_step(m, idx, tgt, grad_scale=scale, **kw)
     assert np.all(m.g["wte"][cfg.vocab_size :] == 0.0)
@@ -153,9 +148,9 @@ def test_every_parameter_gradient_matches_float64_finite_differences(extra, blas
             pos = np.unravel_index(i, live.shape)
             orig = view[pos]
             view[pos] = orig + h
-            up = m.forward(idx, tgt, **kw)
+            up = m.loss(idx, tgt, **kw)
             view[pos] = orig - h
-            down = m.forward(idx, tgt, **kw)
+            down = m.loss(idx, tgt, **kw)
             view[pos] = orig
             numeric.append(scale * (up - down) / (2 * h))
             analytic.append(m.g[e.name][pos])
@@ -209,7 +204,7 @@ def test_alternating_banded_attention_matches_a_masked_torch_reference():
         assert rel(m.g[name], t.grad) < 1e-4, name
 
     dense = GPT(ModelConfig(n_layer=3, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V), params=m.params)
-    assert rel(dense.forward(idx, return_logits=True), logits) > 1e-3  # the band does mask something
+    assert rel(dense.logits(idx), logits) > 1e-3  # the band does mask something
 
 
 # ----------------------------------------------------------------------------- accumulation, dropout
@@ -229,8 +224,9 @@ def test_two_half_scaled_micro_batches_accumulate_to_the_full_batch_gradient(dro
     losses = []
     for part in (slice(0, 2), slice(2, 4)):
         kw = {"dropout_seed": seed, "row0": row0 + part.start}
-        losses.append(m.forward(idx[part], tgt[part], grad_scale=0.5, **kw))
-        m.backward()
+        fwd = m.forward(idx[part], tgt[part], grad_scale=0.5, **kw)
+        losses.append(fwd.loss)
+        m.backward(fwd)
     assert np.mean(losses) == pytest.approx(full_loss, rel=1e-12)
     assert rel(m.grads, full) < 1e-10
     assert np.all(m.g["wte"][V:] == 0.0)
@@ -254,8 +250,7 @@ def test_zero_grad_discards_whatever_the_buffer_held(dropout):
     m.grads[:] = 7.0                     # and a second micro-batch adds to the first
     m.zero_grad()
     for _ in range(2):
-        m.forward(idx, tgt, grad_scale=0.5, dropout_seed=seed)
-        m.backward()
+        m.backward(m.forward(idx, tgt, grad_scale=0.5, dropout_seed=seed))
     assert rel(m.grads, clean) < 1e-12
     assert np.all(m.g["wte"][V:] == 0.0) and np.all(m.g["wpe"][T:] == 0.0)
 
@@ -266,11 +261,13 @@ def test_dropout_needs_a_seed_and_is_deterministic_per_seed():
     randomize(m, seed=10, weight_std=0.3)
     plain = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11), np.float64, m.params)
     idx, tgt = tokens(11, (2, 6), 11)
-    assert m.forward(idx, tgt) == plain.forward(idx, tgt)
-    a = m.forward(idx, tgt, dropout_seed=(1, 0))
-    assert a == m.forward(idx, tgt, dropout_seed=(1, 0))
-    assert a != m.forward(idx, tgt, dropout_seed=(1, 1))  # a new step draws new masks
-    assert a != plain.forward(idx, tgt)
+    assert m.loss(idx, tgt) == plain.loss(idx, tgt)
+    a = m.loss(idx, tgt, dropout_seed=(1, 0))
+    assert a == m.loss(idx, tgt, dropout_seed=(1, 0))
+    assert a != m.loss(idx, tgt, dropout_seed=(1, 1))  # a new step draws new masks
+    assert a != plain.loss(idx, tgt)
+    fwd = m.forward(idx, tgt, grad_scale=1.0, dropout_seed=(1, 0))
+    assert fwd.loss == a                                 # training draws the same masks
 
 
 def test_backward_is_scaled_by_grad_scale():
@@ -287,12 +284,29 @@ def test_backward_is_scaled_by_grad_scale():
 # ----------------------------------------------------------------------------- inference
 
 
-def test_inference_forward_returns_logits():
-    m = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+def test_logits_give_the_loss_that_the_fused_head_computes():
+    # logits() is a plain matmul with the tied embedding; loss() goes through the chunked, fused
+    # head (3-row chunks here). Cross-entropy of the first must equal the second, and padding
+    # rows (11 -> 64) must not be logits.
+    m = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11), np.float64,
+            head_chunk_rows=3)
     randomize(m, seed=14, weight_std=0.3)
-    idx, _ = tokens(15, (2, 5), 11)
-    expected = m.forward(idx, return_logits=True)
-    np.testing.assert_array_equal(m.forward(idx), expected)
+    idx, tgt = tokens(15, (2, 5), 11)
+    logits = m.logits(idx)
+    assert logits.shape == (2, 5, 11)
+    ref = F.cross_entropy(torch.tensor(logits.reshape(-1, 11)), torch.tensor(tgt.reshape(-1))).item()
+    assert m.loss(idx, tgt) == pytest.approx(ref, rel=1e-12)
+    fwd = m.forward(idx, tgt, grad_scale=1.0)
+    assert fwd.loss == pytest.approx(ref, rel=1e-12)
+
+
+def test_backward_refuses_a_forward_whose_activations_were_overwritten():
+    m = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11))
+    idx, tgt = tokens(16, (2, 5), 11)
+    first = m.forward(idx, tgt, grad_scale=1.0)
+    m.forward(idx, tgt, grad_scale=1.0)
+    with pytest.raises(RuntimeError, match="overwritten"):
+        m.backward(first)
 
 
 @pytest.mark.parametrize("attention", ["dense", "alternating_banded"])
@@ -303,8 +317,8 @@ def test_kv_cache_over_the_whole_sequence_equals_the_full_forward(attention):
     m = GPT(cfg)
     randomize(m, seed=16)
     idx, _ = tokens(17, (B, T))
-    expected = m.forward(idx, return_logits=True)
+    expected = m.logits(idx)
     cache = m.new_cache(B)
-    got = m.forward_cached(idx, cache)
+    got = m.logits(idx, cache)
     assert cache.length == T
     assert rel(got, expected) < 1e-5

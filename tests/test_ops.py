@@ -8,10 +8,7 @@ import torch.nn.functional as F
 from distgpt import ops
 from distgpt.threads import set_threads
 
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+from conftest import rel
 
 
 def t64(a: np.ndarray, grad: bool = True) -> torch.Tensor:
@@ -163,7 +160,7 @@ def test_attention_forward_and_backward_match_torch(monkeypatch, window, T, head
     rng = np.random.default_rng(4)
     B, nh, hs = 2, 3, 4
     monkeypatch.setattr(ops, "BLOCK_ELEMS", heads_per_run * min(T, ops.ATTN_BLOCK) * T)
-    runs = list(ops._head_groups(0, B * nh, nh, T))
+    runs = list(ops._head_groups(0, B * nh, nh, T, T))
     assert max(1 if isinstance(h, int) else h.stop - h.start for _, h in runs) == heads_per_run
     q, k, v = (rng.standard_normal((B, nh, T, hs)) for _ in range(3))
     blocked = ops.causal_mask(T, window)

@@ -11,6 +11,8 @@ from distgpt.model import Layout, ModelConfig, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
 from distgpt.threads import set_threads
 
+from conftest import rel
+
 CFG = ModelConfig(n_layer=2, n_head=2, n_embd=8, block_size=8, vocab_size=11)  # wte padded to 64 rows
 LR, MIN_LR, WARMUP, MAX_STEPS = 1e-2, 1e-3, 2, 5
 BETAS, EPS, WD, MAX_NORM = (0.9, 0.95), 1e-8, 0.1, 1.0
@@ -25,11 +27,6 @@ def schedule(step: int) -> float:
         return MIN_LR
     frac = (step - WARMUP) / (MAX_STEPS - WARMUP)
     return MIN_LR + (LR - MIN_LR) * (math.cos(math.pi * frac) + 1) / 2
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ----------------------------------------------------------------------------- schedule and clipping

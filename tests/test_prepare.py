@@ -191,6 +191,23 @@ def test_missing_text_field(tmp_path):
     assert_error(result, "d.parquet", "'text'", "body")
 
 
+def test_failed_rerun_leaves_the_earlier_output_as_it_was(tmp_path):
+    # the new run fails after its first shards are written (its first 1.3 MB are more than one encoding
+    # chunk; row 31 lacks the text field): the earlier output, whose shards have the same names, must
+    # still be there and match its manifest
+    write_jsonl(tmp_path / "good.jsonl", [{"text": t} for t in JSON_DOCS])
+    rows = [{"text": "other text " * 4000}] * 30 + [{"body": "no text"}]
+    write_jsonl(tmp_path / "bad.jsonl", rows)
+    args = ("--tokenizer", "bytes", "--out", "out", "--shard-tokens", "100000", "--workers", "1")
+    ok(run_prepare("--source", "good.jsonl", *args, cwd=tmp_path))
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert_error(run_prepare("--source", "bad.jsonl", *args, cwd=tmp_path), "bad.jsonl:31")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert decode_docs(split_tokens(out, "train"), "bytes") == JSON_DOCS[:9]
+    open_shards(str(out / "*.bin"), 257, tokenizer="bytes")  # sizes agree with the manifest
+
+
 def test_rerun_replaces_output_and_removes_stale_shards(tmp_path):
     (tmp_path / "a.txt").write_text("x" * 1000)
     args = ("--source", "a.txt", "--tokenizer", "bytes", "--out", "out")

@@ -9,11 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.mpi
 def test_quickstart_pipeline_end_to_end(tmp_path):
     env = {**os.environ, "QUICKSTART_DIR": str(tmp_path), "DISTGPT_SKIP_INSTALL": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
@@ -25,7 +29,8 @@ def test_quickstart_pipeline_end_to_end(tmp_path):
     out = tmp_path / "out" / "quickstart"
     rows = read_metrics(out)
     assert rows[-1]["step"] == 40
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 1.0          # visibly falling
+    train = [row for row in rows if "train_loss" in row]
+    assert train[-1]["train_loss"] < train[0]["train_loss"] - 1.0        # visibly falling
     assert f"ranks: {len(os.sched_getaffinity(0))}" in r.stdout           # every core: one rank each
     assert "sample at step 40:" in r.stdout and "--- a sample from the trained model:" in r.stdout
     png = (out / "loss.png").read_bytes()

@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it: never the network
 
 import numpy as np
 import pytest
+import torch
 
-from conftest import tiny_hf_gpt2
+from distgpt import checkpoint
+from distgpt.config import Config
+from distgpt.data import get_tokenizer
+from distgpt.dist import Comm
+from distgpt.model import GPT, ModelConfig, init_params
+from distgpt.partition import Partition
+from distgpt.sample import StreamDecoder, beam_search, filter_logits, generate
+from distgpt.weights import load_init
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from distgpt.data import get_tokenizer  # noqa: E402
-from distgpt.model import GPT, ModelConfig, init_params  # noqa: E402
-from distgpt.sample import StreamDecoder, beam_search, filter_logits, generate  # noqa: E402
-from distgpt.weights import load_init  # noqa: E402
+from conftest import run_cli, tiny_hf_gpt2
 
 PROMPT = [5, 17, 99, 200, 3, 42]
 NEW = 30
@@ -39,13 +40,13 @@ def test_kv_cache_matches_full_forward(attention):
     init_params(model.layout, model.params, seed=0)
     model.params += np.random.default_rng(1).normal(0, 0.05, model.params.shape).astype(np.float32)
     idx = np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 21))
-    full = model.forward(idx, return_logits=True)
+    full = model.logits(idx)
     scale = np.abs(full).max()
     for chunks in ([7] + [1] * 14, [5, 3, 8, 4, 1]):  # prefill then one by one; uneven chunks
         cache = model.new_cache(2, 21)
         got, t = [], 0
         for n in chunks:
-            got.append(model.forward_cached(idx[:, t : t + n], cache))
+            got.append(model.logits(idx[:, t : t + n], cache))
             t += n
         assert t == 21 and cache.length == 21
         err = np.abs(np.concatenate(got, axis=1) - full).max() / scale
@@ -209,72 +210,53 @@ def test_stream_decoder_holds_back_split_characters():
 # command line
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "distgpt.sample", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+def run_sample(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("sample", *args, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(tiny):
     folder, _, model = tiny
     base = ["--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", "Hi", "--max-new-tokens", "20"]
-    r = run_cli(*base, "--greedy")
+    r = run_sample(*base, "--greedy")
     assert r.returncode == 0, r.stderr
     expected = get_tokenizer("bytes").decode(generate(model, list(b"Hi"), 20, greedy=True, eot=256))
     assert r.stdout == "Hi" + expected + "\n"
-    r = run_cli(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2")
+    r = run_sample(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Hi") and r.stdout.count("-" * 40) == 1
     assert (
         r.stdout
-        == run_cli(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2").stdout
+        == run_sample(*base, "--seed", "3", "--top-k", "40", "--top-p", "0.95", "--num-samples", "2").stdout
     )
-    r = run_cli(*base, "--beams", "3")
+    r = run_sample(*base, "--beams", "3")
     assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    r = run_cli("--ckpt", str(tmp_path / "nope"), "--prompt", "x")
+    r = run_sample("--ckpt", str(tmp_path / "nope"), "--prompt", "x")
     assert r.returncode == 2
     assert r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1, r.stderr
-    r = run_cli("--ckpt", "x", "--top-p", "1.5")
+    r = run_sample("--ckpt", "x", "--top-p", "1.5")
     assert r.returncode == 2 and r.stderr.startswith("sample: error: ") and r.stderr.count("\n") == 1
 
 
 def test_cli_on_a_distgpt_checkpoint(tiny, tmp_path):
     """An out_dir from training: the model config and the tokenizer come from its manifest."""
-    checkpoint = pytest.importorskip("distgpt.checkpoint")
-    from distgpt.config import Config
-    from distgpt.dist import Comm
-
     folder, _, model = tiny
     n = model.layout.size
     meta = {"config": Config(model=model.cfg).to_dict(), "tokenizer": "bytes"}
     zeros = np.zeros(n, np.float32)
-    checkpoint.save_checkpoint(tmp_path, 5, Comm(), model.layout, (0, n), model.params, zeros, zeros, meta, 2)
-    r = run_cli("--ckpt", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "20", "--greedy")
+    checkpoint.save_checkpoint(tmp_path, 5, Comm(), model.layout, Partition(n, 1, 0), model.params, zeros,
+                               zeros, meta, 2)
+    r = run_sample("--ckpt", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "20", "--greedy")
     assert r.returncode == 0, r.stderr
-    hf_run = run_cli(
+    hf_run = run_sample(
         "--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", "Hi", "--max-new-tokens", "20", "--greedy"
     )
     assert r.stdout == hf_run.stdout
-    export = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "distgpt.export",
-            "--ckpt",
-            str(tmp_path),
-            "--format",
-            "hf",
-            "--out",
-            str(tmp_path / "hf"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    export = run_cli("export", "--ckpt", str(tmp_path), "--format", "hf", "--out", str(tmp_path / "hf"),
+                     timeout=120)
     assert export.returncode == 0, export.stderr
     cfg, params = load_init(str(tmp_path / "hf"))
     assert cfg == model.cfg and np.array_equal(params, model.params)

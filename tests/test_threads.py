@@ -23,12 +23,12 @@ def _step(n_threads: int, dropout: float):
     init_params(model.layout, model.params, 0)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 300, (3, 150)), rng.integers(0, 300, (3, 150))
-    loss = model.forward(x, y, grad_scale=1.0, dropout_seed=(1, 2) if dropout else None)
-    model.backward()
+    fwd = model.forward(x, y, grad_scale=1.0, dropout_seed=(1, 2) if dropout else None)
+    model.backward(fwd)
     opt = AdamW(model.layout.size, model.layout.decay_segments(), 0.9, 0.95, 1e-8, 0.1)
     opt.CHUNK = 1000                                  # many chunks, so both threads get some
     opt.step(model.params, model.grads, 1e-3, 0.5)
-    return loss, model.grads.copy(), model.params.copy()
+    return fwd.loss, model.grads.copy(), model.params.copy()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])

@@ -10,6 +10,7 @@ import pytest
 from conftest import read_metrics, require_mkl, run_cli, tiny_config
 
 
+@pytest.mark.slow
 def test_training_lowers_train_and_val_loss(tmp_path, shakespeare_bytes):
     cfg = tiny_config(tmp_path, shakespeare_bytes,
                       model={"n_embd": 64, "n_head": 4, "block_size": 64},
@@ -19,12 +20,16 @@ def test_training_lowers_train_and_val_loss(tmp_path, shakespeare_bytes):
     r = run_cli("train", "--config", str(cfg))
     assert r.returncode == 0, r.stderr
     rows = read_metrics(tmp_path / "out")
-    assert [row["step"] for row in rows] == [1, 10, 20, 30, 40, 50, 60]
+    assert [row["step"] for row in rows] == [0, 1, 10, 20, 30, 40, 50, 60]
+    assert set(rows[0]) == {"step", "val_loss", "tokens", "time_s"}   # the curve starts at the initial loss
+    assert abs(rows[0]["val_loss"] - np.log(257)) < 0.1      # ~ln(257) at initialisation
+    train = rows[1:]
     vals = [row["val_loss"] for row in rows if "val_loss" in row]
-    assert len(vals) == 3
-    assert rows[0]["train_loss"] > 5.0                       # ~ln(257) at initialisation
-    assert rows[-1]["train_loss"] < rows[0]["train_loss"] - 2.0
+    assert len(vals) == 4
+    assert train[0]["train_loss"] > 5.0
+    assert train[-1]["train_loss"] < train[0]["train_loss"] - 2.0
     assert vals[-1] < vals[0] - 0.2 and vals[-1] < 3.3
+    assert "step      0 | val loss" in r.stdout
     assert "step     60/60 | loss" in r.stdout and "tok/s" in r.stdout
 
 
@@ -32,12 +37,13 @@ def test_metrics_floats_read_back_exactly(tmp_path, shakespeare_bytes):
     cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 3, "eval_every": 3})
     assert run_cli("train", "--config", str(cfg)).returncode == 0
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
+    assert len(lines) == 4                                    # the initial val loss, then steps 1-3
     for line in lines:
         row = json.loads(line)
         assert json.dumps(row) == line                       # repr-exact floats survive the round trip
+    for line in lines[1:]:
         for key in ("step", "train_loss", "lr", "grad_norm", "tokens_per_s"):
-            assert key in row
+            assert key in json.loads(line)
     assert "val_loss" in json.loads(lines[-1])
 
 
@@ -53,45 +59,7 @@ def test_dry_run_prints_the_plan_without_data(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=0.1", "unknown config key 'train.lrr'; did you mean 'train.lr'?"),
-    ("modle.n_layer=2", "unknown config key 'modle'; did you mean 'model'?"),
-    ("train.max_steps=ten", "train.max_steps = 'ten': expected an integer"),
-    ("train.lr=-1", "train.lr = -1.0: expected a finite number >= 0"),
-    ("model.n_head=5", "model.n_embd = 32: expected a multiple of model.n_head (5)"),
-    ("model.dropout=1.5", "model.dropout = 1.5: expected a probability in [0, 1)"),
-    ("train.seq_len=64", "train.seq_len = 64: expected at most model.block_size (32)"),
-    ("train.micro_batch_size=5", "train.batch_size = 12: expected a multiple of train.micro_batch_size (5)"),
-    ("parallel.threads_per_rank=many",
-     "parallel.threads_per_rank = 'many': expected auto or a positive integer"),
-    ("data.train=/nonexistent/*.bin", "/nonexistent/*.bin"),
-])
-def test_bad_config_stops_with_one_line(tmp_path, shakespeare_bytes, override, message):
-    cfg = tiny_config(tmp_path, shakespeare_bytes)
-    r = run_cli("train", "--config", str(cfg), override)
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("distgpt.train: error: ") and message in lines[0]
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-def test_missing_config_file_and_missing_data_key(tmp_path):
-    r = run_cli("train", "--config", str(tmp_path / "nope.yaml"))
-    assert r.returncode == 2 and "nope.yaml does not exist" in r.stderr
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model: {n_layer: 1}\n")
-    r = run_cli("train", "--config", str(cfg))
-    assert r.returncode == 2 and "data.train is not set" in r.stderr
-
-
-def test_bad_yaml_names_file_and_line(tmp_path):
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  n_layer: [1\n")
-    r = run_cli("train", "--config", str(cfg))
-    assert r.returncode == 2 and str(cfg) in r.stderr and "not valid YAML" in r.stderr
-
-
+@pytest.mark.mpi
 def test_batch_that_does_not_divide_over_ranks(tmp_path, shakespeare_bytes):
     cfg = tiny_config(tmp_path, shakespeare_bytes)                 # batch 12, micro 4: 12 = 4 x 3 ranks
     r = run_cli("train", "--config", str(cfg), "train.max_steps=1", ranks=3, timeout=60)
@@ -144,9 +112,9 @@ def test_compiled_kernels_train_exactly_like_their_numpy_twins(tmp_path, shakesp
         r = run_cli("train", "--config", str(cfg), env={"DISTGPT_JIT": flag})
         assert r.returncode == 0, r.stderr
         assert header in r.stdout
-        runs[flag] = [(row["train_loss"], row["grad_norm"], row.get("val_loss"))
+        runs[flag] = [(row.get("train_loss"), row.get("grad_norm"), row.get("val_loss"))
                       for row in read_metrics(run_dir / "out")]
-    assert len(runs["1"]) == 4 and runs["1"][-1][2] is not None
+    assert len(runs["1"]) == 5 and runs["1"][-1][2] is not None
     assert runs["0"] == runs["1"]
 
 
@@ -162,7 +130,7 @@ def test_matmul_library_is_chosen_by_distgpt_blas(tmp_path, shakespeare_bytes):
         r = run_cli("train", "--config", str(cfg), env={"DISTGPT_BLAS": name})
         assert r.returncode == 0, r.stderr
         assert header in r.stdout
-        losses[name] = [row["train_loss"] for row in read_metrics(run_dir / "out")]
+        losses[name] = [row["train_loss"] for row in read_metrics(run_dir / "out") if "train_loss" in row]
     assert len(losses["mkl"]) == 3
     assert np.allclose(losses["mkl"], losses["numpy"], rtol=1e-5)
     r = run_cli("train", "--config", str(cfg), env={"DISTGPT_BLAS": "cuda"})

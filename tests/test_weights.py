@@ -5,26 +5,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it: never the network
 
 import numpy as np
 import pytest
+import torch
+import transformers
 
-from conftest import tiny_hf_gpt2
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from distgpt.model import GPT, Layout, ModelConfig  # noqa: E402
-from distgpt.weights import (  # noqa: E402
+from distgpt.model import GPT, Layout, ModelConfig
+from distgpt.weights import (
     check_shape,
     load_init,
     save_hf,
     save_llmc,
     to_hf_state_dict,
 )
+
+from conftest import run_cli, tiny_hf_gpt2
 
 VOCAB, NPOS, C, L, NH = 1000, 32, 48, 2, 3
 LLMC_LAYER_ORDER = [  # llm.c's ParameterTensors, in HF names
@@ -51,7 +49,7 @@ def hf_logits(model, idx: np.ndarray) -> np.ndarray:
 
 
 def our_logits(cfg: ModelConfig, params: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    return GPT(cfg, params=params).forward(idx, return_logits=True)
+    return GPT(cfg, params=params).logits(idx)
 
 
 def assert_close(a: np.ndarray, b: np.ndarray, rel: float = 1e-5) -> None:
@@ -218,28 +216,25 @@ def test_clear_errors(tmp_path):
         load_init(str(tmp_path))
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "distgpt.export", *args], capture_output=True, text=True, env=env, timeout=120
-    )
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return run_cli("export", *args, timeout=120)
 
 
 def test_export_cli_converts_both_ways(hf, tmp_path):
     folder, _ = hf
     cfg, params = load_init(str(folder))
-    r = run_cli("--ckpt", str(folder), "--format", "llmc", "--out", str(tmp_path / "m.bin"))
+    r = run_export("--ckpt", str(folder), "--format", "llmc", "--out", str(tmp_path / "m.bin"))
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
-    r = run_cli("--ckpt", str(tmp_path / "m.bin"), "--format", "hf", "--out", str(tmp_path / "hf"))
+    r = run_export("--ckpt", str(tmp_path / "m.bin"), "--format", "hf", "--out", str(tmp_path / "hf"))
     assert r.returncode == 0, r.stderr
     cfg2, params2 = load_init(str(tmp_path / "hf"))
     assert cfg2 == cfg and np.array_equal(params2, params)
 
 
 def test_export_cli_error_is_one_line(tmp_path):
-    r = run_cli("--ckpt", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "x"))
+    r = run_export("--ckpt", str(tmp_path / "nope"), "--format", "hf", "--out", str(tmp_path / "x"))
     assert r.returncode == 2
     assert r.stderr.startswith("export: error: ") and r.stderr.count("\n") == 1, r.stderr
-    r = run_cli("--ckpt", "x", "--format", "onnx", "--out", "y")
+    r = run_export("--ckpt", "x", "--format", "onnx", "--out", "y")
     assert r.returncode == 2 and r.stderr.startswith("export: error: ") and r.stderr.count("\n") == 1
