@@ -2,20 +2,18 @@
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from distgpt.data import get_tokenizer, open_shards, read_shard
 from distgpt.progress import Progress
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TIKTOKEN_CACHE = SHARED / "tiktoken_cache"
-TINYSHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+from conftest import SHARED, TINYSHAKESPEARE, run_cli
 
 # Tiny Shakespeare with the GPT-2 tokenizer: tiktoken's encode_ordinary gives 338,025 ids for the whole
 # file; it is one document, so it is split by tokens and each split gets its own leading eot: +2.
@@ -24,21 +22,8 @@ TINYSHAKESPEARE_TEXT_TOKENS = 338_025
 
 
 def run_prepare(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    full_env = {
-        **os.environ,
-        "TIKTOKEN_CACHE_DIR": str(TIKTOKEN_CACHE),
-        "DISTGPT_TINYSHAKESPEARE": str(TINYSHAKESPEARE),
-        "DISTGPT_CACHE": str(cwd / "cache"),  # never the user's real cache
-        **env,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "distgpt.prepare", *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_cli("prepare", *args, cwd=cwd, timeout=120,
+                   env={"DISTGPT_CACHE": str(cwd / "cache"), **env})  # never the user's real cache
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -73,7 +58,7 @@ def assert_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
 
 @pytest.fixture(autouse=True)
 def _tiktoken_cache(monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_CACHE))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -164,8 +149,6 @@ def test_jsonl_gpt2_several_shards(tmp_path):
 
 
 def test_parquet_bytes(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"text": JSON_DOCS, "n": list(range(10))}), tmp_path / "d.parquet")
     out = tmp_path / "out"
     ok(
@@ -184,8 +167,6 @@ def test_missing_text_field(tmp_path):
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob("*.bin"))  # nothing half-done left behind
 
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "d.parquet")
     result = run_prepare("--source", "d.parquet", "--tokenizer", "bytes", "--out", "out", cwd=tmp_path)
     assert_error(result, "d.parquet", "'text'", "body")
