@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 ReduceMethod = Literal["auto", "shared_memory", "mpi"]
 REDUCE_METHODS: tuple[str, ...] = typing.get_args(ReduceMethod)
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")  # fix the parameters' shape: weights must agree
 
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]

@@ -166,8 +166,9 @@ def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int) -> float:
 def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
     """The starting parameters (GPT-2 init, or pretrained weights) and the config they imply."""
     if cfg.init_from == "scratch":
-        params = np.zeros(Layout(cfg.model).size, np.float32)
-        init_params(Layout(cfg.model), params, cfg.train.seed)
+        layout = Layout(cfg.model)
+        params = np.zeros(layout.size, np.float32)
+        init_params(layout, params, cfg.train.seed)
         return cfg, params
     from distgpt import weights
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from distgpt.config import SHAPE_KEYS
 from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
 from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
 
@@ -26,9 +27,6 @@ from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
 class WeightsError(ValueError):
     """A weights file or folder that cannot be read or does not fit. One line, ready to print."""
 
-
-# the keys that fix the shape of the parameters: a file and a config must agree on them
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "vocab_size")
 
 LLMC_MAGIC = 20240326
 LLMC_VERSIONS = {3: "float32", 5: "bfloat16"}  # llm.c's train_gpt2.py write_model: both pad the vocab
