@@ -24,8 +24,8 @@ from pathlib import Path
 
 def run_bench(tree: Path, config: str, extra: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    cmd = [sys.executable, str(tree / "benchmarks" / "bench_train.py"), "--config", config, "--json", str(out),
-           *extra]
+    script = tree / "benchmarks" / "bench_train.py"
+    cmd = [sys.executable, str(script), "--config", config, "--json", str(out), *extra]
     r = subprocess.run(cmd, env=env, cwd=tree, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{tree}: bench_train.py failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
