@@ -239,7 +239,7 @@ def test_keyword_construction_and_the_model_helpers():
 def _readme_defaults() -> dict[str, object]:
     """`key` -> default from the README's configuration table, read as an override value would be
     ('(none)' and the like: None)."""
-    text = README.read_text().split("## Configuration", 1)[1]
+    text = README.read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]   # that section only
     defaults = {}
     for keys, default in re.findall(r"^\| (`[^|]+) \| ([^|]+) \|", text, re.M):
         names = re.findall(r"`([\w.]+)`", keys)
