@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import blas, dist, fileio, ops
+from distgpt import bf16, blas, dist, fileio, ops
 from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
 from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
@@ -156,7 +156,7 @@ def distgpt_worker(args: argparse.Namespace) -> None:
         cfg = Config(
             model=model_config(shape),
             train=TrainConfig(batch_size=args.batch, micro_batch_size=args.batch // comm.size,
-                              seq_len=shape.seq_len, seed=SEED),
+                              seq_len=shape.seq_len, seed=SEED, precision=args.precision),
             parallel=ParallelConfig(zero=args.zero, threads_per_rank=args.threads,
                                     overlap=not args.no_overlap, reduce=args.reduce),
         )
@@ -214,6 +214,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "zero": trainer.partition.zero,
         "overlap": trainer.overlap,
         "reduce": type(trainer.reducer).__name__,
+        "precision": trainer.precision,
         "n_params": n_params,
         **throughput(t.batch_size * t.seq_len, step_times, fpt, peak),
         "split": per_rank[0]["split"],
@@ -240,7 +241,8 @@ def torch_worker(args: argparse.Namespace) -> None:
     model = GPT(TorchGPTConfig(shape.n_layer, shape.n_head, shape.n_embd, shape.seq_len, shape.vocab_size))
     n_params = model.n_params()  # vocabulary 50257, unpadded: the same N as distgpt's
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    trainer = Trainer(model, optimizer, t.grad_clip)
+    autocast = bf16.resolve(args.precision) == "bf16"      # the same precision as distgpt's rows
+    trainer = Trainer(model, optimizer, t.grad_clip, autocast=autocast)
     tokens = torch.from_numpy(random_tokens(shape, args.warmup + args.steps, args.batch))
 
     step_times, phases, losses = [], [], []
@@ -267,6 +269,7 @@ def torch_worker(args: argparse.Namespace) -> None:
         "rss_mib": [rss],
         "losses": losses,
         "torch": torch.__version__,
+        "precision": "bf16 autocast" if autocast else "fp32",
     })
 
 
@@ -411,6 +414,7 @@ def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, arg
            "--warmup", str(args.warmup), "--out", out]
     if impl == "distgpt":
         cmd += ["--reduce", args.reduce, "--zero" if args.zero else "--no-zero"]
+        cmd += ["--precision", args.precision]
         cmd += ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
     env = dict(os.environ)
     if impl == "torch":
@@ -463,6 +467,7 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
     head = f"== {name}: L{shape.n_layer} C{shape.n_embd} H{shape.n_head} T{shape.seq_len} B{shape.batch}"
     if ok:
         head += f", {ok[0]['n_params'] / 1e6:.1f}M params, {ok[0]['flops_per_token'] / 1e6:.0f} MFLOP/token"
+        head += f", distgpt in {ok[0].get('precision', 'fp32')}"
     head += f"; median of {steps} steps after {warmup} warmup"
     llmc = next((r for r in runs if r["impl"] == "llm.c"), None)
     if llmc is not None and "error" not in llmc and (llmc["steps"], llmc["warmup"]) != (steps, warmup):
@@ -624,6 +629,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for other processes to leave the cores")
     parser.add_argument("--json", help="save every result to this file")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
+                        help="distgpt's train.precision (default fp32, comparable with earlier runs; "
+                             "MFU stays against the fp32 sgemm peak)")
     # worker mode (started by the driver)
     parser.add_argument("--worker", choices=("distgpt", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)

@@ -4,7 +4,8 @@ Same architecture and training recipe as distgpt: pre-LayerNorm blocks, tanh GEL
 attention through F.scaled_dot_product_attention, lm_head tied to the token embedding, GPT-2
 initialisation, AdamW (weight decay on 2-D weights only) with torch's default foreach
 implementation, gradient clipping by the global norm. Benchmark and test code only: the distgpt
-package never imports torch.
+package never imports torch. `autocast=True` runs the forward under torch.autocast("cpu", bfloat16)
+(float32 master weights, bf16 matmuls), distgpt's train.precision=bf16 counterpart.
 """
 
 from __future__ import annotations
@@ -118,14 +119,17 @@ def make_optimizer(model: GPT, lr: float, weight_decay: float, betas: tuple[floa
 class Trainer:
     """One optimizer step = forward, backward, clip, AdamW; each phase timed (eager CPU is synchronous)."""
 
-    def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, grad_clip: float):
+    def __init__(self, model: GPT, optimizer: torch.optim.Optimizer, grad_clip: float,
+                 autocast: bool = False):
         self.model, self.optimizer, self.grad_clip = model, optimizer, grad_clip
+        self.autocast = autocast
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float, timer) -> float:
         """Returns the loss; `timer()` is a clock (time.perf_counter), phase times go to self.last."""
         t0 = timer()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.model(x, y)
         t1 = timer()
         loss.backward()
         t2 = timer()

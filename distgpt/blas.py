@@ -80,7 +80,21 @@ class _Mkl:
                            real, ctypes.c_void_p, ctypes.c_int]
             fn.restype = None
         self.gemm = {np.dtype(np.float32): self.lib.cblas_sgemm, np.dtype(np.float64): self.lib.cblas_dgemm}
+        self.gemm_bf16 = self._bf16_gemm()
         self.version = importlib.metadata.version("mkl")
+
+    def _bf16_gemm(self):
+        """cblas_gemm_bf16bf16f32 (bf16 A and B as uint16, float32 alpha, beta and C), or None in an
+        MKL too old to have it. MKL picks AMX or AVX512-BF16 kernels where the CPU has them and
+        emulates them (slowly) where it does not: bf16.resolve decides whether to use it."""
+        try:
+            fn = self.lib.cblas_gemm_bf16bf16f32
+        except AttributeError:
+            return None
+        fn.argtypes = [*[ctypes.c_int] * 6, ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                       ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+        fn.restype = None
+        return fn
 
 
 _backend: _Mkl | None = None
@@ -162,4 +176,65 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False
         out += a @ b
     else:
         np.matmul(a, b, out=out)
+    return out
+
+
+# ----------------------------------------------------------------------------- bf16 inputs, fp32 output
+
+def bf16_gemm_available() -> bool:
+    """True when MKL is the backend and has cblas_gemm_bf16bf16f32."""
+    mkl = _mkl()
+    return mkl is not None and mkl.gemm_bf16 is not None
+
+
+def _bf16_fn():
+    mkl = _mkl()
+    if mkl is None:
+        raise BlasError("bf16 matmuls need MKL (pip install 'distgpt[mkl]'; DISTGPT_BLAS is "
+                        f"{os.environ.get('DISTGPT_BLAS', 'auto')!r}, the matmuls use NumPy's BLAS)")
+    if mkl.gemm_bf16 is None:
+        raise BlasError(f"bf16 matmuls need cblas_gemm_bf16bf16f32, which MKL {mkl.version} does not have")
+    return mkl.gemm_bf16
+
+
+def _bf16_operand(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """a (uint16 bf16 bits) and its BLAS layout; a contiguous copy when MKL cannot read it as it is."""
+    if a.dtype != np.uint16:
+        raise TypeError(f"bf16 operands are uint16 arrays of bf16 bits, not {a.dtype}")
+    la = _layout(a) if a.flags.aligned else None
+    if la is None:
+        a = np.ascontiguousarray(a)
+        la = _layout(a)
+    return a, la
+
+
+def gemm_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
+    """out = a @ b, or out += a @ b with `accumulate`: a (M, K) and b (K, N) are bf16 (uint16 bit
+    patterns, views welcome), out (M, N) float32; products are accumulated in float32 by MKL."""
+    fn = _bf16_fn()
+    M, K = a.shape
+    if b.shape[0] != K or out.shape != (M, b.shape[1]) or out.dtype != np.float32:
+        raise ValueError(f"gemm_bf16: {a.shape} @ {b.shape} into {out.dtype}{out.shape}")
+    N = out.shape[1]
+    if not out.flags.writeable:
+        raise ValueError("gemm_bf16: output array is read-only")
+    if not (M and N):
+        return out
+    if not K:
+        if not accumulate:
+            out[...] = 0.0
+        return out
+    a, la = _bf16_operand(a)
+    b, lb = _bf16_operand(b)
+    lc = _layout(out) if out.flags.aligned else None
+    if lc is None or lc[0] != _NO_TRANS:      # MKL writes row-major C only: go through a temporary
+        tmp = np.empty((M, N), np.float32)
+        gemm_bf16(a, b, tmp)
+        if accumulate:
+            out += tmp
+        else:
+            out[...] = tmp
+        return out
+    fn(_ROW_MAJOR, la[0], lb[0], M, N, K, 1.0, a.ctypes.data, la[1], b.ctypes.data, lb[1],
+       1.0 if accumulate else 0.0, out.ctypes.data, lc[1])
     return out

@@ -99,6 +99,9 @@ class TrainConfig(_Section):
     log_every: Positive = 10
     sample_every: NonNegative = 0  # 0: never print samples while training
     sample_tokens: NonNegative = 64
+    # matmul precision: bf16 (float32 master weights and accumulation), fp32, or auto (bf16 where
+    # the CPU has AVX512-BF16/AMX-BF16 and MKL's bf16 gemm loads; see distgpt/bf16.py)
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> TrainConfig:
@@ -114,6 +117,8 @@ class ParallelConfig(_Section):
     overlap: bool = True  # mpi reduce: reduce gradient buckets during backward
     bucket_mb: float = Field(8.0, gt=0)  # mpi reduce: gradient bucket size for overlapped reduction
     check_every: NonNegative = 100  # steps between cross-rank parameter checks (0: start only)
+    # seconds a rank may wait in one collective before it reports the ranks it waits for and exits
+    timeout_s: float = Field(600.0, gt=0, allow_inf_nan=False, description="a number of seconds > 0")
 
 
 class CheckpointConfig(_Section):

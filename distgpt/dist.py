@@ -4,6 +4,8 @@ Gradients are summed by one of two reducers with the same interface (make_reduce
 
 - SharedMemoryReducer, when every rank is on one node: the ranks' gradient buffers are parts of
   one shared-memory segment, and rank r sums slice r of all of them directly after backward.
+- HierarchicalReducer, under ZeRO-1 on several nodes with several ranks on each: shared memory
+  within each node, then a reduce-scatter between nodes of 1/(ranks per node) of the gradient.
 - GradReducer, otherwise: buckets of whole layers go to non-blocking MPI collectives as backward
   finishes them (last layer first), so the reductions run while earlier layers still compute.
   MPICH only advances non-blocking collectives inside MPI calls, so every finished layer also
@@ -16,12 +18,21 @@ flat parameter and gradient buffers live, since shared memory has to be allocate
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
+import select
 import shutil
+import signal
+import socket
 import sys
+import threading
 import time
+import uuid
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +60,15 @@ class Comm:
     n_nodes = 1
     library = "none (single process)"
     is_mpi = False
+    watchdog: Watchdog | None = None
+
+    def watch(self, phase: str, step: int | None) -> contextlib.AbstractContextManager:
+        """Mark a blocking collective for the watchdog (see Watchdog): `with comm.watch(...)`."""
+        dog = self.watchdog
+        return _NOT_WATCHED if dog is None else dog.watch(phase, step)
+
+    def start_watchdog(self, timeout_s: float, board: Path | None = None) -> None:
+        """A single process never waits for anyone: nothing to watch."""
 
     def barrier(self) -> None:
         pass
@@ -107,8 +127,9 @@ class MPIComm(Comm):
         self.node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank = self.node.Get_rank()
         self.local_size = self.node.Get_size()
-        leaders = self.world.allgather(self.local_rank == 0)
-        self.n_nodes = sum(leaders)
+        places = self.world.allgather((self.local_rank, self.local_size))
+        self.n_nodes = sum(local == 0 for local, _ in places)
+        self.same_ranks_per_node = len({size for _, size in places}) == 1
         self._windows: list = []
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split())
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
@@ -174,6 +195,38 @@ class MPIComm(Comm):
         self.shared_barrier()
         return arrays, ""
 
+    def node_barrier(self) -> None:
+        """shared_barrier among this node's ranks only: nothing crosses the network."""
+        for win in self._windows:
+            win.Sync()
+        self.node.Barrier()
+        for win in self._windows:
+            win.Sync()
+
+    def node_buffers(self, n: int, dtype: np.dtype) -> tuple[list[np.ndarray] | None, str]:
+        """Collective over all ranks: n elements per rank in a shared segment on each node (index
+        l is local rank l's), on every node or on none: (None, why) when some node's /dev/shm
+        lacks the room. Unlike shared_buffers, for any number of nodes."""
+        dtype = np.dtype(dtype)
+        need = self.local_size * n * dtype.itemsize
+        free = shutil.disk_usage("/dev/shm").free if os.path.isdir("/dev/shm") else math.inf
+        # one answer for the whole job: a node that chose otherwise would wait in other collectives
+        if not self.world.allreduce(int(free >= need * 1.05), op=self.MPI.MIN):
+            return None, f"/dev/shm lacks {need / 2**20:.0f} MiB on some node"
+        win = self.MPI.Win.Allocate_shared(n * dtype.itemsize, dtype.itemsize, comm=self.node)
+        win.Lock_all(self.MPI.MODE_NOCHECK)
+        self._windows.append(win)
+        arrays = [np.frombuffer(win.Shared_query(q)[0], dtype, n) for q in range(self.local_size)]
+        arrays[self.local_rank][:] = 0
+        self.node_barrier()
+        return arrays, ""
+
+    def column(self):
+        """Collective: the communicator of the ranks with this rank's local rank, one per node,
+        in world-rank order, and their world ranks."""
+        col = self.world.Split(color=self.local_rank, key=self.rank)
+        return col, col.allgather(self.rank)
+
     def start_allreduce(self, buf: np.ndarray):
         return self.world.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
 
@@ -188,10 +241,172 @@ class MPIComm(Comm):
         if requests:
             self.MPI.Request.Waitall(requests)
 
+    def start_watchdog(self, timeout_s: float, board: Path | None = None) -> None:
+        """Collective (agrees on a run id): from now on, a watched collective that lasts longer
+        than timeout_s ends this rank (Watchdog)."""
+        run_id = self.world.bcast(uuid.uuid4().hex if self.rank == 0 else None, root=0)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        self.watchdog = Watchdog(self.rank, self.size, timeout_s, board, run_id, abort_fn=self.world.Abort)
+
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        self.world.Abort(code)
+        dog = self.watchdog
+        # MPI_Abort has to reach the other hosts' launchers and can hang when the network is down
+        with dog.watch("abort", dog.step) if dog else _NOT_WATCHED:
+            self.world.Abort(code)
+
+
+# ----------------------------------------------------------------------------- the watchdog
+
+_NOT_WATCHED = contextlib.nullcontext()
+TIMEOUT_EXIT = 3        # the exit code of a rank that timed out in a collective
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)     # train.StopFlag's: "checkpoint and exit"
+
+
+class Watchdog:
+    """Ends this rank when a blocking collective does not complete in timeout_s seconds.
+
+    A dead peer normally ends the job through the launcher, but a host that vanishes from the
+    network (a pulled cable, a hung kernel) leaves the others blocked in MPI forever: TCP only
+    retransmits. The training loop marks each blocking collective with `watch(phase, step)`; that
+    costs a few attribute writes (about a microsecond) and no communication per collective. A
+    thread checks a few times a second: at timeout/4 it prints one warning, at timeout one error
+    line naming the step, the phase and, when it can tell, the ranks that never arrived, then calls
+    MPI_Abort (without it, mpirun would wait for the unreachable host's launcher forever) and
+    hard-exits if that has not ended the process within 5 s: MPI_Abort can hang with the network down.
+
+    A stop signal (SIGTERM/SIGUSR1) is normally acted on at the next step boundary, which a rank
+    stuck in a collective never reaches (Python runs signal handlers only between bytecodes, not
+    inside MPI_Wait). The thread hears the signal through signal.set_wakeup_fd, and if the rank is
+    (still) in a collective `grace` seconds later it exits at once, without a checkpoint (one
+    cannot be written collectively): the newest complete checkpoint is then the one to resume.
+
+    Which ranks are missing: a rank that has waited timeout/4 writes `rank_R.json` (run id, index
+    of the collective) into `board`, the output directory shared by all nodes; at timeout it reads
+    the others'. File I/O runs in helper threads with a deadline, as a shared file system can hang
+    with the network that took the job down.
+    """
+
+    def __init__(self, rank: int, size: int, timeout_s: float, board: Path | None = None,
+                 run_id: str = "", abort_fn=None, stream=None, exit_fn=os._exit):
+        self.rank, self.size, self.timeout, self.board, self.run_id = rank, size, timeout_s, board, run_id
+        self.abort_fn, self.stream, self.exit_fn = abort_fn, stream, exit_fn
+        self.grace = min(10.0, timeout_s / 4)
+        self.tick = min(0.5, timeout_s / 20)
+        # the state the hot path writes: which collective (phase; None outside), since when, at
+        # which step, and how many collectives were entered so far (the same count on every rank)
+        self.phase: str | None = None
+        self.step: int | None = None
+        self.since = 0.0
+        self.entered = 0
+        self._stopped = False
+        self._wake_r, wake_w = socket.socketpair()
+        self._wake_w = wake_w
+        wake_w.setblocking(False)
+        if threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        self._thread = threading.Thread(target=self._run, name="distgpt-watchdog", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def watch(self, phase: str, step: int | None) -> Iterator[None]:
+        """Inside: this rank is blocked in collective `phase` of step `step` (None: no step yet)."""
+        self.step, self.since = step, time.monotonic()
+        self.entered += 1
+        self.phase = phase              # last: the thread reads phase first
+        try:
+            yield
+        finally:
+            self.phase = None
+
+    def stop(self) -> None:
+        self._stopped = True
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError):
+                signal.set_wakeup_fd(-1)
+
+    # the thread's side
+
+    def _run(self) -> None:
+        warned = -1                         # the collective (its `entered`) already warned about
+        signalled: float | None = None      # when a stop signal arrived
+        while not self._stopped:
+            ready, _, _ = select.select([self._wake_r], [], [], self.tick)
+            if ready and any(b in STOP_SIGNALS for b in self._wake_r.recv(64)) and signalled is None:
+                signalled = time.monotonic()
+            phase, entered, since, step = self.phase, self.entered, self.since, self.step
+            if phase is None:
+                continue
+            now = time.monotonic()
+            waited = now - since
+            if waited >= self.timeout:
+                self._give_up(step, entered, f"timed out after {waited:.0f} s in {phase}")
+                return
+            stuck = signalled is not None and now - max(since, signalled) >= self.grace
+            if stuck and phase != "checkpoint save":   # the save is what the signal asks for
+                self._give_up(step, entered, f"stop signal while stuck for {waited:.0f} s in {phase}",
+                              code=143, then="exiting without a checkpoint (resume takes the newest one)")
+                return
+            if waited >= self.timeout / 4 and warned != entered:
+                warned = entered
+                self._say(f"distgpt.train: warning: {self._where(step)}waiting for {waited:.0f} s in {phase} "
+                          f"(parallel.timeout_s = {self.timeout:g})")
+                self._with_deadline(self._publish, entered)
+
+    def _where(self, step: int | None) -> str:
+        return f"rank {self.rank}: " + ("" if step is None else f"step {step}: ")
+
+    def _give_up(self, step: int | None, entered: int, what: str, code: int = TIMEOUT_EXIT,
+                 then: str = "") -> None:
+        who = self._with_deadline(self._missing, entered) or "the other ranks"
+        self._say(f"distgpt.train: error: {self._where(step)}{what} waiting for {who}"
+                  + (f": {then}" if then else ""))
+        self._stopped = True
+        if self.abort_fn is not None:
+            sys.stdout.flush()
+            time.sleep(0.5)     # the launcher relays our output; an abort can outrun the line above
+            self._with_deadline(self.abort_fn, code, seconds=5.0)
+        self.exit_fn(code)
+
+    def _say(self, line: str) -> None:
+        stream = self.stream or sys.stderr
+        print(line, file=stream, flush=True)
+
+    @staticmethod
+    def _with_deadline(fn, *args, seconds: float = 2.0):
+        """fn(*args) in a helper thread: its result, or None if it has not returned in time."""
+        box: list = []
+        helper = threading.Thread(target=lambda: box.append(fn(*args)), daemon=True)
+        helper.start()
+        helper.join(seconds)
+        return box[0] if box else None
+
+    def _publish(self, entered: int) -> None:
+        if self.board is None:
+            return
+        with contextlib.suppress(OSError):
+            self.board.mkdir(parents=True, exist_ok=True)
+            tmp = self.board / f".rank_{self.rank:05d}.tmp"
+            tmp.write_text(json.dumps({"run": self.run_id, "entered": entered}))
+            os.replace(tmp, self.board / f"rank_{self.rank:05d}.json")
+
+    def _missing(self, entered: int) -> str | None:
+        """`ranks [..]`: the ranks that have not published reaching collective `entered` (None:
+        cannot tell). A rank past it (a broadcast's root) has reached it."""
+        if self.board is None:
+            return None
+        self._publish(entered)
+        arrived = {self.rank}
+        for r in range(self.size):
+            with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+                rec = json.loads((self.board / f"rank_{r:05d}.json").read_text())
+                if rec["run"] == self.run_id and rec["entered"] >= entered:
+                    arrived.add(r)
+        missing = [r for r in range(self.size) if r not in arrived]
+        return (f"ranks {missing}" if missing
+                else "the other ranks, which have all reached it (the network or MPI is stuck)")
 
 
 def init() -> Comm:
@@ -395,12 +610,73 @@ class SharedMemoryReducer:
             self.comm.bcast_(self.params)
 
 
+class HierarchicalReducer:
+    """The ZeRO-1 gradient sum for several nodes with several ranks on each: first through shared
+    memory on each node, then across nodes, so that only 1/(ranks per node) of every rank's
+    gradient crosses the network (GradReducer sends all of it).
+
+    The ranks with local rank l, one per node, form column l. Rank l of a node adds up, over the
+    node's gradient buffers (one shared segment, as in SharedMemoryReducer), the slices that the
+    members of column l own, packed in column order; a reduce-scatter within the column then
+    leaves each member the sum of its own slice over all nodes. No overlap with backward (the node
+    sum needs every local backward done); the parameters stay private to each rank and are
+    gathered over the world as GradReducer does. Needs the same number of ranks on every node,
+    else some slices would have no one to sum them on a node.
+    """
+
+    def __init__(self, comm: MPIComm, partition: Partition, buffers: list[np.ndarray], params: np.ndarray):
+        self.comm, self.partition, self.buffers, self.params = comm, partition, buffers, params
+        self.grads = buffers[comm.local_rank]
+        self.updated_grads = np.zeros(partition.owned_size, params.dtype)
+        self.shares_params = False
+        self.norm_is_partial = True
+        self.waited = 0.0
+        self.col, members = comm.column()
+        self.col_ranges = [partition.ranges[r] for r in members]
+        self.counts = [e - s for s, e in self.col_ranges]
+        self.send = np.empty(sum(self.counts), params.dtype)
+
+    def block_done(self, layer: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        c = self.comm
+        return (f"hierarchical (shared memory on each of {c.n_nodes} nodes, then MPI reduce-scatter "
+                f"between nodes, 1/{c.local_size} of the gradient per rank), ZeRO-1")
+
+    def finish(self) -> None:
+        t0 = time.perf_counter()
+        self.comm.node_barrier()                  # every local rank's gradients are complete
+        self.waited = time.perf_counter() - t0
+        bufs, off = self.buffers, 0
+        for s, e in self.col_ranges:              # this column's slices, summed in local-rank order
+            acc = self.send[off:off + e - s]
+            np.add(bufs[0][s:e], bufs[1][s:e], out=acc)
+            for q in range(2, len(bufs)):
+                acc += bufs[q][s:e]
+            off += e - s
+        self.comm.node_barrier()                  # all read: the next backward may overwrite them
+        self.col.Reduce_scatter(self.send, self.updated_grads, self.counts, op=self.comm.MPI.SUM)
+
+    def grad_sq_sum(self) -> float:
+        g = self.updated_grads
+        return float(np.dot(g, g))
+
+    def allgather_params(self) -> None:
+        self.comm.allgatherv_(self.params, self.partition.ranges)
+
+    def broadcast_params(self) -> None:
+        self.comm.bcast_(self.params)
+
+
 def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]], params: np.ndarray,
-                 bucket_bytes: int, method: str) -> GradReducer | SharedMemoryReducer:
+                 bucket_bytes: int, method: str) -> GradReducer | SharedMemoryReducer | HierarchicalReducer:
     """The gradient reducer for `method` (parallel.reduce), holding the flat buffers: auto picks
-    shared memory when every rank is on one node and there is more than one rank, MPI collectives
-    otherwise. `params` is this rank's initial parameter vector; under ZeRO-1 on one node it is
-    copied (rank 0's) into one shared buffer, otherwise it is used as it is."""
+    shared memory when every rank is on one node and there is more than one rank; under ZeRO-1 on
+    several nodes with several ranks each, shared memory within nodes and MPI between them
+    (HierarchicalReducer); MPI collectives otherwise. `params` is this rank's initial parameter
+    vector; under ZeRO-1 on one node it is copied (rank 0's) into one shared buffer, otherwise it
+    is used as it is."""
     if method in ("auto", "shared_memory") and comm.size > 1:
         buffers, why_not = comm.shared_buffers(params.size, params.dtype)
         if buffers is not None:
@@ -422,4 +698,12 @@ def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int,
                                f"(use auto or mpi)")
         if comm.n_nodes == 1 and comm.rank == 0:
             warnings.warn(f"gradient sum through MPI, not shared memory: {why_not}", stacklevel=2)
+    # several nodes with several ranks each (the same on every node, a fact all ranks agree on)
+    if (method == "auto" and partition.zero and comm.n_nodes > 1 and comm.local_size > 1
+            and comm.same_ranks_per_node):
+        buffers, why_not = comm.node_buffers(params.size, params.dtype)
+        if buffers is not None:
+            return HierarchicalReducer(comm, partition, buffers, params)
+        if comm.rank == 0:
+            warnings.warn(f"gradient sum through MPI only, not shared memory first: {why_not}", stacklevel=2)
     return GradReducer(comm, partition, layer_ranges, params, bucket_bytes)

@@ -9,6 +9,10 @@ backward pass, which finishes them last-to-first, can hand each finished block's
 to the communicator while it works on the next one.
 
 Shapes in comments: B sequences, T positions, C = n_embd, nh heads of hs = C / nh, V vocabulary.
+
+precision="bf16" (distgpt/bf16.py): the matmul weights also have bf16 copies (uint16 views in the
+same layout, `w16`), refreshed once after each optimizer step; the linears and the head multiply
+with them, everything else reads the float32 parameters.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from distgpt import ops
+from distgpt import bf16, ops
 from distgpt.config import ModelConfig
 
 __all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes"]
@@ -54,6 +58,7 @@ class BlockParams:
 
 
 BLOCK_FIELDS = dataclasses.fields(BlockParams)
+MATMUL_WEIGHTS = ("qkv_w", "attn_proj_w", "fc_w", "mlp_proj_w")    # the ones bf16 copies are made of
 BLOCK_PARAMS = tuple((f.metadata["name"], f.metadata["shape"], f.metadata["decay"]) for f in BLOCK_FIELDS)
 
 
@@ -294,14 +299,21 @@ def split_heads(buf: np.ndarray, B: int, n_head: int, n_embd: int) -> tuple[np.n
 
 # ----------------------------------------------------------------------------- the block pair
 
+def _bf16_of(w16: BlockParams | None) -> Callable[[str], np.ndarray | None]:
+    """name -> that weight's bf16 copy, or None (float32 matmuls)."""
+    return lambda name: None if w16 is None else getattr(w16, name)
+
+
 def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
-                  drop: Dropout, cache: KVCache | None = None) -> None:
+                  drop: Dropout, cache: KVCache | None = None, w16: BlockParams | None = None) -> None:
     """x += attn(ln_1(x)); x += mlp(ln_2(x)), in place on the residual stream x (B*T, C). With a
-    KV cache, x holds the new positions only and attention also sees the cached ones."""
+    KV cache, x holds the new positions only and attention also sees the cached ones. With w16 (the
+    bf16 copies of the weights) the four linears multiply in bf16."""
     B = a.lse.shape[0]
+    lo = _bf16_of(w16)
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, a.ln1_out, a.ln1_xhat)   # (BT, C)
-    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv)                              # (BT, 3C)
+    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, lo("qkv_w"))                 # (BT, 3C)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(a.attn_y)                                                              # (B, nh, T, hs)
     q_offset = 0
@@ -310,43 +322,47 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
         k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
     ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
                           keep_scale=drop.scale, q_offset=q_offset)
-    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch)                # (BT, C)
+    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, lo("attn_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res1", layer)
     x += s.branch
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, a.ln2_out, a.ln2_xhat)   # (BT, C)
-    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre)                             # (BT, 4C)
+    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, lo("fc_w"))                 # (BT, 4C)
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
-    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch)                  # (BT, C)
+    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, lo("mlp_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res2", layer)
     x += s.branch
 
 
 def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs, s: Scratch,
-                   cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool) -> None:
+                   cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool,
+                   w16: BlockParams | None = None) -> None:
     """The gradient of block_forward. dx (B*T, C) comes in as d loss / d block output and leaves as
     d loss / d block input; the block's parameter gradients g are added to (written, if not
-    `accumulate`: the first micro-batch of a step)."""
+    `accumulate`: the first micro-batch of a step). w16: as in block_forward."""
     B = a.lse.shape[0]
+    lo = _bf16_of(w16)
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # MLP branch: x = x + mlp_proj(gelu(fc(ln_2(x))))
     d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
     ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
     ops.linear_backward(d_branch, s.hidden, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
-                        accumulate)                                                     # (BT, 4C) d hidden
+                        accumulate, lo("mlp_proj_w"))                                   # (BT, 4C) d hidden
     ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
-    ops.linear_backward(s.hidden, a.ln2_out, w.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate)  # (BT, C)
+    ops.linear_backward(s.hidden, a.ln2_out, w.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate,
+                        lo("fc_w"))                                                     # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
     dx += s.d_in
     # attention branch: x = x + attn_proj(attention(ln_1(x)))
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
     ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
-                        accumulate)                                                     # (BT, C) d attn_y
+                        accumulate, lo("attn_proj_w"))                                  # (BT, C) d attn_y
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,), (dy,) = split(a.attn_y), split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
     ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                            keep=drop.keep("att", layer), keep_scale=drop.scale)
-    ops.linear_backward(s.d_qkv, a.ln1_out, w.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate)  # (BT, C)
+    ops.linear_backward(s.d_qkv, a.ln1_out, w.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate,
+                        lo("qkv_w"))                                                    # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
     dx += s.d_in
 
@@ -369,13 +385,20 @@ class GPT:
 
     forward(idx, targets, grad_scale) -> TrainingForward, then backward(that): one training micro-batch.
     loss(idx, targets) -> float: evaluation. logits(idx, cache=None) -> (B, T, V): inference, with or
-    without a KV cache. The flat buffers may be given (e.g. in memory shared with other ranks)."""
+    without a KV cache. The flat buffers may be given (e.g. in memory shared with other ranks).
+    precision: "fp32", or "bf16" (float32 model, bf16 matmuls; weights_changed() after an update)."""
 
     def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
-                 grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True):
+                 grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True,
+                 precision: str = "fp32"):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: expected fp32 or bf16 (bf16.resolve decides auto)")
+        if precision == "bf16" and np.dtype(dtype) != np.float32:
+            raise ValueError(f"bf16 matmuls need a float32 model, not {np.dtype(dtype)}")
         self.cfg = cfg
+        self.precision = precision
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)
         self.params = self._flat(params, "parameter")
@@ -388,6 +411,30 @@ class GPT:
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int, int], Activations] = {}
         self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
+        # bf16: copies of the matmul weights, in the parameters' layout (only the matmul weights
+        # are ever written); remade on the first pass after the parameters change
+        self.params16 = np.zeros(self.layout.size, np.uint16) if precision == "bf16" else None
+        self._w16 = self.layout.tensors(self.params16) if precision == "bf16" else None
+        self._w16_stale = True
+
+    def weights_changed(self) -> None:
+        """The parameters were updated (the optimizer, a checkpoint): the bf16 copies are remade on
+        the next pass. (zero_grad() implies it: a step's first forward always follows an update.)"""
+        self._w16_stale = True
+
+    def _weights16(self) -> ParameterTensors | None:
+        """The bf16 copies of the matmul weights, up to date; None in fp32."""
+        if self._w16 is None:
+            return None
+        if self._w16_stale:
+            V = self.cfg.vocab_size
+            pairs = [(self.w.wte[:V], self._w16.wte[:V])]
+            for w, w16 in zip(self.w.blocks, self._w16.blocks, strict=True):
+                pairs += [(getattr(w, n), getattr(w16, n)) for n in MATMUL_WEIGHTS]
+            for src, dst in pairs:
+                bf16.to_bf16(src, dst, parallel=True)
+            self._w16_stale = False
+        return self._w16
 
     def _flat(self, buf: np.ndarray | None, what: str) -> np.ndarray:
         if buf is None:
@@ -420,12 +467,14 @@ class GPT:
             raise ValueError(f"KV cache full: {t0} + {T} > {cache.max_len} positions")
         if t0 + T > cfg.block_size:
             raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
+        w16 = self._weights16()
         x = a.x                                                                         # (BT, C)
         np.take(w.wte, idx.reshape(-1), axis=0, out=x)
         x.reshape(B, T, -1)[...] += w.wpe[t0 : t0 + T]
         drop.apply_(x, "emb")
         for layer, block in enumerate(w.blocks):
-            block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, cache)
+            block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, cache,
+                          None if w16 is None else w16.blocks[layer])
         if cache is not None:
             cache.length += T
         a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
@@ -444,7 +493,8 @@ class GPT:
         V, accumulate = self.cfg.vocab_size, not self._grads_stale
         # the head's backward happens here, while each chunk's probabilities are at hand
         loss = ops.head_loss(a.lnf_out, self.w.wte[:V], targets.reshape(-1), grad_scale, a.dlnf_out,
-                             self.dw.wte[:V], self.head_chunk_rows, accumulate=accumulate, scratch=a.logits)
+                             self.dw.wte[:V], self.head_chunk_rows, accumulate=accumulate, scratch=a.logits,
+                             wte16=self._wte16())
         self._grads_stale = False
         a.owner = TrainingForward(loss, idx, drop, a, accumulate)
         return a.owner
@@ -459,12 +509,13 @@ class GPT:
                                "these activations were overwritten")
         a.owner = None
         cfg, w, dw, drop, acc = self.cfg, self.w, self.dw, fwd.dropout, fwd.accumulate
+        w16 = self._weights16()
         B, T = fwd.idx.shape
         dx = a.x                                   # the residual stream's buffer now carries its gradient
         ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
         for layer in reversed(range(cfg.n_layer)):
             block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
-                           drop, acc)
+                           drop, acc, None if w16 is None else w16.blocks[layer])
             if on_block_done is not None:
                 on_block_done(layer)
         drop.apply_(dx, "emb")
@@ -478,6 +529,7 @@ class GPT:
         self.dw.wpe[:] = 0.0
         self.dw.wte[self.cfg.vocab_size :] = 0.0
         self._grads_stale = True
+        self._w16_stale = True
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, dropout_seed: tuple[int, ...] | None = None,
              row0: int = 0) -> float:
@@ -487,7 +539,11 @@ class GPT:
         a = self._activations(B, T, training=False)
         self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0))
         return ops.head_loss(a.lnf_out, self.w.wte[: self.cfg.vocab_size], targets.reshape(-1), None, None,
-                             None, self.head_chunk_rows, scratch=a.logits)
+                             None, self.head_chunk_rows, scratch=a.logits, wte16=self._wte16())
+
+    def _wte16(self) -> np.ndarray | None:
+        w16 = self._weights16()
+        return None if w16 is None else w16.wte[: self.cfg.vocab_size]
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """(B, T, V) logits of idx (B, T). With a KV cache, idx are the next positions after

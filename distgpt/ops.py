@@ -14,6 +14,10 @@ therefore walk their rows in cache-sized blocks (a chain of ufuncs on a block st
 split the blocks over the rank's threads (distgpt.threads): ufuncs and BLAS calls release the GIL.
 Big matmuls are split by rows over the same threads, BLAS itself running single-threaded inside them.
 The big 2-D matmuls go through blas.gemm: NumPy's BLAS, or MKL where it is installed and faster.
+
+Mixed precision (distgpt/bf16.py): given the bf16 copy of a weight (`w16`, uint16 bits), linear and
+the head round their matmul inputs to bf16 into reused buffers and multiply through MKL's bf16
+gemm, accumulating in float32; everything else (bias, norms, softmax, the loss) stays float32.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import threading
 
 import numpy as np
 
-from distgpt import blas, jit
+from distgpt import bf16, blas, jit
 from distgpt.threads import n_threads, parallel_for
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -35,10 +39,18 @@ LN_EPS = 1e-5
 BLOCK_ELEMS = 1 << 17
 ATTN_BLOCK = 128               # query rows per attention block
 
+# the bf16 copies of matmul inputs that linear and the head make per call (one process runs one
+# layer at a time, so one buffer per role serves every layer)
+_bf16_scratch = bf16.Workspace()
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = a @ b for 2-D arrays, rows of `a` split over the threads."""
+    """out = a @ b for 2-D arrays, rows of `a` split over the threads. bf16 (uint16) a and b go
+    through blas.gemm_bf16 (float32 out)."""
+    gemm = blas.gemm_bf16 if a.dtype == np.uint16 else blas.gemm
+
     def work(lo: int, hi: int) -> None:
-        blas.gemm(a[lo:hi], b, out[lo:hi])
+        gemm(a[lo:hi], b, out[lo:hi])
     parallel_for(a.shape[0], work, grain=64)
     return out
 
@@ -108,7 +120,12 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
 
 # ----------------------------------------------------------------------------- linear
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
+                   w16: np.ndarray | None = None) -> np.ndarray:
+    """out = x @ w + b; with w16 (w's bf16 copy) the product is x's bf16 rounding times w16."""
+    if w16 is not None:
+        return _linear_forward_bf16(x, w16, b, out)
+
     def work(lo: int, hi: int) -> None:
         blas.gemm(x[lo:hi], w, out[lo:hi])
         out[lo:hi] += b
@@ -116,20 +133,44 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray)
     return out
 
 
+def _linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    x16 = _bf16_scratch.get("x", x.shape)
+
+    def work(lo: int, hi: int) -> None:
+        # each thread converts the rows it multiplies: no pass over x16 between the two
+        bf16.to_bf16(x[lo:hi], x16[lo:hi])
+        blas.gemm_bf16(x16[lo:hi], w16, out[lo:hi])
+        out[lo:hi] += b
+    parallel_for(x.shape[0], work, grain=64)
+    return out
+
+
 def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                    dx: np.ndarray | None, accumulate: bool = True) -> None:
+                    dx: np.ndarray | None, accumulate: bool = True, w16: np.ndarray | None = None) -> None:
     """Accumulates dw, db (overwrites them if not `accumulate`: the first micro-batch of a step
-    saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None."""
+    saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None
+    (dx may alias x). With w16 (w's bf16 copy) the matmuls take bf16 roundings of dout and x, and
+    dw still accumulates in float32."""
+    a, d, wt = x, dout, w.T
+    if w16 is not None:
+        a, d, wt = _bf16_scratch.get("x", x.shape), _bf16_scratch.get("dout", dout.shape), w16.T
+
+        def convert(lo: int, hi: int) -> None:
+            bf16.to_bf16(x[lo:hi], a[lo:hi])
+            bf16.to_bf16(dout[lo:hi], d[lo:hi])
+        parallel_for(x.shape[0], convert, grain=64)
+    gemm = blas.gemm if w16 is None else blas.gemm_bf16
+
     def weight_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
-        blas.gemm(x[:, lo:hi].T, dout, dw[lo:hi], accumulate=accumulate)
+        gemm(a[:, lo:hi].T, d, dw[lo:hi], accumulate=accumulate)
     parallel_for(x.shape[1], weight_grad, grain=64)
     if accumulate:
         db += dout.sum(axis=0)
     else:
         dout.sum(axis=0, out=db)
     if dx is not None:
-        matmul(dout, w.T, dx)
+        matmul(d, wt, dx)
 
 
 # ----------------------------------------------------------------------------- gelu (tanh)
@@ -394,7 +435,7 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
 def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: float | None,
               dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int,
               logits_out: np.ndarray | None = None, accumulate: bool = True,
-              scratch: np.ndarray | None = None) -> float:
+              scratch: np.ndarray | None = None, wte16: np.ndarray | None = None) -> float:
     """Tied lm_head, softmax and mean cross-entropy, fused and processed in row chunks so the
     (tokens x vocab) matrix is never held whole.
 
@@ -403,15 +444,19 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
     grad_scale * mean_loss is written into dx (N, C) and accumulated into dwte (V, C) (written, if
     not `accumulate`): doing it here, while each chunk's probabilities are at hand, saves
     recomputing the logits. `scratch` (at least (min(N, chunk_rows), V)) holds a chunk's logits;
-    without it a fresh array is allocated per chunk.
+    without it a fresh array is allocated per chunk. With wte16 (wte's bf16 copy) the three matmuls
+    take bf16 roundings of x and of the logits' gradient; softmax and the loss stay float32.
     """
     N = x.shape[0]
     V = wte.shape[0]
     losses = np.empty(N, np.float64)
+    xm, wm = x, wte                           # the matmuls' operands: float32, or bf16 copies
+    if wte16 is not None:
+        xm, wm = bf16.to_bf16(x, _bf16_scratch.get("head_x", x.shape), parallel=True), wte16
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
         buf = scratch[: r1 - r0, :V] if scratch is not None else np.empty((r1 - r0, V), x.dtype)
-        logits = matmul(x[r0:r1], wte.T, buf)
+        logits = matmul(xm[r0:r1], wm.T, buf)
         if logits_out is not None:
             logits_out[r0:r1] = logits
 
@@ -430,18 +475,20 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
                     block[rows, tgt] -= grad_scale / N
         parallel_for(r1 - r0, softmax_rows)
         if grad_scale is not None:
-            matmul(logits, wte, dx[r0:r1])
-            xc = x[r0:r1]
-
+            if wte16 is not None:             # the logits' gradient, rounded once for both matmuls
+                logits = bf16.to_bf16(logits, _bf16_scratch.get("head_g", logits.shape), parallel=True)
+            matmul(logits, wm, dx[r0:r1])
+            xc = xm[r0:r1]
+            gemm = blas.gemm if wte16 is None else blas.gemm_bf16
             add = accumulate or r0 > 0
 
             def embed_grad(lo: int, hi: int, logits: np.ndarray = logits, xc: np.ndarray = xc,
-                           add: bool = add) -> None:
+                           add: bool = add, gemm=gemm) -> None:
                 # split over vocabulary rows so each thread adds into its own part of dwte, in
                 # cache-sized pieces (no (V, C) temporary)
                 step = max(1, (1 << 20) // max(1, xc.shape[1]))
                 for v0 in range(lo, hi, step):
                     v1 = min(hi, v0 + step)
-                    blas.gemm(logits[:, v0:v1].T, xc, dwte[v0:v1], accumulate=add)
+                    gemm(logits[:, v0:v1].T, xc, dwte[v0:v1], accumulate=add)
             parallel_for(V, embed_grad)
     return float(losses.sum() / N)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import blas, dist, fileio, jit
+from distgpt import bf16, blas, dist, fileio, jit
 from distgpt import threads as kernel_threads
 from distgpt.config import Config, ConfigError, ModelConfig, check_batch_layout, load_config, user_model_keys
 from distgpt.model import GPT, Layout, activation_bytes, init_params
@@ -96,7 +96,8 @@ def params_checksum(params: np.ndarray) -> int:
 
 
 def check_params_agree(comm: dist.Comm, params: np.ndarray, step: int) -> None:
-    sums = comm.allgather_obj(params_checksum(params))
+    with comm.watch("parameter check", step):
+        sums = comm.allgather_obj(params_checksum(params))
     if len(set(sums)) > 1:
         bad = [r for r, s in enumerate(sums) if s != sums[0]]
         raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0")
@@ -152,14 +153,15 @@ class Metrics:
         fileio.append_line(self.file, json.dumps(record), self.path)
 
 
-def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int) -> float:
+def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int, step: int = 0) -> float:
     """Mean loss over the fixed val set: token-loss sums and counts are summed over ranks, so the
     number is the same whatever the number of ranks."""
     acc = np.zeros(2, np.float64)
     for x, y in val.rank_windows(comm.rank, comm.size, micro_batch_size):
         acc[0] += model.loss(x, y) * x.size
         acc[1] += x.size
-    comm.allreduce_(acc)
+    with comm.watch("evaluation", step):
+        comm.allreduce_(acc)
     return float(acc[0] / acc[1])
 
 
@@ -225,11 +227,13 @@ class Trainer:
     def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
         t, layout = cfg.train, Layout(cfg.model)
         self.cfg, self.comm = cfg, comm
+        self.precision = bf16.resolve(t.precision)        # "auto" -> bf16 where it is fast, else fp32
         zero = cfg.parallel.zero and comm.size > 1
         self.partition = Partition(layout.size, comm.size, comm.rank, zero)
         self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
-        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads)
+        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
+                         precision=self.precision)
         lo, hi = self.partition.updated
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.overlap = (cfg.parallel.overlap and comm.size > 1
@@ -255,14 +259,16 @@ class Trainer:
             timing["forward"] += tb - ta
             timing["backward"] += time.perf_counter() - tb
         tc = time.perf_counter()
-        reducer.finish()
+        with comm.watch("gradient sum", step):      # phase names: what the watchdog reports
+            reducer.finish()
         # waiting for the slowest rank to finish backward is load imbalance, not communication
         timing["wait"] += reducer.waited
         timing["comm"] += time.perf_counter() - tc - reducer.waited
         # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
         partial = reducer.norm_is_partial
         stats = np.array([loss_sum, reducer.grad_sq_sum() if partial else 0.0, float(stop)])
-        comm.allreduce_(stats)
+        with comm.watch("step statistics", step):
+            comm.allreduce_(stats)
         grad_norm = float(np.sqrt(stats[1] if partial else reducer.grad_sq_sum()))
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         td = time.perf_counter()
@@ -270,7 +276,9 @@ class Trainer:
         clip = clip_coefficient(grad_norm, t.grad_clip)
         self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
         if self.partition.zero:
-            reducer.allgather_params()
+            with comm.watch("parameter gather", step):
+                reducer.allgather_params()
+        model.weights_changed()                     # bf16: the matmul weights' copies are stale
         timing["optim"] += time.perf_counter() - td
         return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]))
 
@@ -279,6 +287,7 @@ class Trainer:
         a, b = self.partition.owned
         self.model.params[a:b] = params
         self.reducer.allgather_params()
+        self.model.weights_changed()
         opt = self.opt
         if self.partition.zero:
             opt.m[:], opt.v[:] = m, v
@@ -335,10 +344,12 @@ class Checkpoints:
         t = self.cfg.train
         meta = {"config": self.cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
                 "opt_t": self.trainer.opt.t, "loader": self.loader.state_dict(), "tokenizer": self.tokenizer,
+                "precision": self.trainer.precision,
                 "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
-        path = checkpoint.save_checkpoint(self.out_dir, step, self.comm, self.trainer.model.layout,
-                                          self.trainer.partition, *self.trainer.state_slices(), meta,
-                                          self.cfg.checkpoint.keep)
+        with self.comm.watch("checkpoint save", step):
+            path = checkpoint.save_checkpoint(self.out_dir, step, self.comm, self.trainer.model.layout,
+                                              self.trainer.partition, *self.trainer.state_slices(), meta,
+                                              self.cfg.checkpoint.keep)
         self.last_step = step
         self.log(f"checkpoint: {path}")
 
@@ -363,7 +374,8 @@ def open_data(cfg: Config, comm: dist.Comm):
 def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) -> list[str]:
     lines = summary(cfg, comm.size, accum) + [
         f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
-        f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}"]
+        f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}",
+        bf16.describe(trainer.precision)]
     if comm.size > 1:
         lines.append(f"gradient sum: {trainer.reducer.describe()}"
                      f"{', overlapped with backward' if trainer.overlap else ''}")
@@ -398,10 +410,13 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> None:
 
     # resume, or start every rank from rank 0's parameters
     checkpoints = Checkpoints(cfg, comm, trainer, loader, tokenizer_name, log)
-    resumed = checkpoints.resume()
+    comm.start_watchdog(cfg.parallel.timeout_s, out_dir / ".watchdog")   # collectives from here on
+    with comm.watch("checkpoint load", None):
+        resumed = checkpoints.resume()
     step, tokens_seen = resumed or (0, 0)
     if resumed is None:
-        trainer.reducer.broadcast_params()
+        with comm.watch("parameter broadcast", 0):
+            trainer.reducer.broadcast_params()
     check_params_agree(comm, model.params, step)
     metrics = Metrics(out_dir, step if resumed else None) if comm.rank == 0 else None
     sampler = None
@@ -441,7 +456,7 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> None:
                 f"{tokens_per_step / dt:9.0f} tok/s")
         evaluated = val is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
         if evaluated:
-            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size)
+            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
             log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
         log.advance(result.loss, tokens_per_step / dt)
         if (logged or evaluated) and metrics is not None:

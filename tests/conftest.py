@@ -67,8 +67,10 @@ def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> Path:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 257,
                   "vocab_multiple": 1},
         "data": {"train": str(data_dir / "train_*.bin"), "val": str(data_dir / "val_*.bin")},
+        # fp32 unless a test asks for bf16: the same arithmetic on every CPU (auto picks bf16 on some)
         "train": {"batch_size": 12, "micro_batch_size": 4, "seq_len": 32, "max_steps": 5, "lr": 1e-3,
-                  "min_lr": 1e-4, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "eval_steps": 2},
+                  "min_lr": 1e-4, "warmup_steps": 2, "log_every": 1, "eval_every": 0, "eval_steps": 2,
+                  "precision": "fp32"},
         "out_dir": str(tmp_path / "out"),
     }
     for name, values in sections.items():

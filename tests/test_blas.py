@@ -141,3 +141,86 @@ def test_unit_dimensions_and_broadcast_rows(blas_backend, M, K, N):
     a_rows = np.broadcast_to(a[:1], (M, K))                          # stride-0 rows
     blas.gemm(a_rows, b.T.copy().T, out)                              # and a transposed b
     assert np.allclose(out, a_rows @ b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bf16 inputs, fp32 output
+
+def bf16_operand(rng, shape, how):
+    """A bf16 (uint16) operand laid out `how`, and the float64 value of its bf16 numbers."""
+    from distgpt import bf16
+
+    x = operand(rng, shape, how, np.float32)
+    bits = np.empty((x.shape[1], x.shape[0]), np.uint16).T if how.startswith("transposed") else None
+    bits = bf16.to_bf16(x, bits)
+    return bits, bf16.to_float32(bits).astype(np.float64)
+
+
+@pytest.mark.parametrize("a_how", LAYOUTS)
+@pytest.mark.parametrize("b_how", LAYOUTS)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(monkeypatch, a_how, b_how, accumulate):
+    require_mkl()
+    blas.use("mkl")
+    try:
+        rng = np.random.default_rng(3)
+        M, K, N = 37, 53, 29
+        (a, a64), (b, b64) = bf16_operand(rng, (M, K), a_how), bf16_operand(rng, (K, N), b_how)
+        base = rng.standard_normal((M, N + 4)).astype(np.float32)
+        out = base[:, 1:1 + N]
+        expect = (out.astype(np.float64) if accumulate else 0) + a64 @ b64
+        before = base.copy()
+        calls = []
+        real = blas._mkl().gemm_bf16
+        monkeypatch.setattr(blas._mkl(), "gemm_bf16", lambda *args: (calls.append(args[1:3]), real(*args)))
+        blas.gemm_bf16(a, b, out, accumulate=accumulate)
+        flag = {True: blas._TRANS, False: blas._NO_TRANS}
+        assert calls == [(flag[a_how.startswith("transposed")], flag[b_how.startswith("transposed")])]
+        # products of bf16 numbers are exact in float32: only the float32 sums round
+        assert np.abs(out - expect).max() <= 1e-6 * K * np.abs(expect).max()
+        assert np.array_equal(base[:, 0], before[:, 0]) and np.array_equal(base[:, N + 1:], before[:, N + 1:])
+    finally:
+        blas.use("auto")
+
+
+def test_bf16_gemm_odd_operands_and_empty_dimensions():
+    require_mkl()
+    blas.use("mkl")
+    try:
+        rng = np.random.default_rng(4)
+        a, a64 = bf16_operand(rng, (6, 8), "contiguous")
+        b, b64 = bf16_operand(rng, (8, 5), "contiguous")
+        out = np.empty((5, 6), np.float32).T                     # a transposed output: via a temporary
+        blas.gemm_bf16(a[::2].repeat(2, axis=0), b, out)
+        assert np.allclose(out, a64[::2].repeat(2, axis=0) @ b64, rtol=1e-5, atol=1e-5)
+        blas.gemm_bf16(a[::2], b, out[:3])                        # a row stride MKL cannot take: a copy
+        assert np.allclose(out[:3], a64[::2] @ b64, rtol=1e-5, atol=1e-5)
+        out = np.full((6, 5), 7.0, np.float32)
+        blas.gemm_bf16(a[:, :0], b[:0], out, accumulate=True)     # K = 0: nothing added
+        assert np.all(out == 7.0)
+        blas.gemm_bf16(a[:, :0], b[:0], out)
+        assert np.all(out == 0.0)
+        with pytest.raises(TypeError, match="uint16"):
+            blas.gemm_bf16(a.astype(np.float32), b, out)
+        with pytest.raises(ValueError, match="gemm_bf16"):
+            blas.gemm_bf16(a, b[:5], out)
+    finally:
+        blas.use("auto")
+
+
+def test_bf16_gemm_without_mkl_is_a_clear_error(monkeypatch):
+    a, b, out = np.zeros((2, 3), np.uint16), np.zeros((3, 4), np.uint16), np.empty((2, 4), np.float32)
+    blas.use("numpy")
+    try:
+        assert not blas.bf16_gemm_available()
+        with pytest.raises(blas.BlasError, match="bf16 matmuls need MKL .*NumPy's BLAS"):
+            blas.gemm_bf16(a, b, out)
+    finally:
+        blas.use("auto")
+    monkeypatch.setattr(blas, "_mkl_library_path", lambda: None)
+    blas.use("auto")
+    try:
+        with pytest.raises(blas.BlasError, match="bf16 matmuls need MKL"):
+            blas.gemm_bf16(a, b, out)
+    finally:
+        monkeypatch.undo()
+        blas.use("auto")

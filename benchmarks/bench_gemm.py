@@ -1,0 +1,143 @@
+"""MKL sgemm against MKL's bf16 gemm (cblas_gemm_bf16bf16f32) on GPT-2's matmuls, as distgpt runs them.
+
+    python benchmarks/bench_gemm.py [--threads 1,2] [--rows 1024] [--repeats 3] [--only qkv,head]
+
+For each GPT-2 124M matmul at B*T = `rows` (the four linears and the tied head) and its two
+backward products, plus a 4096^3 square: GFLOP/s of float32 sgemm and of the bf16 gemm, the
+second both alone and with the cost of rounding its activation operands to bf16 (what
+distgpt.ops pays per call; weights are converted once per optimizer step, shown apart), and the
+ratio bf16 (with conversion) / fp32. Operands have the layouts distgpt passes (weights (in, out),
+transposed views for the backward products, the head's (V, C) embedding), and rows are split over
+the threads as distgpt.ops does, MKL itself sequential.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distgpt import bf16, blas  # noqa: E402
+from distgpt.threads import parallel_for, set_threads  # noqa: E402
+
+C, V = 768, 50257
+LINEARS = {"qkv": (C, 3 * C), "attn_proj": (C, C), "fc": (C, 4 * C), "mlp_proj": (4 * C, C)}
+
+
+def cpu_line() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), platform.processor())
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in bf16.cpu_flags()]
+    return f"CPU: {model}; flags: {' '.join(flags)}; {blas.describe()}"
+
+
+def split_rows(gemm: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """out = a @ b with out's rows split over the threads (distgpt.ops.matmul / weight_grad)."""
+    parallel_for(a.shape[0], lambda lo, hi: gemm(a[lo:hi], b, out[lo:hi]), grain=64)
+
+
+def best_time(fn: Callable[[], None], repeats: int) -> float:
+    fn()                                                         # warm: page faults, MKL's first call
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cases(rows: int, rng: np.random.Generator, only: set[str] | None):
+    """(name, a, b, activations) per product: a @ b in fp32 operands, and which of a, b are
+    activations (rounded per call) rather than weights (rounded once per step)."""
+    f = lambda *s: rng.standard_normal(s, dtype=np.float32)     # noqa: E731
+    for name, (k, n) in LINEARS.items():
+        if only and name not in only:
+            continue
+        x, w, d = f(rows, k), f(k, n), f(rows, n)
+        yield f"{name} fwd", x, w, (True, False)
+        yield f"{name} dx", d, w.T, (True, False)
+        yield f"{name} dW", x.T, d, (True, True)
+    if not only or "head" in only:
+        x, wte, g = f(rows, C), f(V, C), f(rows, V)
+        yield "head fwd", x, wte.T, (True, False)
+        yield "head dx", g, wte, (True, False)
+        yield "head dwte", g.T, x, (True, True)
+    if not only or "square" in only:
+        yield "square 4096^3", f(4096, 4096), f(4096, 4096), (True, False)
+
+
+def to_bf16_like(x: np.ndarray, out: np.ndarray) -> None:
+    """Round x into out, keeping a transposed view's layout (a transposed activation is the
+    transpose of a contiguous one in distgpt: round that, row-split over the threads)."""
+    if x.flags.c_contiguous:
+        bf16.to_bf16(x, out, parallel=True)
+    else:
+        bf16.to_bf16(x.T, out.T, parallel=True)
+
+
+def bf16_buffer(x: np.ndarray) -> np.ndarray:
+    return np.empty(x.shape, np.uint16) if x.flags.c_contiguous else np.empty(x.shape[::-1], np.uint16).T
+
+
+def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], repeats: int) -> list[str]:
+    M, K = a.shape
+    N = b.shape[1]
+    flop = 2.0 * M * N * K
+    out = np.empty((M, N), np.float32)
+    a16, b16 = bf16_buffer(a), bf16_buffer(b)
+    to_bf16_like(a, a16)
+    to_bf16_like(b, b16)
+    t32 = best_time(lambda: split_rows(blas.gemm, a, b, out), repeats)
+    t16 = best_time(lambda: split_rows(blas.gemm_bf16, a16, b16, out), repeats)
+    act = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if is_act]
+    weight = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if not is_act]
+    t_act = best_time(lambda: [to_bf16_like(x, x16) for x, x16 in act], repeats) if act else 0.0
+    t_w = best_time(lambda: [to_bf16_like(x, x16) for x, x16 in weight], repeats) if weight else 0.0
+    g = lambda t: f"{flop / t / 1e9:8.0f}"                     # noqa: E731
+    return [name, f"{M}x{K}x{N}", g(t32), g(t16), f"{t_act * 1e3:7.2f}", g(t16 + t_act),
+            f"{t_w * 1e3:7.2f}", f"{t32 / (t16 + t_act):5.2f}x"]
+
+
+HEADER = ["product", "MxKxN", "sgemm GF/s", "bf16 GF/s", "act conv ms", "bf16+conv GF/s", "weight conv ms",
+          "bf16+conv / fp32"]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
+    for r in [HEADER, *rows]:
+        cells = zip(r, widths, strict=True)
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2", help="thread counts to measure, comma-separated")
+    p.add_argument("--rows", type=int, default=1024, help="B*T rows of the activations")
+    p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is kept)")
+    p.add_argument("--only", help="subset: qkv,attn_proj,fc,mlp_proj,head,square")
+    args = p.parse_args(argv)
+    blas.use("mkl")
+    if not blas.bf16_gemm_available():
+        print("this MKL has no cblas_gemm_bf16bf16f32", file=sys.stderr)
+        return 2
+    print(cpu_line())
+    only = set(args.only.split(",")) if args.only else None
+    for threads in (int(t) for t in args.threads.split(",")):
+        set_threads(threads)
+        print(f"\n{threads} thread(s), rows split over them, MKL sequential in each")
+        rng = np.random.default_rng(0)
+        print_table([measure(name, a, b, acts, args.repeats)
+                     for name, a, b, acts in cases(args.rows, rng, only)])
+    set_threads(1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""bfloat16 for the matmuls: conversions, the CPU check, and which precision a run uses.
+
+bf16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits). NumPy has no bf16
+dtype, so bf16 arrays here are uint16 arrays of those bit patterns, which MKL's
+cblas_gemm_bf16bf16f32 (distgpt/blas.py) reads directly; it accumulates in float32.
+
+float32 -> bf16 rounds to nearest, ties to even, as PyTorch's `.to(torch.bfloat16)` does; every
+NaN becomes 0xFFFF, PyTorch's NaN on CPUs (the tests compare the bits). bf16 -> float32 is exact.
+The conversion is a compiled loop (jit.Kernel) with a NumPy twin doing the same integer
+operations, so both give the same bits.
+
+Mixed precision (train.precision) follows PyTorch autocast: float32 master parameters, moments and
+gradients; bf16 copies of the matmul weights, made once per optimizer step; matmul inputs rounded
+to bf16, products accumulated and returned in float32; LayerNorm, softmax, GELU, attention and the
+loss in float32. `auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and an
+MKL with the bf16 gemm (elsewhere MKL emulates bf16, slower than sgemm).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from distgpt import blas, jit
+from distgpt.threads import parallel_for
+
+PRECISIONS = ("fp32", "bf16", "auto")
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+_NAN_BF16 = 0xFFFF
+_SIGN_OFF = np.uint32(0x7FFFFFFF)
+_INF_BITS = np.uint32(0x7F800000)
+_HALF = np.uint32(0x7FFF)            # half a bf16 unit in the low 16 bits, minus one: ties go to the odd bit
+_CHUNK = 1 << 16                     # elements per NumPy-twin pass (temporaries stay in cache)
+
+
+# ----------------------------------------------------------------------------- conversions
+
+def _to_bf16_loop(u, out, half, sign_off, inf_bits):
+    one = np.uint32(1)
+    for i in range(u.shape[0]):
+        x = u[i]
+        r = (x + half + ((x >> 16) & one)) >> 16
+        out[i] = 0xFFFF if (x & sign_off) > inf_bits else r
+
+
+_to_bf16_kernel = jit.Kernel(_to_bf16_loop)
+
+
+def _to_bf16_numpy(u: np.ndarray, out: np.ndarray) -> None:
+    """The kernel's twin on flat uint32 bits: the same integer operations, in chunks."""
+    for i in range(0, u.shape[0], _CHUNK):
+        x = u[i : i + _CHUNK]
+        r = (x >> 16) & np.uint32(1)
+        r += x
+        r += _HALF                   # wraps only for NaNs with the top bits set, which are replaced
+        r >>= 16
+        r[(x & _SIGN_OFF) > _INF_BITS] = _NAN_BF16
+        out[i : i + _CHUNK] = r
+
+
+def _convert_block(x: np.ndarray, out: np.ndarray) -> None:
+    if not (x.flags.c_contiguous and out.flags.c_contiguous):     # strided views: through a copy
+        out[...] = to_bf16(np.ascontiguousarray(x))
+        return
+    u, o = x.view(np.uint32).reshape(-1), out.reshape(-1)
+    if jit.enabled():
+        _to_bf16_kernel(u, o, _HALF, _SIGN_OFF, _INF_BITS)
+    else:
+        _to_bf16_numpy(u, o)
+
+
+def to_bf16(x: np.ndarray, out: np.ndarray | None = None, parallel: bool = False) -> np.ndarray:
+    """float32 -> bf16 bits (uint16), round to nearest even; NaN -> 0xFFFF. With `parallel`, the
+    rows (first axis) are split over the rank's threads."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"to_bf16 takes float32, not {x.dtype}")
+    if out is None:
+        out = np.empty(x.shape, np.uint16)
+    if out.shape != x.shape or out.dtype != np.uint16:
+        raise ValueError(f"to_bf16: output {out.dtype}{out.shape} for input {x.shape}")
+    if x.ndim == 0:
+        _convert_block(x.reshape(1), out.reshape(1))
+    elif parallel and x.ndim >= 1:
+        parallel_for(x.shape[0], lambda lo, hi: _convert_block(x[lo:hi], out[lo:hi]), grain=16)
+    else:
+        _convert_block(x, out)
+    return out
+
+
+def to_float32(b: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exact."""
+    b = np.asarray(b)
+    if b.dtype != np.uint16:
+        raise TypeError(f"to_float32 takes uint16 bf16 bits, not {b.dtype}")
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest bf16, as float32 (what a bf16 matmul sees of x)."""
+    return to_float32(to_bf16(np.asarray(x, np.float32)))
+
+
+# ----------------------------------------------------------------------------- scratch
+
+class Workspace:
+    """Reused bf16 buffers for the matmul inputs a layer converts per call, one per slot name, grown
+    as needed: a fresh array per call would be page-faulted in on every step."""
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...]) -> np.ndarray:
+        n = int(np.prod(shape))
+        buf = self._bufs.get(slot)
+        if buf is None or buf.size < n:
+            buf = self._bufs[slot] = np.empty(n, np.uint16)
+        return buf[:n].reshape(shape)
+
+
+# ----------------------------------------------------------------------------- which precision
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def fast_flags() -> list[str]:
+    """The CPU features that make bf16 matmuls fast, of those this CPU has."""
+    flags = cpu_flags()
+    return [f for f in FAST_BF16_FLAGS if f in flags]
+
+
+def unsupported_reason() -> str | None:
+    """Why bf16 matmuls would not be fast here, or None when they would."""
+    if not fast_flags():
+        return "this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo)"
+    if not blas.bf16_gemm_available():
+        why = "the matmuls use NumPy's BLAS" if not blas.using_mkl() else "MKL has no cblas_gemm_bf16bf16f32"
+        return f"bf16 matmuls need MKL's cblas_gemm_bf16bf16f32 and {why} (pip install 'distgpt[mkl]')"
+    return None
+
+
+def resolve(precision: str) -> str:
+    """`fp32` or `bf16` for train.precision: `auto` is bf16 where it is fast, else fp32; an explicit
+    `bf16` where it is not is a BlasError (a one-line user error) naming why."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return "fp32"
+    reason = unsupported_reason()
+    if reason is None:
+        return "bf16"
+    if precision == "bf16":
+        raise blas.BlasError(f"train.precision=bf16 but {reason}; use train.precision=fp32 or auto")
+    return "fp32"
+
+
+def describe(precision: str) -> str:
+    """One line for the run header: the precision, and for bf16 the library and CPU features."""
+    if precision == "fp32":
+        return "precision: fp32"
+    return (f"precision: bf16 matmuls (fp32 master weights, accumulation, norms, softmax, loss) via "
+            f"{blas.describe()} cblas_gemm_bf16bf16f32; CPU: {', '.join(fast_flags())}")

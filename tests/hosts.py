@@ -1,0 +1,184 @@
+"""Simulated hosts for multi-host tests: one network namespace per host, joined by veth.
+
+Two hosts are a veth pair; three or more are veths into a bridge that lives in a namespace of its
+own. Every host's interface is called `dg0` and has 10.77.0.(i+1)/24: the /24 exists only inside
+these namespaces, so nothing can leave the machine. The filesystem, /dev/shm and the pid space stay
+shared (one filesystem is what multi-node checkpoints need anyway).
+
+mpirun runs inside host 0 (as one launches from the first node of a cluster) and starts the other
+hosts' hydra proxies through a generated rsh-style script, `SCRIPT HOST COMMAND`, that runs
+COMMAND inside HOST's namespace. The hostfile names hosts by IP, so nothing needs /etc/hosts.
+MPI_COMM_TYPE_SHARED follows hydra's hosts, so the ranks of different hosts are different nodes.
+
+UCX would still use shared memory and CMA between namespaces of one kernel (measured: a 2-rank
+8 MB allreduce put 16 kB on the veth); UCX_TLS=tcp,self forces its traffic onto the veths. UCX
+also leaves out interfaces that have no carrier yet when MPI starts (and then fails with
+"incompatible loopback flags"), so creating the hosts waits until every link is up.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IFACE = "dg0"
+SUBNET = "10.77.0"
+MPIRUN = Path(sys.executable).parent / "mpirun"
+MPI_ENV = {"UCX_TLS": "tcp,self"}   # no shared memory or CMA across "hosts"
+_serial = itertools.count()         # several sets of hosts may exist at once
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here (a skip reason), or None when they can."""
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        return "network namespaces need root"
+    probe = f"dgprobe{os.getpid()}"
+    r = _ip("netns", "add", probe, check=False)
+    if r.returncode != 0:
+        return f"cannot create a network namespace: {r.stderr.strip()}"
+    _ip("netns", "del", probe, check=False)
+    return None
+
+
+@dataclass
+class Hosts:
+    """N simulated hosts: namespaces `names[i]` with address `ips[i]` on interface IFACE."""
+
+    names: list[str]
+    ips: list[str]
+    workdir: Path
+    switch: str | None = None        # the bridge's namespace (3 or more hosts)
+    launcher: Path = field(init=False)
+
+    def __post_init__(self):
+        self.launcher = self.workdir / "netns_rsh.sh"
+        cases = "\n".join(f"  {ip}) ns={name} ;;" for ip, name in zip(self.ips, self.names, strict=True))
+        # hydra passes the proxy's command as one shell string, as ssh would
+        self.launcher.write_text(f'#!/bin/sh\nhost=$1; shift\ncase $host in\n{cases}\n'
+                                 f'  *) echo "netns_rsh: unknown host $host" >&2; exit 1 ;;\nesac\n'
+                                 f'exec ip netns exec "$ns" sh -c "$*"\n')
+        self.launcher.chmod(0o755)
+
+    def hostfile(self, ranks_per_host: int, hosts: int | None = None) -> Path:
+        path = self.workdir / f"hostfile_{hosts or len(self.ips)}x{ranks_per_host}"
+        path.write_text("".join(f"{ip}:{ranks_per_host}\n" for ip in self.ips[:hosts]))
+        return path
+
+    def mpirun(self, ranks_per_host: int, *command: str, hosts: int | None = None) -> list[str]:
+        """The command line that runs `command` on ranks_per_host ranks of each of the first
+        `hosts` hosts (all by default), launched from host 0."""
+        n = ranks_per_host * (hosts or len(self.ips))
+        return ["ip", "netns", "exec", self.names[0], str(MPIRUN), "-launcher", "rsh",
+                "-launcher-exec", str(self.launcher), "-f", str(self.hostfile(ranks_per_host, hosts)),
+                "-iface", IFACE, "-n", str(n), *command]
+
+    def set_link(self, host: int, up: bool) -> None:
+        """Plug or unplug host's cable (a veth pair: the peer loses carrier too)."""
+        _ip("-n", self.names[host], "link", "set", IFACE, "up" if up else "down")
+        if up:
+            self.wait_until_up(host)
+
+    def wait_until_up(self, host: int, timeout: float = 10.0) -> None:
+        """Wait for carrier: UCX leaves out interfaces that are not running when MPI starts (and
+        then finds no transport to the other hosts: "incompatible loopback flags")."""
+        deadline = time.monotonic() + timeout
+        while json.loads(_ip("-n", self.names[host], "-j", "link", "show", IFACE).stdout)[0].get(
+                "operstate") != "UP":
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.names[host]}: {IFACE} has no carrier after {timeout} s")
+            time.sleep(0.02)
+
+    def shape(self, rate: str, latency: str = "50ms") -> None:
+        """Limit every host's outgoing traffic to `rate` (tc token bucket), e.g. "1gbit"."""
+        for name in self.names:
+            subprocess.run(["tc", "-n", name, "qdisc", "replace", "dev", IFACE, "root", "tbf", "rate", rate,
+                            "burst", "1mb", "latency", latency], check=True, capture_output=True)
+
+    def dump_python_stacks(self) -> str:
+        """SIGABRT to every Python process in the hosts: with PYTHONFAULTHANDLER set, each prints
+        its threads' stacks to stderr (for a test that found a job hung). Returns what ran where."""
+        seen = []
+        for name in self.names:
+            for pid in _ip("netns", "pids", name, check=False).stdout.split():
+                try:
+                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                    seen.append(f"{name} {pid} {cmd}")
+                    if "python" in Path(f"/proc/{pid}/comm").read_text():
+                        os.kill(int(pid), signal.SIGABRT)
+                except (OSError, ValueError):
+                    pass
+        return "\n".join(seen)
+
+    def tx_bytes(self, host: int) -> int:
+        """Bytes host has sent on its interface (what crossed the simulated network)."""
+        out = _ip("-n", self.names[host], "-s", "-j", "link", "show", IFACE).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+
+def create(n: int, prefix: str | None = None) -> Hosts:
+    """Make n hosts (n >= 2). On any failure, what was made is removed again."""
+    if n < 2:
+        raise ValueError("simulated hosts: need at least 2")
+    prefix = prefix or f"dg{os.getpid()}n{next(_serial)}"
+    if any(line.split()[0].startswith(f"{prefix}-") for line in _ip("netns", "list").stdout.splitlines()):
+        raise RuntimeError(f"simulated hosts: namespaces {prefix}-* exist already")   # not ours to remove
+    hosts = Hosts([f"{prefix}-h{i}" for i in range(n)], [f"{SUBNET}.{i + 1}" for i in range(n)],
+                  Path(tempfile.mkdtemp(prefix=f"{prefix}-")), f"{prefix}-sw" if n > 2 else None)
+    try:
+        _wire(hosts)
+    except BaseException:
+        destroy(hosts)
+        raise
+    return hosts
+
+
+def _wire(hosts: Hosts) -> None:
+    for name in hosts.names + ([hosts.switch] if hosts.switch else []):
+        _ip("netns", "add", name)
+        _ip("-n", name, "link", "set", "lo", "up")
+    if hosts.switch is None:        # two hosts: one cable between them
+        _ip("link", "add", IFACE, "netns", hosts.names[0], "type", "veth", "peer", "name", IFACE,
+            "netns", hosts.names[1])
+    else:                           # a switch: a bridge with one port per host
+        sw = hosts.switch
+        _ip("-n", sw, "link", "add", "br0", "type", "bridge")
+        _ip("-n", sw, "link", "set", "br0", "up")
+        for i, name in enumerate(hosts.names):
+            port = f"port{i}"
+            _ip("link", "add", IFACE, "netns", name, "type", "veth", "peer", "name", port, "netns", sw)
+            _ip("-n", sw, "link", "set", port, "master", "br0")
+            _ip("-n", sw, "link", "set", port, "up")
+    for name, ip in zip(hosts.names, hosts.ips, strict=True):
+        _ip("-n", name, "addr", "add", f"{ip}/24", "dev", IFACE)
+        _ip("-n", name, "link", "set", IFACE, "up")
+    for i in range(len(hosts.names)):
+        hosts.wait_until_up(i)
+
+
+def destroy(hosts: Hosts) -> None:
+    """Kill whatever still runs in the hosts (only our jobs run there), remove the namespaces
+    (their veths and the bridge go with them) and the work folder."""
+    for name in hosts.names + ([hosts.switch] if hosts.switch else []):
+        pids = _ip("netns", "pids", name, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        _ip("netns", "del", name, check=False)
+    shutil.rmtree(hosts.workdir, ignore_errors=True)
