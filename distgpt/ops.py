@@ -294,13 +294,6 @@ def gelu_backward(dout: np.ndarray, x: np.ndarray, dx: np.ndarray) -> None:
 # probabilities. q, k, v, y and their gradients are (B, nh, T, hs) arrays or strided views (the
 # model passes views straight into its (B*T, 3C) and (B*T, C) buffers: no head reshuffling copies).
 
-def softmax_lastaxis_(a: np.ndarray) -> None:
-    """In-place softmax over the last axis (rows fully masked with -inf are not expected)."""
-    a -= a.max(axis=-1, keepdims=True)
-    np.exp(a, out=a)
-    a /= a.sum(axis=-1, keepdims=True)
-
-
 def causal_mask(T: int, window: int | None = None) -> np.ndarray:
     """Boolean (T, T): True where query t may NOT attend key s (the future, or beyond the band)."""
     t = np.arange(T)

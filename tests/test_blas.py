@@ -61,11 +61,16 @@ def test_mkl_actually_runs_when_chosen(monkeypatch):
         real = mkl.gemm[np.dtype(np.float32)]
         spy = lambda *args: (calls.append(args[3:6]), real(*args))              # noqa: E731
         monkeypatch.setitem(mkl.gemm, np.dtype(np.float32), spy)
-        a, b = np.ones((4, 3), np.float32), np.ones((3, 5), np.float32)
-        out = np.empty((4, 5), np.float32)
+        rows = blas.SMALL_M + 1
+        a, b = np.ones((rows, 3), np.float32), np.ones((3, 5), np.float32)
+        out = np.empty((rows, 5), np.float32)
         blas.gemm(a, b, out)
-        assert calls == [(4, 5, 3)] and np.all(out == 3)
+        assert calls == [(rows, 5, 3)] and np.all(out == 3)
         assert blas.describe().startswith("MKL ")
+        # a few rows (decoding) go to NumPy's BLAS, which streams the weights faster there
+        few = np.empty((blas.SMALL_M, 5), np.float32)
+        blas.gemm(a[: blas.SMALL_M], b, few)
+        assert len(calls) == 1 and np.all(few == 3)
     finally:
         blas.use("auto")
 
