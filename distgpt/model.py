@@ -310,10 +310,10 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     KV cache, x holds the new positions only and attention also sees the cached ones. With w16 (the
     bf16 copies of the weights) the four linears multiply in bf16."""
     B = a.lse.shape[0]
-    lo = _bf16_of(w16)
+    low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, a.ln1_out, a.ln1_xhat)   # (BT, C)
-    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, lo("qkv_w"))                 # (BT, 3C)
+    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                 # (BT, 3C)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(a.attn_y)                                                              # (B, nh, T, hs)
     q_offset = 0
@@ -322,13 +322,13 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
         k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
     ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
                           keep_scale=drop.scale, q_offset=q_offset)
-    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, lo("attn_proj_w"))  # (BT, C)
+    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, low("attn_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res1", layer)
     x += s.branch
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, a.ln2_out, a.ln2_xhat)   # (BT, C)
-    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, lo("fc_w"))                 # (BT, 4C)
+    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                 # (BT, 4C)
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
-    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, lo("mlp_proj_w"))  # (BT, C)
+    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res2", layer)
     x += s.branch
 
@@ -340,29 +340,29 @@ def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs,
     d loss / d block input; the block's parameter gradients g are added to (written, if not
     `accumulate`: the first micro-batch of a step). w16: as in block_forward."""
     B = a.lse.shape[0]
-    lo = _bf16_of(w16)
+    low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # MLP branch: x = x + mlp_proj(gelu(fc(ln_2(x))))
     d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
     ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
     ops.linear_backward(d_branch, s.hidden, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
-                        accumulate, lo("mlp_proj_w"))                                   # (BT, 4C) d hidden
+                        accumulate, low("mlp_proj_w"))                                   # (BT, 4C) d hidden
     ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
     ops.linear_backward(s.hidden, a.ln2_out, w.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate,
-                        lo("fc_w"))                                                     # (BT, C)
+                        low("fc_w"))                                                     # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
     dx += s.d_in
     # attention branch: x = x + attn_proj(attention(ln_1(x)))
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
     ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
-                        accumulate, lo("attn_proj_w"))                                  # (BT, C) d attn_y
+                        accumulate, low("attn_proj_w"))                                  # (BT, C) d attn_y
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,), (dy,) = split(a.attn_y), split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
     ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                            keep=drop.keep("att", layer), keep_scale=drop.scale)
     ops.linear_backward(s.d_qkv, a.ln1_out, w.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate,
-                        lo("qkv_w"))                                                    # (BT, C)
+                        low("qkv_w"))                                                    # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
     dx += s.d_in
 
