@@ -170,9 +170,21 @@ def _wire(hosts: Hosts) -> None:
         hosts.wait_until_up(i)
 
 
+def rewire(hosts: Hosts) -> None:
+    """Remove the hosts' namespaces and make them again, same names and addresses (a job whose
+    start hung in them can leave them so that every later start hangs too)."""
+    _unwire(hosts)
+    _wire(hosts)
+
+
 def destroy(hosts: Hosts) -> None:
     """Kill whatever still runs in the hosts (only our jobs run there), remove the namespaces
     (their veths and the bridge go with them) and the work folder."""
+    _unwire(hosts)
+    shutil.rmtree(hosts.workdir, ignore_errors=True)
+
+
+def _unwire(hosts: Hosts) -> None:
     for name in hosts.names + ([hosts.switch] if hosts.switch else []):
         pids = _ip("netns", "pids", name, check=False).stdout.split()
         for pid in pids:
@@ -181,4 +193,3 @@ def destroy(hosts: Hosts) -> None:
             except (ProcessLookupError, ValueError):
                 pass
         _ip("netns", "del", name, check=False)
-    shutil.rmtree(hosts.workdir, ignore_errors=True)
