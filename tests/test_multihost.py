@@ -26,8 +26,9 @@ from conftest import cli_env, read_metrics, run_cli, tiny_config
 TRAIN = (sys.executable, "-m", "distgpt.train")
 
 
-@pytest.fixture(scope="module")
-def hosts():
+def _two_hosts():
+    """Two simulated hosts for as long as the fixture lives; a skip, with the reason, where
+    namespaces cannot be made."""
     why = simhosts.unavailable()
     if why:
         pytest.skip(f"simulated hosts: {why}")
@@ -36,19 +37,17 @@ def hosts():
         yield made
     finally:
         simhosts.destroy(made)
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    yield from _two_hosts()
 
 
 @pytest.fixture
 def fresh_hosts():
     """Hosts of one test's own: a pulled cable and the processes it strands stay with that test."""
-    why = simhosts.unavailable()
-    if why:
-        pytest.skip(f"simulated hosts: {why}")
-    made = simhosts.create(2)
-    try:
-        yield made
-    finally:
-        simhosts.destroy(made)
+    yield from _two_hosts()
 
 
 def _env(**extra: str) -> dict[str, str]:
