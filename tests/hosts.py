@@ -69,9 +69,14 @@ class Hosts:
         self.launcher = self.workdir / "netns_rsh.sh"
         cases = "\n".join(f"  {ip}) ns={name} ;;" for ip, name in zip(self.ips, self.names, strict=True))
         # hydra passes the proxy's command as one shell string, as ssh would
+        # each start and end goes to launcher.log, so that a job whose start hung can say how far
+        # its remote proxies got
+        log = self.workdir / "launcher.log"
         self.launcher.write_text(f'#!/bin/sh\nhost=$1; shift\ncase $host in\n{cases}\n'
                                  f'  *) echo "netns_rsh: unknown host $host" >&2; exit 1 ;;\nesac\n'
-                                 f'exec ip netns exec "$ns" sh -c "$*"\n')
+                                 f'echo "$(date +%T.%N) $$ start $host" >> {log}\n'
+                                 f'ip netns exec "$ns" sh -c "$*"\nrc=$?\n'
+                                 f'echo "$(date +%T.%N) $$ exit $host rc=$rc" >> {log}\nexit $rc\n')
         self.launcher.chmod(0o755)
 
     def hostfile(self, ranks_per_host: int, hosts: int | None = None) -> Path:
@@ -108,6 +113,11 @@ class Hosts:
         for name in self.names:
             subprocess.run(["tc", "-n", name, "qdisc", "replace", "dev", IFACE, "root", "tbf", "rate", rate,
                             "burst", "1mb", "latency", latency], check=True, capture_output=True)
+
+    def launcher_log(self) -> str:
+        """What the rsh launcher started and how each start ended (empty before any job)."""
+        log = self.workdir / "launcher.log"
+        return log.read_text() if log.exists() else ""
 
     def dump_python_stacks(self) -> str:
         """SIGABRT to every Python process in the hosts: with PYTHONFAULTHANDLER set, each prints

@@ -219,6 +219,9 @@ def test_rank_killed_on_the_far_host_ends_the_job(tmp_path, shakespeare_bytes, h
     print(f"far rank {rank} killed: the job ended after {elapsed:.1f} s, exit code {r.returncode}")
     assert r.returncode != 0
     assert elapsed < 30
+    # and nothing of it stays behind on either host (an orphan would hold a core, and its socket)
+    left = _until(lambda: not subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True).stdout, 10)
+    assert left, f"still running 10 s after the job ended:\n{_mpi_processes()}"
 
 
 # ----------------------------------------------------------------------------- a pulled cable
@@ -250,10 +253,9 @@ def _start_until_checkpoint(hosts, tmp_path: Path, data: Path, step: int, *overr
         # rarely (about 1 start in 15 here) a host's processes never come up (an `ip netns exec`
         # that does not get going?) and the job waits in MPI_Init, before distgpt runs: a harness
         # flake, not the behaviour under test
-        launchers = subprocess.run(["pgrep", "-a", "-f", "ip netns exec"], capture_output=True,
-                                   text=True).stdout
         print(f"job start hung: new namespaces, starting it once more; in the hosts:\n"
-              f"{hosts.dump_python_stacks()}\nlaunchers:\n{launchers}")
+              f"{hosts.dump_python_stacks()}\nlauncher log:\n{hosts.launcher_log()}"
+              f"MPI processes on the machine:\n{_mpi_processes()}")
         proc.kill()
         proc.communicate()
         simhosts.rewire(hosts)          # a hung start tends to hang again in the same namespaces
@@ -262,8 +264,19 @@ def _start_until_checkpoint(hosts, tmp_path: Path, data: Path, step: int, *overr
         time.sleep(2)
         proc.kill()
         err = proc.communicate()[1][-4000:]
-        pytest.fail(f"step {step} not reached in {attempts} starts of 20 s; running:\n{running}\n{err}")
+        pytest.fail(f"step {step} not reached in {attempts} starts of 20 s; running:\n{running}\n"
+                    f"launcher log:\n{hosts.launcher_log()}\nMPI processes on the machine:\n"
+                    f"{_mpi_processes()}\n{err}")
     return proc, cfg
+
+
+def _mpi_processes() -> str:
+    """Every mpirun, hydra proxy and distgpt process on the machine, with its state and what it
+    waits in (a start that hangs may be waiting on one that an earlier test left behind)."""
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,stat,etimes,wchan:24,args"], capture_output=True,
+                        text=True).stdout.splitlines()
+    return "\n".join(line[:200] for line in ps[1:] if re.search(r"mpirun|hydra|distgpt|netns", line)
+                     and "ps -eo" not in line)
 
 
 def _wait(proc: subprocess.Popen, seconds: float) -> tuple[str, str]:
@@ -357,10 +370,11 @@ def _watchdog(timeout_s: float, board: Path | None = None, rank: int = 0, size: 
     return dog, lines, codes
 
 
-def _until(cond, seconds: float = 5.0) -> None:
+def _until(cond, seconds: float = 5.0) -> bool:
     deadline = time.monotonic() + seconds
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.01)
+    return cond()
 
 
 def test_watchdog_warns_then_names_the_missing_rank(tmp_path):
