@@ -155,13 +155,16 @@ def distgpt_worker(args: argparse.Namespace) -> None:
         shape = CONFIGS[args.config]
         cfg = Config(
             model=model_config(shape),
-            train=TrainConfig(batch_size=args.batch, micro_batch_size=args.batch // comm.size,
+            train=TrainConfig(batch_size=args.batch,
+                              micro_batch_size=args.batch // (comm.size * args.micro_batches),
                               seq_len=shape.seq_len, seed=SEED, precision=args.precision),
             parallel=ParallelConfig(zero=args.zero, threads_per_rank=args.threads,
-                                    overlap=not args.no_overlap, reduce=args.reduce),
+                                    overlap=not args.no_overlap, reduce=args.reduce,
+                                    grad_wire=args.grad_wire, comm_thread=args.comm_thread),
         )
-        if check_batch_layout(cfg, comm.size) != 1:
-            raise ValueError(f"batch {args.batch} does not split evenly over {comm.size} ranks")
+        if check_batch_layout(cfg, comm.size) != args.micro_batches:
+            raise ValueError(f"batch {args.batch} does not split evenly into {args.micro_batches} "
+                             f"micro-batches on each of {comm.size} ranks")
         result = train_distgpt(args, cfg, comm, threads)
         if comm.rank == 0:
             write_result(args.out, result)
@@ -177,7 +180,8 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
     trainer.reducer.broadcast_params()
     model = trainer.model
     tokens = random_tokens(CONFIGS[args.config], args.warmup + args.steps, t.batch_size)
-    rows = slice(comm.rank * mb, (comm.rank + 1) * mb)
+    # micro-batch k of rank r: rows (k * ranks + r) * mb onwards of the step's global batch
+    firsts = [(k * comm.size + comm.rank) * mb for k in range(args.micro_batches)]
 
     step_times, phases, losses = [], [], []
     profiler = cProfile.Profile() if args.profile and comm.rank == 0 else None
@@ -187,10 +191,11 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
             comm.barrier()
             if profiler is not None:
                 profiler.enable()
-        x, y = np.ascontiguousarray(tokens[step, rows, :-1]), np.ascontiguousarray(tokens[step, rows, 1:])
+        micro = [(np.ascontiguousarray(tokens[step, r:r + mb, :-1]),
+                  np.ascontiguousarray(tokens[step, r:r + mb, 1:]), r) for r in firsts]
         before = dict(trainer.timing)
         t0 = time.perf_counter()
-        loss = trainer.step(step, [(x, y, comm.rank * mb)]).loss
+        loss = trainer.step(step, micro).loss
         dt = time.perf_counter() - t0
         losses.append(loss)
         if timed:
@@ -411,11 +416,12 @@ def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, arg
     out = os.path.join(tmp, f"{impl}-{config}-{ranks}x{threads}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config", config,
            "--threads", str(threads), "--batch", str(batch), "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--out", out]
+           "--warmup", str(args.warmup), "--out", out, "--micro-batches", str(args.micro_batches)]
     if impl == "distgpt":
         cmd += ["--reduce", args.reduce, "--zero" if args.zero else "--no-zero"]
         cmd += ["--precision", args.precision]
         cmd += ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
+        cmd += ["--grad-wire", args.grad_wire, "--comm-thread" if args.comm_thread else "--no-comm-thread"]
     env = dict(os.environ)
     if impl == "torch":
         env["OMP_NUM_THREADS"] = str(threads)
@@ -612,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps first (default: per config)")
     parser.add_argument("--layouts", help="RANKSxTHREADS,... (default 1xCORES,CORESx1)")
     parser.add_argument("--batch", type=int, help="override the config's global batch (sequences per step)")
+    parser.add_argument("--micro-batches", type=int, default=1, metavar="K",
+                        help="distgpt: gradient accumulation, K micro-batches per rank and step (default 1)")
     parser.add_argument("--vs-torch", action="store_true", help="run the PyTorch reference after each layout")
     parser.add_argument("--vs-llmc", metavar="BUILD_DIR",
                         help="after the layouts of a GPT-2 124M config, run llm.c's CPU trainer built by "
@@ -624,6 +632,10 @@ def main(argv: list[str] | None = None) -> int:
                              "on one node)")
     parser.add_argument("--no-overlap", action="store_true",
                         help="mpi reduce: reduce gradients after backward, not during it")
+    parser.add_argument("--grad-wire", choices=("fp32", "bf16"), default="fp32",
+                        help="mpi reduce: parallel.grad_wire, gradients on the network in fp32 or bf16")
+    parser.add_argument("--comm-thread", action=argparse.BooleanOptionalAction, default=True,
+                        help="mpi reduce: parallel.comm_thread (default on)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile rank 0's timed steps, print the top 25 functions")
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
@@ -637,10 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("steps", "warmup", "batch"):
+    for name in ("steps", "warmup", "batch", "micro_batches"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
-            parser.error(f"--{name} {value}: too small")
+            parser.error(f"--{name.replace('_', '-')} {value}: too small")
     if args.vs_llmc and not os.access(os.path.join(args.vs_llmc, "train_gpt2"), os.X_OK):
         parser.error(f"--vs-llmc {args.vs_llmc}: no train_gpt2 there; build it with "
                      f"benchmarks/build_llmc.sh {args.vs_llmc}")

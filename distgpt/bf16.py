@@ -97,6 +97,40 @@ def to_float32(b: np.ndarray) -> np.ndarray:
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
+def _sum_bf16_loop(parts, out):
+    # (a blocked version, a vectorisable shift pass then an add pass per part, measured slower:
+    # 0.20 s against 0.13 for 2 x 62M on one core of the AMD EPYC)
+    bits = np.empty(1, np.uint32)
+    value = bits.view(np.float32)       # the bits reinterpreted: a bf16 widened to float32, exactly
+    for i in range(parts.shape[1]):
+        acc = np.float32(0.0)
+        for q in range(parts.shape[0]):
+            bits[0] = np.uint32(parts[q, i]) << np.uint32(16)
+            acc += value[0]
+        out[i] = acc
+
+
+_sum_bf16_kernel = jit.Kernel(_sum_bf16_loop)
+
+
+def sum_bf16(parts: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out[i] = parts[0, i] + parts[1, i] + ... in float32, in that order: bf16 gradients from
+    every rank (rows of uint16 bits) summed on arrival. No float32 temporaries of the parts."""
+    if parts.dtype != np.uint16 or parts.ndim != 2 or out.dtype != np.float32 or out.shape != parts.shape[1:]:
+        raise ValueError(f"sum_bf16: parts {parts.dtype}{parts.shape} into {out.dtype}{out.shape}")
+    if jit.enabled():
+        _sum_bf16_kernel(parts, out)
+        return out
+    for i in range(0, out.shape[0], _CHUNK):          # the twin: the same additions, in chunks
+        blk = out[i : i + _CHUNK]
+        wide = np.empty(blk.shape, np.uint32)
+        blk[:] = 0.0
+        for q in range(parts.shape[0]):
+            np.left_shift(parts[q, i : i + _CHUNK], 16, out=wide, dtype=np.uint32)
+            blk += wide.view(np.float32)
+    return out
+
+
 def round_bf16(x: np.ndarray) -> np.ndarray:
     """x rounded to the nearest bf16, as float32 (what a bf16 matmul sees of x)."""
     return to_float32(to_bf16(np.asarray(x, np.float32)))

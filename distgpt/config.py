@@ -116,6 +116,9 @@ class ParallelConfig(_Section):
     reduce: ReduceMethod = "auto"  # gradient sum: shared_memory (ranks on one node), mpi, or auto
     overlap: bool = True  # mpi reduce: reduce gradient buckets during backward
     bucket_mb: float = Field(8.0, gt=0)  # mpi reduce: gradient bucket size for overlapped reduction
+    # mpi reduce: gradients cross the network as fp32, or rounded to bf16 (half the bytes; summed in fp32)
+    grad_wire: Literal["fp32", "bf16"] = "fp32"
+    comm_thread: bool = True  # mpi reduce: a thread moves the sums along while backward computes
     check_every: NonNegative = 100  # steps between cross-rank parameter checks (0: start only)
     # seconds a rank may wait in one collective before it reports the ranks it waits for and exits
     timeout_s: float = Field(600.0, gt=0, allow_inf_nan=False, description="a number of seconds > 0")

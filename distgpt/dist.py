@@ -4,12 +4,13 @@ Gradients are summed by one of two reducers with the same interface (make_reduce
 
 - SharedMemoryReducer, when every rank is on one node: the ranks' gradient buffers are parts of
   one shared-memory segment, and rank r sums slice r of all of them directly after backward.
-- HierarchicalReducer, under ZeRO-1 on several nodes with several ranks on each: shared memory
-  within each node, then a reduce-scatter between nodes of 1/(ranks per node) of the gradient.
-- GradReducer, otherwise: buckets of whole layers go to non-blocking MPI collectives as backward
-  finishes them (last layer first), so the reductions run while earlier layers still compute.
-  MPICH only advances non-blocking collectives inside MPI calls, so every finished layer also
-  tests the pending requests.
+- HierarchicalReducer, on several nodes with several ranks on each: shared memory within each
+  node, then MPI between nodes for 1/(ranks per node) of the gradient per rank.
+- GradReducer, otherwise: buckets of whole layers go to non-blocking MPI calls as backward
+  finishes them (the token table first, then the last layer first), so the reductions run while
+  earlier layers still compute. MPICH only advances transfers inside MPI calls, so a thread of
+  each rank makes those calls and tests them every millisecond (parallel.comm_thread); gradients
+  may travel as bf16 (parallel.grad_wire).
 
 Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice on rank r (the
 partition, distgpt/partition.py, says which slice that is). The reducer also decides where the
@@ -32,10 +33,12 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from distgpt import bf16
 from distgpt.partition import Partition
 from distgpt.threads import parallel_for
 
@@ -91,6 +94,10 @@ class Comm:
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         pass
 
+    def allgather_(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """recv[r] = rank r's send, for every rank."""
+        recv[0] = send
+
     def shared_buffers(self, n: int, dtype: np.dtype, per_rank: bool = True
                        ) -> tuple[list[np.ndarray] | None, str]:
         return None, "a single process has no one to share with"
@@ -101,12 +108,6 @@ class Comm:
     def start_reduce_scatter(self, send: np.ndarray, recv: np.ndarray, counts: list[int]):
         recv[...] = send
         return None
-
-    def test(self, requests: list) -> None:
-        pass
-
-    def wait(self, requests: list) -> None:
-        pass
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
@@ -133,6 +134,8 @@ class MPIComm(Comm):
         self._windows: list = []
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split())
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        # GradReducer's comm thread calls MPI while the main thread computes (never both at once)
+        self.threads_ok = MPI.Query_thread() >= MPI.THREAD_SERIALIZED
 
     def barrier(self) -> None:
         self.world.Barrier()
@@ -160,6 +163,10 @@ class MPIComm(Comm):
     def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
         self.world.Bcast(buf, root=root)
         return buf
+
+    def allgather_(self, send: np.ndarray, recv: np.ndarray) -> None:
+        """recv[r] = rank r's send, for every rank."""
+        self.world.Allgather(send, recv)
 
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         """Every rank contributes buf[ranges[rank]]; afterwards all ranks hold all of buf."""
@@ -233,13 +240,17 @@ class MPIComm(Comm):
     def start_reduce_scatter(self, send: np.ndarray, recv: np.ndarray, counts: list[int]):
         return self.world.Ireduce_scatter(send, recv, counts, op=self.MPI.SUM)
 
-    def test(self, requests: list) -> None:
-        if requests:
-            self.MPI.Request.Testall(requests)
+    def start_exchange(self, sends: list[tuple[int, np.ndarray]], recvs: list[tuple[int, np.ndarray]],
+                       tag: int) -> list:
+        """Non-blocking point-to-point: each (rank, buffer) of sends to that rank, of recvs from it."""
+        return ([self.world.Irecv(buf, source=q, tag=tag) for q, buf in recvs]
+                + [self.world.Isend(buf, dest=q, tag=tag) for q, buf in sends])
 
-    def wait(self, requests: list) -> None:
-        if requests:
-            self.MPI.Request.Waitall(requests)
+    def test_all(self, requests: list) -> bool:
+        return self.MPI.Request.Testall(requests)
+
+    def wait_all(self, requests: list) -> None:
+        self.MPI.Request.Waitall(requests)
 
     def start_watchdog(self, timeout_s: float, board: Path | None = None) -> None:
         """Collective (agrees on a run id): from now on, a watched collective that lasts longer
@@ -423,66 +434,228 @@ def init() -> Comm:
 
 # ----------------------------------------------------------------------------- gradient reduction
 
+@dataclass
+class _Bucket:
+    """A run of whole layers' gradients [lo, hi) and where its sum goes."""
+
+    index: int                 # in GradReducer.buckets (the order every rank starts them in); tags
+    lo: int
+    hi: int
+    counts: list[int]          # elements of the bucket in each rank's owned slice
+    displs: list[int]          # where each rank's part starts, relative to lo
+    own: tuple[int, int]       # this rank's part of it, absolute [a, b)
+    target: np.ndarray         # where this rank's part of the sum goes (updated_grads or grads)
+    recv: np.ndarray | None = None      # bf16 wire: every rank's copy of this rank's part, (ranks, b - a)
+    stage: int = 0             # collectives finished so far
+    requests: list = field(default_factory=list)     # MPI requests of the open stage
+
+
 class GradReducer:
     """Sums the flat gradient buffer across ranks with MPI, bucket by bucket.
 
     After finish(): `updated_grads` (the gradients of partition.updated) holds the sum over ranks;
     under ZeRO-1 that is this rank's own slice in a buffer of its own and the rest of `grads` is stale.
     Every rank keeps its own copy of the parameters (`params`).
+
+    Buckets of whole layers go out as backward completes them (last layer first); the top one also
+    holds ln_f, the last one the embeddings, which are done only when backward ends. With the comm
+    thread (parallel.comm_thread), a thread of this rank makes every MPI call of the sum, testing
+    the open requests every millisecond, so the transfers keep moving while the main thread
+    computes (MPICH advances non-blocking collectives only inside MPI calls); without it, each
+    finished layer tests them once.
+
+    On the wire (parallel.grad_wire), fp32 is MPI's own reduce-scatter (ZeRO-1) or allreduce. bf16
+    rounds each rank's gradients to bf16 and sends rank q its part of them, point to point (the
+    reduce-scatter's traffic in half the bytes); the owner widens the parts back to fp32 and adds
+    them in rank order, which makes the sum the same whatever MPI's algorithms. Replicated, it then
+    gathers the sums, rounded to bf16 again, to every rank, and every rank (the owner too) uses
+    those rounded sums, so that all ranks apply the same update. As PyTorch DDP's bf16 compression
+    hook, except that DDP adds in bf16.
+
+    The token table (wte, a third of GPT-2's parameters) goes first: the forward's fused head has
+    already computed its gradient when backward starts, all but the rows of this micro-batch's
+    tokens, which backward hands over (token_rows) and finish() adds, every rank's, after the sum.
+    Otherwise the table's transfer would start only when backward ends, with nothing to hide it.
     """
 
+    POLL_S = 0.001           # the comm thread's test interval: 125 kB at 1 Gbit/s
+
     def __init__(self, comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]],
-                 params: np.ndarray, bucket_bytes: int):
+                 params: np.ndarray, bucket_bytes: int, wire: str = "fp32", comm_thread: bool = True,
+                 token_table: tuple[int, int] | None = None):
         self.comm, self.partition, self.params = comm, partition, params
         n, zero = partition.n, partition.zero
+        networked = comm.is_mpi and comm.size > 1
+        self.wire = wire if networked else "fp32"      # one process: nothing crosses a wire
         self.grads = np.zeros(n, params.dtype)
         self.updated_grads = np.zeros(partition.owned_size, params.dtype) if zero else self.grads
         self.shares_params = False
         self.norm_is_partial = zero     # grad_sq_sum covers only this rank's slice
         self.waited = 0.0               # (not separable from the transfer in an MPI collective)
-        # buckets of whole layers, last layer first; the top bucket also holds ln_f (after the layers)
-        # and the final one the embeddings (before them), which are only done when backward ends
-        self.buckets: list[tuple[int, int]] = []
+        self.wire16 = np.zeros(n, np.uint16) if self.wire == "bf16" else None
+        recv16 = np.zeros(comm.size * partition.owned_size, np.uint16) if self.wire == "bf16" else None
+        self.buckets: list[_Bucket] = []
         self.bucket_of_layer: dict[int, int] = {}
+        # the token table (wte, at the start of the vector) first when backward reports it done at
+        # its start (head_done); then whole layers, last first; then what precedes the layers
+        self.token_table = token_table
+        bounds = [(0, token_table[0] * token_table[1])] if token_table else []
         hi = n
         for layer in reversed(range(len(layer_ranges))):
             lo = layer_ranges[layer][0]
             if (hi - lo) * self.grads.itemsize >= bucket_bytes or layer == 0:
-                self.bucket_of_layer[layer] = len(self.buckets)
-                self.buckets.append((lo, hi))
+                self.bucket_of_layer[layer] = len(bounds)
+                bounds.append((lo, hi))
                 hi = lo
-        self.buckets.append((0, layer_ranges[0][0] if layer_ranges else n))
-        self.pending: list = []
+        bounds.append((bounds[0][1] if token_table else 0, layer_ranges[0][0] if layer_ranges else n))
+        self.rows: tuple[np.ndarray, np.ndarray] | None = None     # token_rows() of this step
+        start, end = partition.owned
+        used = 0
+        for lo, hi in bounds:
+            counts = [max(0, min(hi, e) - max(lo, s)) for s, e in partition.ranges]
+            displs = [max(0, min(hi, s) - lo) for s, _ in partition.ranges]
+            a, b = max(lo, start), max(min(hi, end), max(lo, start))
+            target = self.updated_grads[a - start:b - start] if zero else self.grads[a:b]
+            bucket = _Bucket(len(self.buckets), lo, hi, counts, displs, (a, b), target)
+            if recv16 is not None:
+                bucket.recv = recv16[used:used + comm.size * (b - a)].reshape(comm.size, b - a)
+                used += comm.size * (b - a)
+            self.buckets.append(bucket)
         self.started = 0
+        self.active: list[_Bucket] = []
+        self.thread = (_CommThread(self) if comm_thread and networked and getattr(comm, "threads_ok", False)
+                       else None)
 
-    def _start(self, bucket: int) -> None:
-        lo, hi = self.buckets[bucket]
-        if self.partition.zero:
-            start, end = self.partition.owned
-            counts = [max(0, min(hi, e) - max(lo, s)) for s, e in self.partition.ranges]
-            a, b = max(lo, start), min(hi, end)
-            recv = self.updated_grads[max(0, a - start):max(0, b - start)]
-            req = self.comm.start_reduce_scatter(self.grads[lo:hi], recv, counts)
-        else:
-            req = self.comm.start_allreduce(self.grads[lo:hi])
-        if req is not None:
-            self.pending.append(req)
-        self.started = bucket + 1
+    # -- called by the main thread: model.BackwardHooks, then finish()
+
+    def head_done(self) -> None:
+        """Backward hook: start the token table's bucket (its token rows come later, sparse)."""
+        if self.token_table is None:
+            raise RuntimeError("head_done: this reducer was made without the token table's shape")
+        self._start(0)
+
+    def token_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Backward hook: this rank's token-embedding gradient rows, added to the sum in finish()."""
+        self.rows = (ids, rows)
 
     def block_done(self, layer: int) -> None:
         """Backward hook: start the bucket that `layer` completes; push pending ones along."""
-        bucket = self.bucket_of_layer.get(layer)
-        if bucket is not None:
-            self._start(bucket)
-        self.comm.test(self.pending)
+        self._start(self.bucket_of_layer.get(layer))
+
+    def _start(self, bucket: int | None) -> None:
+        """Start buckets up to `bucket`: in index order, every rank alike, none left out."""
+        upto = self.buckets[self.started:bucket + 1] if bucket is not None else []
+        self.started = max(self.started, bucket + 1) if bucket is not None else self.started
+        if self.thread is not None:
+            for b in upto:
+                self.thread.submit(b)
+            return
+        for b in upto:
+            self._post(b)
+        self._progress(block=False)
 
     def finish(self) -> None:
         """Start whatever did not start during backward, then wait for everything."""
-        for bucket in range(self.started, len(self.buckets)):
-            self._start(bucket)
-        self.comm.wait(self.pending)
-        self.pending = []
+        rest = self.buckets[self.started:]
         self.started = 0
+        if self.thread is not None:
+            for bucket in rest:
+                self.thread.submit(bucket)
+            self.thread.drain()
+        else:
+            for bucket in rest:
+                self._post(bucket)
+            while self.active:
+                self._progress(block=True)
+        if self.rows is not None:
+            self._add_token_rows(*self.rows)
+            self.rows = None
+
+    def _add_token_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """Every rank's token rows (each rank has as many), added in rank order to the summed
+        token table, where this rank holds it (its owned slice under ZeRO-1, all of it
+        replicated). In fp32 whatever the wire: a few rows per token, little to send."""
+        size, width = self.comm.size, rows.shape[1]
+        all_ids = np.empty((size, ids.size), np.int64)
+        all_rows = np.empty((size, *rows.shape), rows.dtype)
+        self.comm.allgather_(np.ascontiguousarray(ids, np.int64), all_ids)
+        self.comm.allgather_(np.ascontiguousarray(rows), all_rows)
+        start = self.partition.owned[0] if self.partition.zero else 0
+        end = start + self.updated_grads.size
+        table = self.token_table[0] * width
+        lo, hi = min(start, table), min(end, table)        # the part of the table held here
+        first, last = -(-lo // width), hi // width          # rows held whole: [first, last)
+        last = max(first, last)
+        whole = self.updated_grads[max(0, first * width - start):max(0, last * width - start)]
+        whole = whole.reshape(-1, width)
+        cut = {lo // width, hi // width} - set(range(first, last))     # rows held in part (ZeRO-1)
+        cut = [r for r in cut if lo < min((r + 1) * width, hi) and max(r * width, lo) < hi]
+        for q in range(size):
+            inside = (all_ids[q] >= first) & (all_ids[q] < last)
+            np.add.at(whole, all_ids[q][inside] - first, all_rows[q][inside])
+            for r in cut:
+                a, b = max(r * width, lo), min((r + 1) * width, hi)
+                for i in np.nonzero(all_ids[q] == r)[0]:
+                    self.updated_grads[a - start:b - start] += all_rows[q][i][a - r * width:b - r * width]
+
+    # -- the collectives (the comm thread's, when there is one)
+
+    def _post(self, bucket: _Bucket) -> bool:
+        """Start the bucket's first collective; False when there was nothing to wait for."""
+        lo, hi, comm = bucket.lo, bucket.hi, self.comm
+        bucket.stage = 0
+        if self.wire == "bf16":
+            a, b = min(bucket.own[0], hi), min(bucket.own[1], hi)
+            bf16.to_bf16(self.grads[lo:a], out=self.wire16[lo:a])       # the parts for the others
+            bf16.to_bf16(self.grads[b:hi], out=self.wire16[b:hi])
+            bf16.to_bf16(self.grads[a:b], out=bucket.recv[comm.rank])   # my own, straight to the sum
+            # point to point, not MPI_Ialltoallv: MPICH's advanced only a few kB per test (8 MB
+            # took 2 s at 1 ms tests, against 5 ms for the same bytes as Isend/Irecv; its
+            # Iallgatherv was as slow at 76 MB, so the gather below is point to point too)
+            sends = [(q, self.wire16[lo + bucket.displs[q]:lo + bucket.displs[q] + bucket.counts[q]])
+                     for q in range(comm.size) if q != comm.rank]
+            recvs = [(q, bucket.recv[q]) for q in range(comm.size) if q != comm.rank]
+            bucket.requests = comm.start_exchange(sends, recvs, tag=2 * bucket.index)
+        elif self.partition.zero:
+            bucket.requests = [comm.start_reduce_scatter(self.grads[lo:hi], bucket.target, bucket.counts)]
+        else:
+            bucket.requests = [comm.start_allreduce(self.grads[lo:hi])]
+        if None in bucket.requests:
+            return False
+        self.active.append(bucket)
+        return True
+
+    def _advance(self, bucket: _Bucket) -> bool:
+        """The bucket's collective finished: start the next one, or say it is done (True)."""
+        bucket.stage += 1
+        if self.wire == "fp32":
+            return True
+        if bucket.stage == 1:                          # every rank's part of mine has arrived
+            bf16.sum_bf16(bucket.recv, bucket.target)
+            if self.partition.zero:
+                return True
+            a, b = bucket.own
+            bf16.to_bf16(bucket.target, out=self.wire16[a:b])
+            mine = self.wire16[a:b]
+            parts = [(q, self.wire16[bucket.lo + bucket.displs[q]:][:bucket.counts[q]])
+                     for q in range(self.comm.size) if q != self.comm.rank]
+            bucket.requests = self.comm.start_exchange([(q, mine) for q, _ in parts], parts,
+                                                       tag=2 * bucket.index + 1)
+            return False
+        np.left_shift(self.wire16[bucket.lo:bucket.hi], 16,     # everyone's rounded sums, widened
+                      out=self.grads[bucket.lo:bucket.hi].view(np.uint32), dtype=np.uint32)
+        return True
+
+    def _progress(self, block: bool) -> None:
+        """Test the open requests (with block, first wait for the oldest bucket's) and move the
+        buckets whose requests all completed on."""
+        if block and self.active:
+            self.comm.wait_all(self.active[0].requests)
+        for bucket in list(self.active):
+            if self.comm.test_all(bucket.requests) and self._advance(bucket):
+                self.active.remove(bucket)
+
+    # -- after the sum
 
     def grad_sq_sum(self) -> float:
         """Sum of squared gradients of updated_grads."""
@@ -490,7 +663,11 @@ class GradReducer:
         return float(np.dot(g, g))
 
     def describe(self) -> str:
-        return f"MPI {'reduce-scatter' if self.partition.zero else 'allreduce'}, {len(self.buckets)} buckets"
+        what = "reduce-scatter" if self.partition.zero else "allreduce"
+        if self.wire == "bf16":
+            what = "bf16 on the wire, point to point, fp32 sums"
+        return (f"MPI {what}, {len(self.buckets)} buckets"
+                + (", comm thread" if self.thread is not None else ""))
 
     def allgather_params(self) -> None:
         """Every rank updated (or loaded) its own slice of the parameters; give everyone all of them."""
@@ -499,6 +676,56 @@ class GradReducer:
     def broadcast_params(self) -> None:
         """Rank 0's parameters everywhere."""
         self.comm.bcast_(self.params)
+
+
+class _CommThread:
+    """A thread that makes all of a GradReducer's MPI calls during backward: the main thread hands
+    it buckets (submit) and, at the end, waits until it has finished them all (drain). Only this
+    thread calls MPI from the first submit to the end of drain."""
+
+    def __init__(self, reducer: GradReducer):
+        self.reducer = reducer
+        self.todo: list[_Bucket] = []
+        self.busy = 0                  # buckets submitted and not yet finished
+        self.error: BaseException | None = None
+        self.cv = threading.Condition()
+        threading.Thread(target=self._run, name="distgpt-comm", daemon=True).start()
+
+    def submit(self, bucket: _Bucket) -> None:
+        with self.cv:
+            self.todo.append(bucket)
+            self.busy += 1
+            self.cv.notify_all()
+
+    def drain(self) -> None:
+        with self.cv:
+            while self.busy and self.error is None:
+                self.cv.wait(0.1)      # short waits: signal handlers run in the main thread between
+            if self.error is not None:
+                raise RuntimeError("the gradient sum failed in the communication thread") from self.error
+
+    def _run(self) -> None:
+        red = self.reducer
+        try:
+            while True:
+                with self.cv:
+                    while not self.todo and not red.active:
+                        self.cv.wait()
+                    new, self.todo = self.todo, []
+                finished = sum(not red._post(bucket) for bucket in new)    # (none open: done)
+                before = len(red.active)
+                red._progress(block=False)
+                finished += before - len(red.active)
+                if finished:
+                    with self.cv:
+                        self.busy -= finished
+                        self.cv.notify_all()
+                if red.active:
+                    time.sleep(red.POLL_S)
+        except BaseException as e:     # handed to the main thread, which raises it in drain()
+            with self.cv:
+                self.error = e
+                self.cv.notify_all()
 
 
 class SharedMemoryReducer:
@@ -611,38 +838,48 @@ class SharedMemoryReducer:
 
 
 class HierarchicalReducer:
-    """The ZeRO-1 gradient sum for several nodes with several ranks on each: first through shared
-    memory on each node, then across nodes, so that only 1/(ranks per node) of every rank's
-    gradient crosses the network (GradReducer sends all of it).
+    """The gradient sum for several nodes with several ranks on each: first through shared memory
+    on each node, then across nodes, so that only 1/(ranks per node) of every rank's gradient
+    crosses the network (GradReducer sends all of it).
 
     The ranks with local rank l, one per node, form column l. Rank l of a node adds up, over the
     node's gradient buffers (one shared segment, as in SharedMemoryReducer), the slices that the
     members of column l own, packed in column order; a reduce-scatter within the column then
-    leaves each member the sum of its own slice over all nodes. No overlap with backward (the node
-    sum needs every local backward done); the parameters stay private to each rank and are
-    gathered over the world as GradReducer does. Needs the same number of ranks on every node,
-    else some slices would have no one to sum them on a node.
+    leaves each member the sum of its own slice over all nodes. ZeRO-1 stops there. Replicated,
+    an allgather within the column gives each member all of the column's slice sums, and the
+    other slices are copied from the node's other ranks, whose columns hold them: only the column
+    traffic crosses the network, twice (as an allreduce would). No overlap with backward (the node
+    sum needs every local backward done); the parameters stay private to each rank and, under
+    ZeRO-1, are gathered over the world as GradReducer does. Needs the same number of ranks on
+    every node, else some slices would have no one to sum them on a node.
     """
 
     def __init__(self, comm: MPIComm, partition: Partition, buffers: list[np.ndarray], params: np.ndarray):
         self.comm, self.partition, self.buffers, self.params = comm, partition, buffers, params
         self.grads = buffers[comm.local_rank]
-        self.updated_grads = np.zeros(partition.owned_size, params.dtype)
+        zero = partition.zero
+        self.updated_grads = np.zeros(partition.owned_size, params.dtype) if zero else self.grads
         self.shares_params = False
-        self.norm_is_partial = True
+        self.norm_is_partial = zero
         self.waited = 0.0
         self.col, members = comm.column()
         self.col_ranges = [partition.ranges[r] for r in members]
         self.counts = [e - s for s, e in self.col_ranges]
         self.send = np.empty(sum(self.counts), params.dtype)
+        self.mine = np.zeros(partition.owned_size, params.dtype) if not zero else self.updated_grads
+        # replicated: which local rank's buffer holds each slice that is not this column's
+        local_of = comm.allgather_obj(comm.local_rank)
+        self.from_peers = [(local_of[q], lo, hi) for q, (lo, hi) in enumerate(partition.ranges)
+                           if local_of[q] != comm.local_rank]
 
     def block_done(self, layer: int) -> None:
         pass
 
     def describe(self) -> str:
         c = self.comm
-        return (f"hierarchical (shared memory on each of {c.n_nodes} nodes, then MPI reduce-scatter "
-                f"between nodes, 1/{c.local_size} of the gradient per rank), ZeRO-1")
+        return (f"hierarchical (shared memory on each of {c.n_nodes} nodes, then MPI between nodes, "
+                f"1/{c.local_size} of the gradient per rank), "
+                + ("ZeRO-1" if self.partition.zero else "replicated"))
 
     def finish(self) -> None:
         t0 = time.perf_counter()
@@ -656,7 +893,18 @@ class HierarchicalReducer:
                 acc += bufs[q][s:e]
             off += e - s
         self.comm.node_barrier()                  # all read: the next backward may overwrite them
-        self.col.Reduce_scatter(self.send, self.updated_grads, self.counts, op=self.comm.MPI.SUM)
+        MPI = self.comm.MPI
+        self.col.Reduce_scatter(self.send, self.mine, self.counts, op=MPI.SUM)
+        if self.partition.zero:
+            return
+        a, b = self.partition.owned
+        self.grads[a:b] = self.mine
+        displs = [s for s, _ in self.col_ranges]
+        self.col.Allgatherv(MPI.IN_PLACE, [self.grads, self.counts, displs, MPI.FLOAT])
+        self.comm.node_barrier()                  # every column's sums are in its members' buffers
+        for local, lo, hi in self.from_peers:
+            self.grads[lo:hi] = bufs[local][lo:hi]
+        self.comm.node_barrier()                  # all copied: the next backward may overwrite them
 
     def grad_sq_sum(self) -> float:
         g = self.updated_grads
@@ -670,10 +918,12 @@ class HierarchicalReducer:
 
 
 def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]], params: np.ndarray,
-                 bucket_bytes: int, method: str) -> GradReducer | SharedMemoryReducer | HierarchicalReducer:
+                 bucket_bytes: int, method: str, wire: str = "fp32", comm_thread: bool = True,
+                 token_table: tuple[int, int] | None = None
+                 ) -> GradReducer | SharedMemoryReducer | HierarchicalReducer:
     """The gradient reducer for `method` (parallel.reduce), holding the flat buffers: auto picks
-    shared memory when every rank is on one node and there is more than one rank; under ZeRO-1 on
-    several nodes with several ranks each, shared memory within nodes and MPI between them
+    shared memory when every rank is on one node and there is more than one rank; on several
+    nodes with several ranks each, shared memory within nodes and MPI between them
     (HierarchicalReducer); MPI collectives otherwise. `params` is this rank's initial parameter
     vector; under ZeRO-1 on one node it is copied (rank 0's) into one shared buffer, otherwise it
     is used as it is."""
@@ -699,11 +949,10 @@ def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int,
         if comm.n_nodes == 1 and comm.rank == 0:
             warnings.warn(f"gradient sum through MPI, not shared memory: {why_not}", stacklevel=2)
     # several nodes with several ranks each (the same on every node, a fact all ranks agree on)
-    if (method == "auto" and partition.zero and comm.n_nodes > 1 and comm.local_size > 1
-            and comm.same_ranks_per_node):
+    if method == "auto" and comm.n_nodes > 1 and comm.local_size > 1 and comm.same_ranks_per_node:
         buffers, why_not = comm.node_buffers(params.size, params.dtype)
         if buffers is not None:
             return HierarchicalReducer(comm, partition, buffers, params)
         if comm.rank == 0:
             warnings.warn(f"gradient sum through MPI only, not shared memory first: {why_not}", stacklevel=2)
-    return GradReducer(comm, partition, layer_ranges, params, bucket_bytes)
+    return GradReducer(comm, partition, layer_ranges, params, bucket_bytes, wire, comm_thread, token_table)

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -380,6 +381,21 @@ class TrainingForward:
     accumulate: bool                # add to the gradients (False: the first micro-batch writes them)
 
 
+class BackwardHooks(Protocol):
+    """What backward tells a gradient reducer that overlaps the sum with it (dist.GradReducer)."""
+
+    def head_done(self) -> None:
+        """wte's gradient is final but for this micro-batch's token rows (the tied head's part
+        comes from the forward, which computes the loss's gradient as it goes)."""
+
+    def block_done(self, layer: int) -> None:
+        """Block `layer`'s gradients are final (last block first; ln_f's with the last block)."""
+
+    def token_rows(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        """The token embeddings' gradient of this micro-batch, sparse: rows[i] belongs to wte
+        row ids[i] (repeats add up). The reducer adds every rank's rows after summing wte."""
+
+
 class GPT:
     """Owns views of the flat parameter and gradient buffers and the activation buffers.
 
@@ -499,10 +515,11 @@ class GPT:
         a.owner = TrainingForward(loss, idx, drop, a, accumulate)
         return a.owner
 
-    def backward(self, fwd: TrainingForward, on_block_done: Callable[[int], None] | None = None) -> None:
+    def backward(self, fwd: TrainingForward, hooks: BackwardHooks | None = None) -> None:
         """Adds the gradient of `fwd` (the latest training forward of its shape) to self.grads, or
-        writes it if this is the first backward since zero_grad(). on_block_done(layer) is called as
-        each block's gradients are complete (last block first)."""
+        writes it if this is the first backward since zero_grad(). With hooks (a gradient reducer
+        that sends gradients as they are done), backward reports what is finished when, and hands
+        over this micro-batch's token-embedding rows instead of adding them to wte's gradient."""
         a = fwd.acts
         if a.owner is not fwd:
             raise RuntimeError("backward() needs the latest training forward of its shape: "
@@ -512,15 +529,20 @@ class GPT:
         w16 = self._weights16()
         B, T = fwd.idx.shape
         dx = a.x                                   # the residual stream's buffer now carries its gradient
+        if hooks is not None:
+            hooks.head_done()                      # the forward's fused head wrote wte's gradient
         ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
         for layer in reversed(range(cfg.n_layer)):
             block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
                            drop, acc, None if w16 is None else w16.blocks[layer])
-            if on_block_done is not None:
-                on_block_done(layer)
+            if hooks is not None:
+                hooks.block_done(layer)
         drop.apply_(dx, "emb")
-        dw.wpe[:T] += dx.reshape(B, T, -1).sum(axis=0)
-        np.add.at(dw.wte, fwd.idx.reshape(-1), dx)
+        dw.wpe[:T] += dx.reshape(B, T, -1).sum(axis=0)     # (T, C)
+        if hooks is not None:
+            hooks.token_rows(fwd.idx.reshape(-1), dx)      # (B*T,), (B*T, C): added after the sum
+        else:
+            np.add.at(dw.wte, fwd.idx.reshape(-1), dx)
 
     def zero_grad(self) -> None:
         """Start a new accumulation. Lazily: the next training forward/backward overwrites every

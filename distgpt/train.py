@@ -231,7 +231,9 @@ class Trainer:
         zero = cfg.parallel.zero and comm.size > 1
         self.partition = Partition(layout.size, comm.size, comm.rank, zero)
         self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
-                                         int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce)
+                                         int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
+                                         cfg.parallel.grad_wire, cfg.parallel.comm_thread,
+                                         (cfg.model.padded_vocab, cfg.model.n_embd))
         self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
                          precision=self.precision)
         lo, hi = self.partition.updated
@@ -254,7 +256,7 @@ class Trainer:
             ta = time.perf_counter()
             fwd = model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
             tb = time.perf_counter()
-            model.backward(fwd, on_block_done=reducer.block_done if last else None)
+            model.backward(fwd, hooks=reducer if last else None)
             loss_sum += fwd.loss
             timing["forward"] += tb - ta
             timing["backward"] += time.perf_counter() - tb

@@ -1,5 +1,5 @@
-"""Run under mpirun by test_dist.py: both gradient reducers against sums computed locally from
-every rank's data.
+"""Run under mpirun by test_dist.py: both gradient reducers (MPI with fp32 and bf16 on the wire,
+with and without the comm thread) against sums computed locally from every rank's data.
 
 A 100-element vector with two layers and small buckets, so with 3 ranks the ZeRO slice boundaries
 (34, 67) cut through buckets. The shared-memory reducer uses tiny blocks so that slices span
@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from distgpt import dist
+from distgpt import bf16, dist
 from distgpt.partition import Partition
 from distgpt.threads import set_threads
 
@@ -31,25 +31,73 @@ def fail(msg: str) -> None:
 
 
 expected = sum(rank_data(r).astype(np.float64) for r in range(comm.size))
-for method in ("mpi", "shared_memory"):
+# bf16 on the wire: each rank's gradients rounded to bf16, added in fp32 in rank order by the owner
+wired = np.zeros(n, np.float32)
+for r in range(comm.size):
+    wired += bf16.round_bf16(rank_data(r))
+TABLE = (5, 8)     # the MPI reducer's token table: 5 rows of 8, [0, 40); 3 ranks cut row 4 at 34
+
+
+def token_rows(r: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank r's sparse token-embedding gradient: 6 rows for random table rows, repeats included."""
+    rng = np.random.default_rng(100 + r)
+    return rng.integers(0, TABLE[0], 6), rng.standard_normal((6, TABLE[1])).astype(np.float32)
+
+
+def with_rows(total: np.ndarray) -> np.ndarray:
+    """total plus every rank's token rows, in rank order."""
+    out = total.astype(np.float64)
+    table = out[: TABLE[0] * TABLE[1]].reshape(TABLE)
+    for r in range(comm.size):
+        np.add.at(table, *token_rows(r))
+    return out
+
+
+CASES = [("shared_memory", "fp32", False)] + [("mpi", wire, thread) for wire in ("fp32", "bf16")
+                                              for thread in (True, False)]
+for method, wire, thread in CASES:
     for zero in (False, True):
-        where = f"{method} zero={zero}"
+        where = f"{method} zero={zero} grad_wire={wire} comm_thread={thread}"
         red = dist.make_reducer(comm, Partition(n, comm.size, comm.rank, zero), layers,
-                                rank_data(comm.rank), 1, method)
+                                rank_data(comm.rank), 1, method, wire, thread, TABLE)
         if type(red).__name__ != {"mpi": "GradReducer", "shared_memory": "SharedMemoryReducer"}[method]:
             fail(f"{where}: got {type(red).__name__}")
-        red.grads[:] = rank_data(comm.rank)
-        for layer in (1, 0):
-            red.block_done(layer)
-        red.finish()
+        if method == "mpi" and (red.thread is not None) != thread:
+            fail(f"{where}: comm thread {red.thread}")
         s, e = red.partition.updated
-        if not np.allclose(red.updated_grads, expected[s:e], rtol=1e-5, atol=1e-5):
-            fail(f"{where}: {red.updated_grads} != {expected[s:e]}")
+        # the same reducer for several steps, as in training: with backward's hooks (the token
+        # table first, its rows sparse at the end), then without them (backward before the last
+        # micro-batch, or no overlap: everything in finish)
+        for hooked in (True, False, True):
+            hooked = hooked and method == "mpi"
+            red.grads[:] = rank_data(comm.rank)
+            if hooked:
+                red.head_done()
+            for layer in (1, 0):
+                red.block_done(layer)
+            if hooked:
+                red.token_rows(*token_rows(comm.rank))
+            red.finish()
+            if wire == "bf16":
+                # ZeRO keeps the fp32 sums of the owner's slice; replicated, every rank takes the
+                # sums rounded to bf16, the owner's own slice too; the token rows are added after
+                want = wired if zero else bf16.round_bf16(wired)
+                want = with_rows(want) if hooked else want.astype(np.float64)
+                if not np.allclose(red.updated_grads, want[s:e], rtol=1e-6, atol=1e-6):
+                    fail(f"{where} hooks={hooked}: {red.updated_grads} != {want[s:e]}")
+                if not zero and len(set(comm.allgather_obj(red.grads.tobytes()))) != 1:
+                    fail(f"{where}: the ranks' sums differ")
+            else:
+                want = with_rows(expected) if hooked else expected
+                if not np.allclose(red.updated_grads, want[s:e], rtol=1e-5, atol=1e-5):
+                    fail(f"{where} hooks={hooked}: {red.updated_grads} != {want[s:e]}")
         sq = np.array([red.grad_sq_sum()])
         if red.norm_is_partial:
             comm.allreduce_(sq)
-        if not np.isclose(sq[0], np.dot(expected, expected), rtol=1e-5):
-            fail(f"{where}: squared norm {sq[0]} != {np.dot(expected, expected)}")
+        total = expected if wire == "fp32" else wired if zero else bf16.round_bf16(wired)
+        total = with_rows(total) if method == "mpi" else total     # the last round had token rows
+        if not np.isclose(sq[0], np.dot(total, total), rtol=1e-5):
+            fail(f"{where}: squared norm {sq[0]} != {np.dot(total, total)}")
         if red.shares_params != (method == "shared_memory" and zero):
             fail(f"{where}: shared parameters {red.shares_params}")
         if zero:   # each rank owns its slice of the parameters; afterwards all ranks hold all of them

@@ -130,6 +130,7 @@ def test_misspelt_key_in_the_file_gets_a_suggestion(tmp_path, capsys):
     # choices
     ("model.attention=sparse", "model.attention = 'sparse': expected dense or alternating_banded"),
     ("parallel.reduce=nccl", "parallel.reduce = 'nccl': expected auto, shared_memory or mpi"),
+    ("parallel.grad_wire=fp16", "parallel.grad_wire = 'fp16': expected fp32 or bf16"),
     ("parallel.threads_per_rank=0", "parallel.threads_per_rank = 0: expected auto or a positive integer"),
     ("out_dir=''", "out_dir = '': expected a directory path"),
     # types

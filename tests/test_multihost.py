@@ -117,7 +117,7 @@ def test_two_hosts_train_like_one_rank(tmp_path, shakespeare_bytes, hosts, refer
     r = _run(hosts, per_host, cfg, f"parallel.zero={zero}")
     assert r.returncode == 0, r.stderr
     assert f"ranks: {2 * per_host} on 2 node(s), {per_host} per node" in r.stdout
-    hierarchical = per_host > 1 and zero          # auto: shared memory on each host, then MPI
+    hierarchical = per_host > 1                   # auto: shared memory on each host, then MPI
     assert ("gradient sum: hierarchical" if hierarchical else "gradient sum: MPI") in r.stdout
     losses = _losses(tmp_path / "out")
     np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(losses)],
@@ -127,6 +127,29 @@ def test_two_hosts_train_like_one_rank(tmp_path, shakespeare_bytes, hosts, refer
     # the gradients really crossed the cable: 5 steps x at least half a gradient (fp32) each, or
     # with the hierarchical sum, half of each of the host's two slices
     assert hosts.tx_bytes(1) - sent > 5 * 2 * params.size / (2 if hierarchical else 1)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("zero", [False, True])
+def test_bf16_on_the_wire_halves_the_traffic_and_trains_like_one_rank(tmp_path, shakespeare_bytes, hosts,
+                                                                     reference, zero):
+    ref_losses, ref_params = reference
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"micro_batch_size": 3, "max_steps": 5})
+    sent = hosts.tx_bytes(1)
+    r = _run(hosts, 1, cfg, f"parallel.zero={zero}", "parallel.grad_wire=bf16")
+    assert r.returncode == 0, r.stderr
+    assert "bf16 on the wire" in r.stdout
+    losses = _losses(tmp_path / "out")
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [ref_losses[s] for s in sorted(losses)],
+                               rtol=1e-3)
+    params = read_params(tmp_path / "out")[1]
+    assert np.linalg.norm(params - ref_params) <= 1e-2 * np.linalg.norm(ref_params)
+    # host 1 sends half its gradient each step: 2 bytes each (fp32 would be 4), then replicated
+    # its half of the sums (2 bytes each) or under ZeRO-1 its half of the parameters (fp32); and
+    # its token rows, sparse in fp32 with their ids (3 x 32 tokens of 32 wide)
+    per_step = params.size / 2 * (2 + (4 if zero else 2)) + 3 * 32 * (32 * 4 + 8)
+    crossed = (hosts.tx_bytes(1) - sent) / 5
+    assert per_step <= crossed <= per_step * 1.25, (crossed, per_step)
 
 
 def _config(tmp_path: Path, data: Path, name: str, **train) -> tuple[Path, Path]:
@@ -165,19 +188,25 @@ comm = dist.init()
 n = 101
 data = lambda r: np.random.default_rng(r).standard_normal(n).astype(np.float32)
 expected = sum(data(r).astype(np.float64) for r in range(comm.size))
-part = Partition(n, comm.size, comm.rank, zero=True)
-red = dist.make_reducer(comm, part, [(40, 60), (60, 90)], data(comm.rank), 1, "auto")
-assert type(red).__name__ == "HierarchicalReducer", type(red).__name__
-for _ in range(2):                      # the buffers are reusable: a second step sums again
-    red.grads[:] = data(comm.rank)
-    red.finish()
-    s, e = part.owned
-    assert np.allclose(red.updated_grads, expected[s:e], rtol=1e-5, atol=1e-5), red.updated_grads
-sq = comm.allreduce_(np.array([red.grad_sq_sum()]))
-assert np.isclose(sq[0], np.dot(expected, expected), rtol=1e-5)
-red.params[s:e] = np.arange(s, e)
-red.allgather_params()
-assert np.array_equal(red.params, np.arange(n, dtype=np.float32))
+for zero in (True, False):
+    part = Partition(n, comm.size, comm.rank, zero=zero)
+    red = dist.make_reducer(comm, part, [(40, 60), (60, 90)], data(comm.rank), 1, "auto")
+    assert type(red).__name__ == "HierarchicalReducer", type(red).__name__
+    s, e = part.updated
+    for _ in range(2):                  # the buffers are reusable: a second step sums again
+        red.grads[:] = data(comm.rank)
+        red.finish()
+        assert np.allclose(red.updated_grads, expected[s:e], rtol=1e-5, atol=1e-5), (zero, red.updated_grads)
+    if not zero:                        # replicated: every rank holds the same sums, bit for bit
+        assert len(set(comm.allgather_obj(red.grads.tobytes()))) == 1
+    sq = np.array([red.grad_sq_sum()])
+    if red.norm_is_partial:
+        comm.allreduce_(sq)
+    assert np.isclose(sq[0], np.dot(expected, expected), rtol=1e-5)
+    if zero:
+        red.params[s:e] = np.arange(s, e)
+        red.allgather_params()
+        assert np.array_equal(red.params, np.arange(n, dtype=np.float32))
 print(f"rank {comm.rank} ok", flush=True)
 """
 
