@@ -19,6 +19,7 @@ MKL with the bf16 gemm (elsewhere MKL emulates bf16, slower than sgemm).
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 
@@ -174,9 +175,15 @@ def fast_flags() -> list[str]:
     return [f for f in FAST_BF16_FLAGS if f in flags]
 
 
+def emulation_allowed() -> bool:
+    """DISTGPT_BF16_EMULATED=1: accept bf16 on a CPU without bf16 instructions, where MKL emulates
+    them: the same numerics, several times slower than fp32. For tests and debugging only."""
+    return os.environ.get("DISTGPT_BF16_EMULATED") == "1"
+
+
 def unsupported_reason() -> str | None:
-    """Why bf16 matmuls would not be fast here, or None when they would."""
-    if not fast_flags():
+    """Why bf16 matmuls would not be fast here, or None when they would (or may be emulated)."""
+    if not fast_flags() and not emulation_allowed():
         return "this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo)"
     if not blas.bf16_gemm_available():
         why = "the matmuls use NumPy's BLAS" if not blas.using_mkl() else "MKL has no cblas_gemm_bf16bf16f32"
@@ -203,5 +210,6 @@ def describe(precision: str) -> str:
     """One line for the run header: the precision, and for bf16 the library and CPU features."""
     if precision == "fp32":
         return "precision: fp32"
+    cpu = ", ".join(fast_flags()) or "no bf16 instructions: emulated by MKL (DISTGPT_BF16_EMULATED=1), slow"
     return (f"precision: bf16 matmuls (fp32 master weights, accumulation, norms, softmax, loss) via "
-            f"{blas.describe()} cblas_gemm_bf16bf16f32; CPU: {', '.join(fast_flags())}")
+            f"{blas.describe()} cblas_gemm_bf16bf16f32; CPU: {cpu}")

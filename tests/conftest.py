@@ -98,6 +98,32 @@ def tiny_hf_gpt2(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+def bf16_env() -> dict[str, str]:
+    """The environment under which train.precision=bf16 runs here: none needed on a CPU with bf16
+    instructions; elsewhere MKL's emulation, forced (the same numerics, only slower), so that the
+    bf16 tests run on every CPU. Skips where MKL is not installed (as require_mkl)."""
+    from distgpt import bf16
+
+    require_mkl()
+    if bf16.fast_flags():
+        return {}
+    return {"DISTGPT_BLAS": "mkl", "DISTGPT_BF16_EMULATED": "1"}
+
+
+@pytest.fixture
+def bf16_here(monkeypatch) -> dict[str, str]:
+    """bf16_env() for this process too (the backend is chosen again, and again after the test)."""
+    from distgpt import blas
+
+    env = bf16_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    blas.use(os.environ.get("DISTGPT_BLAS", "auto"))
+    yield env
+    monkeypatch.undo()
+    blas.use(os.environ.get("DISTGPT_BLAS", "auto"))
+
+
 def require_mkl() -> None:
     """Fail when MKL is missing where the test extra installs it (x86-64 Linux); skip elsewhere."""
     from distgpt import blas

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distgpt import bf16, dist
+from distgpt import dist
 from distgpt.checkpoint import read_params
 from distgpt.partition import Partition, even_ranges
 from distgpt.train import check_params_agree
 
-from conftest import MPIRUN, read_metrics, run_cli, tiny_config
+from conftest import MPIRUN, bf16_env, read_metrics, run_cli, tiny_config
 
 # (ranks, micro_batch_size, zero, reduce): global batch 12 -> accumulation 12 / (micro x ranks).
 # reduce "auto" is the shared-memory reducer here (one node); "mpi" the bucketed collectives.
@@ -31,12 +31,12 @@ def reference(tmp_path_factory, shakespeare_bytes):
     return _train(tmp_path_factory.mktemp("ref"), shakespeare_bytes, *LAYOUTS[0])
 
 
-def _train(tmp_path, data_dir, ranks, micro, zero, reduce, precision="fp32", **parallel):
+def _train(tmp_path, data_dir, ranks, micro, zero, reduce, precision="fp32", env=None, **parallel):
     cfg = tiny_config(tmp_path, data_dir, train={"micro_batch_size": micro, "max_steps": 5, "eval_every": 5,
                                                  "precision": precision},
                       parallel={"zero": zero, "reduce": reduce, "check_every": 1,  # ranks agree, every step
                                 "bucket_mb": 0.01, **parallel})     # mpi: small buckets, several in flight
-    r = run_cli("train", "--config", str(cfg), ranks=ranks if ranks > 1 else 0, timeout=120)
+    r = run_cli("train", "--config", str(cfg), ranks=ranks if ranks > 1 else 0, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     (tmp_path / "stdout.txt").write_text(r.stdout)
     rows = read_metrics(tmp_path / "out")
@@ -92,13 +92,12 @@ def test_bf16_on_the_wire_trains_like_fp32(tmp_path, shakespeare_bytes, referenc
 def test_world_size_invariance_in_bf16(tmp_path, shakespeare_bytes):
     """bf16 matmuls round each row's inputs alike however the rows are split: 1, 2 and 3 ranks, with
     and without ZeRO-1 and accumulation, agree to 1e-4."""
-    if bf16.unsupported_reason() is not None:
-        pytest.skip(bf16.unsupported_reason())
+    env = bf16_env()
     runs = []
     for layout in [(1, 12, False, "auto"), (2, 2, True, "auto"), (3, 4, False, "auto"), (3, 2, True, "mpi")]:
         run_dir = tmp_path / "-".join(map(str, layout))
         run_dir.mkdir()
-        runs.append(_train(run_dir, shakespeare_bytes, *layout, "bf16"))
+        runs.append(_train(run_dir, shakespeare_bytes, *layout, "bf16", env))
     (ref_losses, ref_val, ref_params), *others = runs
     for losses, val, params in others:
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)

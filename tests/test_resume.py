@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distgpt import bf16
 from distgpt.checkpoint import list_checkpoints, load_checkpoint
 from distgpt.dist import Comm
 from distgpt.model import Layout, ModelConfig
 from distgpt.partition import Partition
 
-from conftest import MPIRUN, read_metrics, run_cli, tiny_config
+from conftest import MPIRUN, bf16_env, read_metrics, run_cli, tiny_config
 
 
 def _state(ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -48,16 +47,15 @@ def _continue_from(src_out: Path, step: int, dst_out: Path) -> None:
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks, zero, precision", [(1, False, "fp32"), (2, True, "fp32"), (2, True, "bf16")])
 def test_resume_is_bit_identical(tmp_path, shakespeare_bytes, ranks, zero, precision):
-    if precision == "bf16" and bf16.unsupported_reason() is not None:
-        pytest.skip(bf16.unsupported_reason())
+    env = bf16_env() if precision == "bf16" else {}
     mpi = ranks if ranks > 1 else 0
     cfg, out = _config(tmp_path, shakespeare_bytes, "straight", precision=precision)
-    r = run_cli("train", "--config", str(cfg), f"parallel.zero={zero}", ranks=mpi, timeout=120)
+    r = run_cli("train", "--config", str(cfg), f"parallel.zero={zero}", ranks=mpi, timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     cfg2, out2 = _config(tmp_path, shakespeare_bytes, "resumed", precision=precision)
     _continue_from(out, 5, out2)
     r = run_cli("train", "--config", str(cfg2), f"parallel.zero={zero}", "--resume", "auto", ranks=mpi,
-                timeout=120)
+                timeout=120, env=env)
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout and "at step 5" in r.stdout
     straight = {row["step"]: row.get("train_loss") for row in read_metrics(out)}
