@@ -122,13 +122,14 @@ def sum_bf16(parts: np.ndarray, out: np.ndarray) -> np.ndarray:
     if jit.enabled():
         _sum_bf16_kernel(parts, out)
         return out
+    wide = np.empty(min(_CHUNK, out.shape[0]), np.uint32)
     for i in range(0, out.shape[0], _CHUNK):          # the twin: the same additions, in chunks
         blk = out[i : i + _CHUNK]
-        wide = np.empty(blk.shape, np.uint32)
+        w = wide[: blk.shape[0]]
         blk[:] = 0.0
         for q in range(parts.shape[0]):
-            np.left_shift(parts[q, i : i + _CHUNK], 16, out=wide, dtype=np.uint32)
-            blk += wide.view(np.float32)
+            np.left_shift(parts[q, i : i + _CHUNK], 16, out=w, dtype=np.uint32)
+            blk += w.view(np.float32)
     return out
 
 

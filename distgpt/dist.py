@@ -443,7 +443,7 @@ class _Bucket:
     hi: int
     counts: list[int]          # elements of the bucket in each rank's owned slice
     displs: list[int]          # where each rank's part starts, relative to lo
-    own: tuple[int, int]       # this rank's part of it, absolute [a, b)
+    own: tuple[int, int]       # this rank's part of it, absolute [a, b) within [lo, hi)
     target: np.ndarray         # where this rank's part of the sum goes (updated_grads or grads)
     recv: np.ndarray | None = None      # bf16 wire: every rank's copy of this rank's part, (ranks, b - a)
     stage: int = 0             # collectives finished so far
@@ -514,8 +514,8 @@ class GradReducer:
         for lo, hi in bounds:
             counts = [max(0, min(hi, e) - max(lo, s)) for s, e in partition.ranges]
             displs = [max(0, min(hi, s) - lo) for s, _ in partition.ranges]
-            a, b = max(lo, start), max(min(hi, end), max(lo, start))
-            target = self.updated_grads[a - start:b - start] if zero else self.grads[a:b]
+            a, b = min(max(lo, start), hi), max(min(hi, end), min(max(lo, start), hi))  # within [lo, hi)
+            target = self.updated_grads[max(0, a - start):max(0, b - start)] if zero else self.grads[a:b]
             bucket = _Bucket(len(self.buckets), lo, hi, counts, displs, (a, b), target)
             if recv16 is not None:
                 bucket.recv = recv16[used:used + comm.size * (b - a)].reshape(comm.size, b - a)
@@ -540,33 +540,29 @@ class GradReducer:
 
     def block_done(self, layer: int) -> None:
         """Backward hook: start the bucket that `layer` completes; push pending ones along."""
-        self._start(self.bucket_of_layer.get(layer))
+        bucket = self.bucket_of_layer.get(layer)
+        self._start(self.started - 1 if bucket is None else bucket)
 
-    def _start(self, bucket: int | None) -> None:
-        """Start buckets up to `bucket`: in index order, every rank alike, none left out."""
-        upto = self.buckets[self.started:bucket + 1] if bucket is not None else []
-        self.started = max(self.started, bucket + 1) if bucket is not None else self.started
-        if self.thread is not None:
-            for b in upto:
-                self.thread.submit(b)
-            return
-        for b in upto:
-            self._post(b)
-        self._progress(block=False)
+    def _start(self, last: int) -> None:
+        """Start the buckets not started yet up to index `last`: in index order, on every rank
+        alike, none left out."""
+        new, self.started = self.buckets[self.started:last + 1], max(self.started, last + 1)
+        for bucket in new:
+            if self.thread is not None:
+                self.thread.submit(bucket)
+            else:
+                self._post(bucket)
+        if self.thread is None:
+            self._progress(block=False)
 
     def finish(self) -> None:
         """Start whatever did not start during backward, then wait for everything."""
-        rest = self.buckets[self.started:]
+        self._start(len(self.buckets) - 1)
         self.started = 0
         if self.thread is not None:
-            for bucket in rest:
-                self.thread.submit(bucket)
             self.thread.drain()
-        else:
-            for bucket in rest:
-                self._post(bucket)
-            while self.active:
-                self._progress(block=True)
+        while self.active:                           # (the thread leaves none)
+            self._progress(block=True)
         if self.rows is not None:
             self._add_token_rows(*self.rows)
             self.rows = None
@@ -580,23 +576,12 @@ class GradReducer:
         all_rows = np.empty((size, *rows.shape), rows.dtype)
         self.comm.allgather_(np.ascontiguousarray(ids, np.int64), all_ids)
         self.comm.allgather_(np.ascontiguousarray(rows), all_rows)
+        # the flat elements of every row, kept where this rank holds them (its owned slice under
+        # ZeRO-1 can cut a row); np.add.at adds repeats, in rank order then row order
         start = self.partition.owned[0] if self.partition.zero else 0
-        end = start + self.updated_grads.size
-        table = self.token_table[0] * width
-        lo, hi = min(start, table), min(end, table)        # the part of the table held here
-        first, last = -(-lo // width), hi // width          # rows held whole: [first, last)
-        last = max(first, last)
-        whole = self.updated_grads[max(0, first * width - start):max(0, last * width - start)]
-        whole = whole.reshape(-1, width)
-        cut = {lo // width, hi // width} - set(range(first, last))     # rows held in part (ZeRO-1)
-        cut = [r for r in cut if lo < min((r + 1) * width, hi) and max(r * width, lo) < hi]
-        for q in range(size):
-            inside = (all_ids[q] >= first) & (all_ids[q] < last)
-            np.add.at(whole, all_ids[q][inside] - first, all_rows[q][inside])
-            for r in cut:
-                a, b = max(r * width, lo), min((r + 1) * width, hi)
-                for i in np.nonzero(all_ids[q] == r)[0]:
-                    self.updated_grads[a - start:b - start] += all_rows[q][i][a - r * width:b - r * width]
+        flat = all_ids.reshape(-1, 1) * width + np.arange(width)
+        held = (flat >= start) & (flat < start + self.updated_grads.size)
+        np.add.at(self.updated_grads, flat[held] - start, all_rows.reshape(-1, width)[held])
 
     # -- the collectives (the comm thread's, when there is one)
 
@@ -605,15 +590,14 @@ class GradReducer:
         lo, hi, comm = bucket.lo, bucket.hi, self.comm
         bucket.stage = 0
         if self.wire == "bf16":
-            a, b = min(bucket.own[0], hi), min(bucket.own[1], hi)
+            a, b = bucket.own
             bf16.to_bf16(self.grads[lo:a], out=self.wire16[lo:a])       # the parts for the others
             bf16.to_bf16(self.grads[b:hi], out=self.wire16[b:hi])
             bf16.to_bf16(self.grads[a:b], out=bucket.recv[comm.rank])   # my own, straight to the sum
             # point to point, not MPI_Ialltoallv: MPICH's advanced only a few kB per test (8 MB
             # took 2 s at 1 ms tests, against 5 ms for the same bytes as Isend/Irecv; its
             # Iallgatherv was as slow at 76 MB, so the gather below is point to point too)
-            sends = [(q, self.wire16[lo + bucket.displs[q]:lo + bucket.displs[q] + bucket.counts[q]])
-                     for q in range(comm.size) if q != comm.rank]
+            sends = [(q, self._part(bucket, q)) for q in range(comm.size) if q != comm.rank]
             recvs = [(q, bucket.recv[q]) for q in range(comm.size) if q != comm.rank]
             bucket.requests = comm.start_exchange(sends, recvs, tag=2 * bucket.index)
         elif self.partition.zero:
@@ -624,6 +608,11 @@ class GradReducer:
             return False
         self.active.append(bucket)
         return True
+
+    def _part(self, bucket: _Bucket, q: int) -> np.ndarray:
+        """Rank q's part of the bucket in the bf16 wire buffer."""
+        start = bucket.lo + bucket.displs[q]
+        return self.wire16[start:start + bucket.counts[q]]
 
     def _advance(self, bucket: _Bucket) -> bool:
         """The bucket's collective finished: start the next one, or say it is done (True)."""
@@ -637,8 +626,7 @@ class GradReducer:
             a, b = bucket.own
             bf16.to_bf16(bucket.target, out=self.wire16[a:b])
             mine = self.wire16[a:b]
-            parts = [(q, self.wire16[bucket.lo + bucket.displs[q]:][:bucket.counts[q]])
-                     for q in range(self.comm.size) if q != self.comm.rank]
+            parts = [(q, self._part(bucket, q)) for q in range(self.comm.size) if q != self.comm.rank]
             bucket.requests = self.comm.start_exchange([(q, mine) for q, _ in parts], parts,
                                                        tag=2 * bucket.index + 1)
             return False
