@@ -1,14 +1,17 @@
-"""MKL sgemm against MKL's bf16 gemm (cblas_gemm_bf16bf16f32) on GPT-2's matmuls, as distgpt runs them.
+"""sgemm (NumPy's OpenBLAS, MKL) against the bf16 gemms (oneDNN's dnnl_gemm_bf16bf16f32, MKL's
+cblas_gemm_bf16bf16f32) on GPT-2's matmuls, as distgpt runs them.
 
     python benchmarks/bench_gemm.py [--threads 1,2] [--rows 1024] [--repeats 3] [--only qkv,head]
+                                    [--sgemm numpy,mkl] [--bf16 onednn,mkl]
 
 For each GPT-2 124M matmul at B*T = `rows` (the four linears and the tied head) and its two
-backward products, plus a 4096^3 square: GFLOP/s of float32 sgemm and of the bf16 gemm, the
-second both alone and with the cost of rounding its activation operands to bf16 (what
-distgpt.ops pays per call; weights are converted once per optimizer step, shown apart), and the
-ratio bf16 (with conversion) / fp32. Operands have the layouts distgpt passes (weights (in, out),
-transposed views for the backward products, the head's (V, C) embedding), and rows are split over
-the threads as distgpt.ops does, MKL itself sequential.
+backward products, plus a 4096^3 square: GFLOP/s of float32 sgemm per BLAS and of each bf16
+gemm, the cost of rounding the activation operands to bf16 (what distgpt.ops pays per call
+unless the activation is stored in bf16; weights are converted once per optimizer step, shown
+apart), and each bf16 gemm with that conversion against the fastest sgemm. Operands have the
+layouts distgpt passes (weights (in, out), transposed views for the backward products, the
+head's (V, C) embedding), and rows are split over the threads as distgpt.ops does, each library
+itself single-threaded. Libraries that are not installed are left out.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,8 +38,8 @@ LINEARS = {"qkv": (C, 3 * C), "attn_proj": (C, C), "fc": (C, 4 * C), "mlp_proj":
 def cpu_line() -> str:
     model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                   if line.startswith("model name")), platform.processor())
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in bf16.cpu_flags()]
-    return f"CPU: {model}; flags: {' '.join(flags)}; {blas.describe()}"
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in blas.cpu_flags()]
+    return f"CPU: {model}; flags: {' '.join(flags)}"
 
 
 def split_rows(gemm: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
@@ -86,7 +90,8 @@ def bf16_buffer(x: np.ndarray) -> np.ndarray:
     return np.empty(x.shape, np.uint16) if x.flags.c_contiguous else np.empty(x.shape[::-1], np.uint16).T
 
 
-def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], repeats: int) -> list[str]:
+def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], repeats: int,
+            sgemms: list[str], bf16s: list[str]) -> list[str]:
     M, K = a.shape
     N = b.shape[1]
     flop = 2.0 * M * N * K
@@ -94,26 +99,51 @@ def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], re
     a16, b16 = bf16_buffer(a), bf16_buffer(b)
     to_bf16_like(a, a16)
     to_bf16_like(b, b16)
-    t32 = best_time(lambda: split_rows(blas.gemm, a, b, out), repeats)
-    t16 = best_time(lambda: split_rows(blas.gemm_bf16, a16, b16, out), repeats)
+    t32 = []
+    for lib in sgemms:
+        blas.use(lib)
+        t32.append(best_time(lambda: split_rows(blas.gemm, a, b, out), repeats))
+    t16 = []
+    for lib in bf16s:
+        blas.use_bf16(lib)
+        t16.append(best_time(lambda: split_rows(blas.gemm_bf16, a16, b16, out), repeats))
     act = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if is_act]
     weight = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if not is_act]
     t_act = best_time(lambda: [to_bf16_like(x, x16) for x, x16 in act], repeats) if act else 0.0
     t_w = best_time(lambda: [to_bf16_like(x, x16) for x, x16 in weight], repeats) if weight else 0.0
     g = lambda t: f"{flop / t / 1e9:8.0f}"                     # noqa: E731
-    return [name, f"{M}x{K}x{N}", g(t32), g(t16), f"{t_act * 1e3:7.2f}", g(t16 + t_act),
-            f"{t_w * 1e3:7.2f}", f"{t32 / (t16 + t_act):5.2f}x"]
+    return [name, f"{M}x{K}x{N}", *map(g, t32), *map(g, t16), f"{t_act * 1e3:7.2f}", f"{t_w * 1e3:7.2f}",
+            *(f"{min(t32) / t:5.2f}x / {min(t32) / (t + t_act):5.2f}x" for t in t16)]
 
 
-HEADER = ["product", "MxKxN", "sgemm GF/s", "bf16 GF/s", "act conv ms", "bf16+conv GF/s", "weight conv ms",
-          "bf16+conv / fp32"]
+def header(sgemms: list[str], bf16s: list[str]) -> list[str]:
+    return ["product", "MxKxN", *(f"sgemm {lib} GF/s" for lib in sgemms),
+            *(f"bf16 {lib} GF/s" for lib in bf16s),
+            "act conv ms", "weight conv ms", *(f"{lib} / best sgemm (+act conv)" for lib in bf16s)]
 
 
-def print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in [HEADER, *rows]) for i in range(len(HEADER))]
-    for r in [HEADER, *rows]:
+def print_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
         cells = zip(r, widths, strict=True)
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
+
+
+def installed(sgemms: list[str], bf16s: list[str]) -> tuple[list[str], list[str]]:
+    have_s, have_b = [], []
+    for lib in sgemms:
+        try:
+            blas.use(lib)
+            have_s.append(lib)
+        except blas.BlasError as exc:
+            print(f"left out: sgemm {lib}: {exc}", file=sys.stderr)
+    for lib in bf16s:
+        try:
+            blas.use_bf16(lib)
+            have_b.append(lib)
+        except blas.BlasError as exc:
+            print(f"left out: bf16 {lib}: {exc}", file=sys.stderr)
+    return have_s, have_b
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,20 +152,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=1024, help="B*T rows of the activations")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions (the best is kept)")
     p.add_argument("--only", help="subset: qkv,attn_proj,fc,mlp_proj,head,square")
+    p.add_argument("--sgemm", default="numpy,mkl", help="sgemm libraries (DISTGPT_BLAS values)")
+    p.add_argument("--bf16", default="onednn,mkl", help="bf16 gemm libraries (DISTGPT_BF16_GEMM values)")
     args = p.parse_args(argv)
-    blas.use("mkl")
-    if not blas.bf16_gemm_available():
-        print("this MKL has no cblas_gemm_bf16bf16f32", file=sys.stderr)
+    sgemms, bf16s = installed(args.sgemm.split(","), args.bf16.split(","))
+    if not sgemms or not bf16s:
+        print("nothing to compare", file=sys.stderr)
         return 2
     print(cpu_line())
+    limiter = threadpool_limits(limits=1)        # as distgpt.threads.setup: OpenBLAS single-threaded too
     only = set(args.only.split(",")) if args.only else None
     for threads in (int(t) for t in args.threads.split(",")):
         set_threads(threads)
-        print(f"\n{threads} thread(s), rows split over them, MKL sequential in each")
+        print(f"\n{threads} thread(s), rows split over them, each library single-threaded")
         rng = np.random.default_rng(0)
-        print_table([measure(name, a, b, acts, args.repeats)
-                     for name, a, b, acts in cases(args.rows, rng, only)])
+        print_table(header(sgemms, bf16s), [measure(name, a, b, acts, args.repeats, sgemms, bf16s)
+                                            for name, a, b, acts in cases(args.rows, rng, only)])
     set_threads(1)
+    limiter.unregister()
+    blas.use("auto")
+    blas.use_bf16("auto")
     return 0
 
 

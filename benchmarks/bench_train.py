@@ -1,15 +1,20 @@
 """Training throughput of distgpt on this machine, per layout of ranks x threads, optionally against PyTorch.
 
     python benchmarks/bench_train.py --config small [--steps N] [--warmup W] [--vs-torch]
-        [--layouts 1x2,2x1] [--no-zero] [--reduce M] [--no-overlap] [--profile] [--batch B]
-        [--wait-idle S] [--json PATH] [--vs-llmc BUILD_DIR]
+        [--precision fp32,bf16] [--torch-modes eager-fp32,...] [--layouts 1x2,2x1] [--no-zero]
+        [--reduce M] [--no-overlap] [--profile] [--batch B] [--wait-idle S] [--json PATH]
+        [--vs-llmc BUILD_DIR]
 
 The driver (this script run without mpirun) starts one worker per layout RxT: R MPI ranks with T
 threads each (`mpirun -n R -bind-to core:T`; R = 1 runs the worker directly). The worker
 builds the model, AdamW and gradient reducer as distgpt.train does, trains on random tokens for
 `warmup` untimed and `steps` timed steps, measures the machine's sgemm peak with the same threads,
-and hands rank 0's JSON result back through a file. With --vs-torch a PyTorch reference
-(torch_reference.py: one process, R x T threads) runs after each layout on the same shape and data.
+and hands rank 0's JSON result back through a file; each layout runs once per --precision. With
+--vs-torch the PyTorch reference (torch_reference.py: one process on all the layouts' cores) runs
+after them on the same shape and data, once per --torch-modes entry: eager or torch.compile,
+fp32 or bf16 autocast (a compiled model's first step compiles it: its time is reported, not timed).
+MFU is against the 4096^3 gemm peak of the row's own precision: sgemm for fp32, the bf16 gemm
+distgpt uses for bf16 (torch's bf16 rows against the same bf16 peak).
 See benchmarks/README.md for what each column means.
 """
 
@@ -45,6 +50,7 @@ from distgpt.threads import setup as setup_threads
 from distgpt.train import Trainer, flops_per_token, initial_params
 
 SEED = 1337
+TORCH_MODES = ("eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16")
 SGEMM_N = 4096
 SGEMM_REPEATS = 3
 
@@ -86,6 +92,31 @@ def random_tokens(shape: Shape, n_steps: int, batch: int) -> np.ndarray:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def bf16_gemm_flops(comm, threads: int) -> float:
+    """Best-of-3 FLOP/s of a 4096^3 bf16 product through distgpt's bf16 gemm and row split."""
+    rng = np.random.default_rng(0)
+    a = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
+    b = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
+    c = np.empty((SGEMM_N, SGEMM_N), np.float32)
+    best = float("inf")
+    before = n_threads()
+    set_threads(threads)
+    try:
+        for _ in range(SGEMM_REPEATS + 1):                      # the first call warms the library up
+            comm.barrier()
+            t0 = time.perf_counter()
+            ops.matmul(a, b, c)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        set_threads(before)
+    return 2 * SGEMM_N**3 / best
+
+
+def gemm_peak(comm, threads: int, precision: str) -> float:
+    """The MFU denominator of a row: the sgemm peak, or for bf16 the bf16 gemm's."""
+    return bf16_gemm_flops(comm, threads) if precision.startswith("bf16") else sgemm_flops(comm, threads)
 
 
 def sgemm_flops(comm, threads: int) -> float:
@@ -205,7 +236,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         profiler.disable()
 
     rss = peak_rss_mib()  # before the sgemm's three 64 MiB matrices
-    flops = sgemm_flops(comm, threads.threads)
+    flops = gemm_peak(comm, threads.threads, trainer.precision)
     per_rank = comm.allgather_obj({"rss_mib": rss, "sgemm_flops": flops,
                                    "split": split_summary(phases, step_times)})
     n_params = model.layout.n_params()
@@ -246,22 +277,26 @@ def torch_worker(args: argparse.Namespace) -> None:
     model = GPT(TorchGPTConfig(shape.n_layer, shape.n_head, shape.n_embd, shape.seq_len, shape.vocab_size))
     n_params = model.n_params()  # vocabulary 50257, unpadded: the same N as distgpt's
     optimizer = make_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), t.eps)
-    autocast = bf16.resolve(args.precision) == "bf16"      # the same precision as distgpt's rows
-    trainer = Trainer(model, optimizer, t.grad_clip, autocast=autocast)
+    how, precision = args.torch_mode.split("-")
+    autocast = precision == "bf16"
+    trainer = Trainer(torch.compile(model) if how == "compile" else model, optimizer, t.grad_clip,
+                      autocast=autocast)
     tokens = torch.from_numpy(random_tokens(shape, args.warmup + args.steps, args.batch))
 
-    step_times, phases, losses = [], [], []
+    step_times, phases, losses, first_step_s = [], [], [], None
     for step in range(args.warmup + args.steps):
         x, y = tokens[step, :, :-1].contiguous(), tokens[step, :, 1:].contiguous()
         t0 = time.perf_counter()
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         losses.append(trainer.step(x, y, lr, time.perf_counter))
+        if step == 0:
+            first_step_s = time.perf_counter() - t0         # with torch.compile: mostly compiling
         if step >= args.warmup:
             step_times.append(time.perf_counter() - t0)
             phases.append(trainer.last)
 
     rss = peak_rss_mib()
-    peak = sgemm_flops(dist.Comm(), args.threads)
+    peak = gemm_peak(dist.Comm(), args.threads, precision)
     fpt = flops_per_token(model_config(shape), shape.seq_len, n_params)
     write_result(args.out, {
         "impl": "torch",
@@ -275,6 +310,8 @@ def torch_worker(args: argparse.Namespace) -> None:
         "losses": losses,
         "torch": torch.__version__,
         "precision": "bf16 autocast" if autocast else "fp32",
+        "mode": args.torch_mode,
+        "first_step_s": first_step_s,
     })
 
 
@@ -411,19 +448,22 @@ def wait_idle(timeout: float, quiet_s: float = 5.0, threshold: float = 0.2) -> N
             said = True
 
 
-def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, args, tmp: str) -> dict:
-    """Run one worker to completion: its result, or {'error': ...}."""
-    out = os.path.join(tmp, f"{impl}-{config}-{ranks}x{threads}.json")
+def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, variant: str, args,
+               tmp: str) -> dict:
+    """Run one worker to completion: its result, or {'error': ...}. `variant`: distgpt's precision,
+    or the torch mode."""
+    out = os.path.join(tmp, f"{impl}-{config}-{ranks}x{threads}-{variant}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--config", config,
            "--threads", str(threads), "--batch", str(batch), "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--out", out, "--micro-batches", str(args.micro_batches)]
     if impl == "distgpt":
         cmd += ["--reduce", args.reduce, "--zero" if args.zero else "--no-zero"]
-        cmd += ["--precision", args.precision]
+        cmd += ["--precision", variant]
         cmd += ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
         cmd += ["--grad-wire", args.grad_wire, "--comm-thread" if args.comm_thread else "--no-comm-thread"]
     env = dict(os.environ)
     if impl == "torch":
+        cmd += ["--torch-mode", variant]
         env["OMP_NUM_THREADS"] = str(threads)
     if ranks > 1:
         mpirun = mpirun_path()
@@ -473,21 +513,27 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
     head = f"== {name}: L{shape.n_layer} C{shape.n_embd} H{shape.n_head} T{shape.seq_len} B{shape.batch}"
     if ok:
         head += f", {ok[0]['n_params'] / 1e6:.1f}M params, {ok[0]['flops_per_token'] / 1e6:.0f} MFLOP/token"
-        head += f", distgpt in {ok[0].get('precision', 'fp32')}"
     head += f"; median of {steps} steps after {warmup} warmup"
     llmc = next((r for r in runs if r["impl"] == "llm.c"), None)
     if llmc is not None and "error" not in llmc and (llmc["steps"], llmc["warmup"]) != (steps, warmup):
         head += f" (llm.c: {llmc['steps']} after {llmc['warmup']})"
     rows = [("layout", "tok/s", "ms/step", "MFU", "peak GF/s", "fwd%", "bwd%", "wait%", "comm%", "opt%",
-             "RSS MiB", "other load", "vs torch") + (("vs llm.c",) if llmc is not None else ())]
-    for i, r in enumerate(runs):
+             "RSS MiB", "other load", "vs best torch", "vs fp32")
+            + (("vs llm.c",) if llmc is not None else ())]
+    torch_ok = [r for r in ok if r["impl"] == "torch"]
+    best_torch = max(torch_ok, key=lambda r: r["tokens_per_s"]) if torch_ok else None
+    for r in runs:
         if "error" in r:
             rows.append((r["label"], "failed: " + r["error"].splitlines()[0], *[""] * (len(rows[0]) - 2)))
             continue
-        nxt = runs[i + 1] if i + 1 < len(runs) else {}
         ratio = ""
-        if r["impl"] == "distgpt" and nxt.get("impl") == "torch" and "error" not in nxt:
-            ratio = f"{r['tokens_per_s'] / nxt['tokens_per_s']:.2f}x"
+        if r["impl"] == "distgpt" and best_torch is not None:
+            ratio = f"{r['tokens_per_s'] / best_torch['tokens_per_s']:.2f}x"
+        fp32 = next((q for q in ok if q["impl"] == "distgpt" and q.get("precision") == "fp32"
+                     and (q["ranks"], q["threads"]) == (r["ranks"], r["threads"])), None)
+        vs_fp32 = ""
+        if r["impl"] == "distgpt" and r.get("precision") == "bf16" and fp32 is not None:
+            vs_fp32 = f"{r['tokens_per_s'] / fp32['tokens_per_s']:.2f}x"
         vs_llmc = ()
         if llmc is not None:
             good = r["impl"] == "distgpt" and "error" not in llmc
@@ -508,9 +554,16 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
             "/".join(f"{v:,.0f}" for v in r["rss_mib"]),
             "?" if load is None else f"{load:.2f}" + (" !" if load > 0.2 else ""),
             ratio,
+            vs_fp32,
             *vs_llmc,
         ))
     lines = [head, *format_table(rows)]
+    if best_torch is not None:
+        lines.append(f"fastest torch mode: {best_torch['label']}")
+    compiled = [r for r in torch_ok if r.get("mode", "").startswith("compile")]
+    if compiled:
+        lines.append("torch.compile's first step (compiling, untimed): "
+                     + ", ".join(f"{r['mode']} {r['first_step_s']:.0f} s" for r in compiled))
     best = best_vs_llmc(runs)
     if best is not None:
         lines.append(f"fastest distgpt row ({best['distgpt']}) / {best['llmc']}: {best['ratio']:.2f}x")
@@ -538,6 +591,10 @@ def drive(args) -> int:
             raise SystemExit(f"--config: unknown {name!r}; choose from {', '.join(CONFIGS)}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     layouts = parse_layouts(args.layouts or (f"1x{cores},{cores}x1" if cores > 1 else "1x1"))
+    precisions = args.precision.split(",")
+    for item in precisions + (args.torch_modes.split(",") if args.vs_torch else []):
+        if item not in ("fp32", "bf16", "auto", *TORCH_MODES):
+            raise SystemExit(f"--precision/--torch-modes: unknown {item!r}")
     results, tables, notes, raised_batch = {}, [], [], False
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         for name in configs:
@@ -554,12 +611,18 @@ def drive(args) -> int:
                 suffix = f" B{batch}*" if batch != shape.batch else ""
                 if ranks * threads > cores:
                     print(f"warning: layout {ranks}x{threads} oversubscribes {cores} cores", flush=True)
-                jobs = [("distgpt", ranks, threads, f"{ranks}x{threads}{suffix}")]
-                if args.vs_torch:
-                    jobs.append(("torch", 1, ranks * threads, f"torch {ranks * threads}t{suffix}"))
-                for impl, r, t, label in jobs:
-                    runs.append(run_job(name, impl, label, args.wait_idle,
-                                        partial(run_worker, impl, name, r, t, batch, cargs, tmp)))
+                for precision in precisions:
+                    label = f"{ranks}x{threads} {precision}{suffix}"
+                    runs.append(run_job(name, "distgpt", label, args.wait_idle,
+                                        partial(run_worker, "distgpt", name, ranks, threads, batch,
+                                                precision, cargs, tmp)))
+            if args.vs_torch:
+                threads = max(r * t for r, t in layouts)
+                batch = args.batch or shape.batch
+                for mode in args.torch_modes.split(","):
+                    runs.append(run_job(name, "torch", f"torch {threads}t {mode}", args.wait_idle,
+                                        partial(run_worker, "torch", name, 1, threads, batch, mode,
+                                                cargs, tmp)))
             results[name] = {"shape": asdict(shape), "steps": cargs.steps, "warmup": cargs.warmup,
                              "runs": runs}
             if args.vs_llmc:
@@ -641,9 +704,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-idle", type=float, default=0, metavar="SECONDS",
                         help="before each run, wait up to SECONDS for other processes to leave the cores")
     parser.add_argument("--json", help="save every result to this file")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "auto"), default="fp32",
-                        help="distgpt's train.precision (default fp32, comparable with earlier runs; "
-                             "MFU stays against the fp32 sgemm peak)")
+    parser.add_argument("--precision", default="fp32",
+                        help="distgpt's train.precision, or several (fp32,bf16): each layout runs in each")
+    parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
+                        help=f"PyTorch modes for --vs-torch (default all: {','.join(TORCH_MODES)})")
+    parser.add_argument("--torch-mode", choices=TORCH_MODES, help=argparse.SUPPRESS)
     # worker mode (started by the driver)
     parser.add_argument("--worker", choices=("distgpt", "torch"), help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, help=argparse.SUPPRESS)

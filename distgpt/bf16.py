@@ -2,7 +2,7 @@
 
 bf16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits). NumPy has no bf16
 dtype, so bf16 arrays here are uint16 arrays of those bit patterns, which MKL's
-cblas_gemm_bf16bf16f32 (distgpt/blas.py) reads directly; it accumulates in float32.
+the bf16 gemms (oneDNN's or MKL's, distgpt/blas.py) read directly; they accumulate in float32.
 
 float32 -> bf16 rounds to nearest, ties to even, as PyTorch's `.to(torch.bfloat16)` does; every
 NaN becomes 0xFFFF, PyTorch's NaN on CPUs (the tests compare the bits). bf16 -> float32 is exact.
@@ -12,14 +12,11 @@ operations, so both give the same bits.
 Mixed precision (train.precision) follows PyTorch autocast: float32 master parameters, moments and
 gradients; bf16 copies of the matmul weights, made once per optimizer step; matmul inputs rounded
 to bf16, products accumulated and returned in float32; LayerNorm, softmax, GELU, attention and the
-loss in float32. `auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and an
-MKL with the bf16 gemm (elsewhere MKL emulates bf16, slower than sgemm).
+loss in float32. `auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and a
+bf16 gemm library that uses them (blas.use_bf16 says which, and why not).
 """
 
 from __future__ import annotations
-
-import functools
-import os
 
 import numpy as np
 
@@ -27,7 +24,6 @@ from distgpt import blas, jit
 from distgpt.threads import parallel_for
 
 PRECISIONS = ("fp32", "bf16", "auto")
-FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _NAN_BF16 = 0xFFFF
 _SIGN_OFF = np.uint32(0x7FFFFFFF)
 _INF_BITS = np.uint32(0x7F800000)
@@ -90,12 +86,26 @@ def to_bf16(x: np.ndarray, out: np.ndarray | None = None, parallel: bool = False
     return out
 
 
-def to_float32(b: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float32, exact."""
+def to_float32(b: np.ndarray, out: np.ndarray | None = None, parallel: bool = False) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exact; into `out` (C-contiguous, b's shape) when given, rows
+    split over the threads with `parallel`."""
     b = np.asarray(b)
     if b.dtype != np.uint16:
         raise TypeError(f"to_float32 takes uint16 bf16 bits, not {b.dtype}")
-    return (b.astype(np.uint32) << 16).view(np.float32)
+    if out is None:
+        return (b.astype(np.uint32) << 16).view(np.float32)
+    if out.shape != b.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"to_float32: output {out.dtype}{out.shape} for input {b.shape}")
+
+    b2, o2 = b.reshape(b.shape[0] if b.ndim else 1, -1), out.reshape(b.shape[0] if b.ndim else 1, -1)
+
+    def work(lo: int, hi: int) -> None:
+        np.left_shift(b2[lo:hi], 16, out=o2[lo:hi].view(np.uint32), dtype=np.uint32)
+    if parallel:
+        parallel_for(b2.shape[0], work, grain=16)
+    else:
+        work(0, b2.shape[0])
+    return out
 
 
 def _sum_bf16_loop(parts, out):
@@ -157,39 +167,14 @@ class Workspace:
 
 # ----------------------------------------------------------------------------- which precision
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def fast_flags() -> list[str]:
     """The CPU features that make bf16 matmuls fast, of those this CPU has."""
-    flags = cpu_flags()
-    return [f for f in FAST_BF16_FLAGS if f in flags]
-
-
-def emulation_allowed() -> bool:
-    """DISTGPT_BF16_EMULATED=1: accept bf16 on a CPU without bf16 instructions, where MKL emulates
-    them: the same numerics, several times slower than fp32. For tests and debugging only."""
-    return os.environ.get("DISTGPT_BF16_EMULATED") == "1"
+    return blas.fast_bf16_flags()
 
 
 def unsupported_reason() -> str | None:
     """Why bf16 matmuls would not be fast here, or None when they would (or may be emulated)."""
-    if not fast_flags() and not emulation_allowed():
-        return "this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo)"
-    if not blas.bf16_gemm_available():
-        why = "the matmuls use NumPy's BLAS" if not blas.using_mkl() else "MKL has no cblas_gemm_bf16bf16f32"
-        return f"bf16 matmuls need MKL's cblas_gemm_bf16bf16f32 and {why} (pip install 'distgpt[mkl]')"
-    return None
+    return blas.bf16_unavailable_reason()
 
 
 def resolve(precision: str) -> str:
@@ -211,6 +196,6 @@ def describe(precision: str) -> str:
     """One line for the run header: the precision, and for bf16 the library and CPU features."""
     if precision == "fp32":
         return "precision: fp32"
-    cpu = ", ".join(fast_flags()) or "no bf16 instructions: emulated by MKL (DISTGPT_BF16_EMULATED=1), slow"
+    cpu = ", ".join(fast_flags()) or "no bf16 instructions"
     return (f"precision: bf16 matmuls (fp32 master weights, accumulation, norms, softmax, loss) via "
-            f"{blas.describe()} cblas_gemm_bf16bf16f32; CPU: {cpu}")
+            f"{blas.describe_bf16()}; CPU: {cpu}")

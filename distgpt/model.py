@@ -178,13 +178,13 @@ class BlockActs:
     """What block_backward needs from block_forward, for one block (views into Activations)."""
 
     ln1_xhat: np.ndarray            # (BT, C) normalised input of ln_1
-    ln1_out: np.ndarray             # (BT, C)
+    ln1_out: np.ndarray             # (BT, C)                      bf16 bits in a bf16 model
     ln1_rstd: np.ndarray            # (BT,)
     qkv: np.ndarray                 # (BT, 3C)
     lse: np.ndarray                 # (B, nh, T) attention's log-normalisers: backward recomputes the rest
-    attn_y: np.ndarray              # (BT, C) attention output, before c_proj
+    attn_y: np.ndarray              # (BT, C) attention output, before c_proj; bf16 bits in a bf16 model
     ln2_xhat: np.ndarray            # (BT, C)
-    ln2_out: np.ndarray             # (BT, C)
+    ln2_out: np.ndarray             # (BT, C)                      bf16 bits in a bf16 model
     ln2_rstd: np.ndarray            # (BT,)
     fc_pre: np.ndarray              # (BT, 4C) input of the GELU (its output is recomputed in backward)
 
@@ -208,18 +208,24 @@ class Scratch:
 
 class Activations:
     """Every buffer of a forward (and backward) pass for one (B, T), allocated once and reused.
-    Training keeps each block's activations (`saved_blocks` = L); inference reuses one set."""
+    Training keeps each block's activations (`saved_blocks` = L); inference reuses one set.
+    `low` (a bf16 model): the activations that only feed matmuls as stored (the ln_1 and ln_2
+    outputs, the attention output) are kept as bf16 bits, the rounding those matmuls take anyway:
+    half their memory, and no rounding per call. q/k/v and the GELU input stay float32, as the
+    attention and GELU that read them compute in float32 (rounding them too, as autocast does, made
+    runs 10-30x more sensitive to how the batch is split over ranks: see benchmarks/README.md)."""
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
-                 saved_blocks: int, backward: bool):
+                 saved_blocks: int, backward: bool, low: bool = False):
         C, nh, BT = cfg.n_embd, cfg.n_head, B * T
         z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
+        m = (lambda *s: np.empty(s, dtype=np.uint16)) if low else z  # noqa: E731
         self.B, self.T = B, T
         self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
         L = saved_blocks
-        ln1_xhat, ln1_out, ln1_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
-        qkv, lse, attn_y = z(L, BT, 3 * C), z(L, B, nh, T), z(L, BT, C)
-        ln2_xhat, ln2_out, ln2_rstd = z(L, BT, C), z(L, BT, C), z(L, BT)
+        ln1_xhat, ln1_out, ln1_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
+        qkv, lse, attn_y = z(L, BT, 3 * C), z(L, B, nh, T), m(L, BT, C)
+        ln2_xhat, ln2_out, ln2_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
         fc_pre = z(L, BT, 4 * C)
         self.blocks = [BlockActs(ln1_xhat[i], ln1_out[i], ln1_rstd[i], qkv[i], lse[i], attn_y[i],
                                  ln2_xhat[i], ln2_out[i], ln2_rstd[i], fc_pre[i]) for i in range(L)]
@@ -234,10 +240,13 @@ class Activations:
         return self.blocks[layer % len(self.blocks)]
 
 
-def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4) -> int:
-    """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's chunk."""
+def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
+                     low: bool = False) -> int:
+    """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
+    chunk; `low`: a bf16 model's (3 of each block's 12 BT x C floats stored in bf16)."""
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
-    per_layer = 12 * BT * C + 2 * BT + B * cfg.n_head * T
+    stored = 9 * BT * C + (3 * BT * C * 2 // itemsize if low else 3 * BT * C)
+    per_layer = stored + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
     return itemsize * (L * per_layer + scratch + head)
@@ -313,6 +322,9 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     B = a.lse.shape[0]
     low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
+    if a.ln1_out.dtype == np.uint16:
+        _block_forward_bf16(x, w, a, s, cfg, layer, drop, cache, low, split)
+        return
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, a.ln1_out, a.ln1_xhat)   # (BT, C)
     ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                 # (BT, 3C)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
@@ -328,6 +340,34 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     x += s.branch
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, a.ln2_out, a.ln2_xhat)   # (BT, C)
     ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                 # (BT, 4C)
+    ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
+    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
+    drop.apply_(s.branch, "res2", layer)
+    x += s.branch
+
+
+def _block_forward_bf16(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
+                        drop: Dropout, cache: KVCache | None, low: Callable, split: Callable) -> None:
+    """block_forward storing the ln_1, ln_2 and attention outputs in bf16 as they are made (in
+    float32 first, into s.branch, which is free at those points)."""
+    a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, s.branch, a.ln1_xhat)   # (BT, C)
+    bf16.to_bf16(s.branch, a.ln1_out, parallel=True)
+    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                # (BT, 3C)
+    q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
+    (y,) = split(s.branch)                                                              # (B, nh, T, hs)
+    q_offset = 0
+    if cache is not None:
+        q_offset = cache.length
+        k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
+    ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
+                          keep_scale=drop.scale, q_offset=q_offset)
+    bf16.to_bf16(s.branch, a.attn_y, parallel=True)
+    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, low("attn_proj_w"))  # (BT, C)
+    drop.apply_(s.branch, "res1", layer)
+    x += s.branch
+    a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, s.branch, a.ln2_xhat)   # (BT, C)
+    bf16.to_bf16(s.branch, a.ln2_out, parallel=True)
+    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                # (BT, 4C)
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
     ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res2", layer)
@@ -357,8 +397,11 @@ def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs,
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
     ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
                         accumulate, low("attn_proj_w"))                                  # (BT, C) d attn_y
+    # a bf16 model stores y in bf16: attention's backward reads it widened, into the free s.branch
+    stored16 = a.attn_y.dtype == np.uint16
+    attn_y = bf16.to_float32(a.attn_y, s.branch, parallel=True) if stored16 else a.attn_y
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
-    (y,), (dy,) = split(a.attn_y), split(s.d_in)
+    (y,), (dy,) = split(attn_y), split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
     ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                            keep=drop.keep("att", layer), keep_scale=drop.scale)
@@ -466,7 +509,8 @@ class GPT:
             if len(self._acts) >= 3:  # training, eval and one more shape; drop the oldest
                 self._acts.pop(next(iter(self._acts)))
             saved = self.cfg.n_layer if training else 1
-            self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, saved, training)
+            self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, saved, training,
+                                          low=self.precision == "bf16")
         return self._acts[key]
 
     def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:

@@ -122,7 +122,8 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
 
 def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
                    w16: np.ndarray | None = None) -> np.ndarray:
-    """out = x @ w + b; with w16 (w's bf16 copy) the product is x's bf16 rounding times w16."""
+    """out = x @ w + b; with w16 (w's bf16 copy) the product is x's bf16 rounding (or x itself,
+    if it is stored in bf16: uint16 bits) times w16."""
     if w16 is not None:
         return _linear_forward_bf16(x, w16, b, out)
 
@@ -134,11 +135,13 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
 
 
 def _linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    x16 = _bf16_scratch.get("x", x.shape)
+    stored = x.dtype == np.uint16
+    x16 = x if stored else _bf16_scratch.get("x", x.shape)
 
     def work(lo: int, hi: int) -> None:
         # each thread converts the rows it multiplies: no pass over x16 between the two
-        bf16.to_bf16(x[lo:hi], x16[lo:hi])
+        if not stored:
+            bf16.to_bf16(x[lo:hi], x16[lo:hi])
         blas.gemm_bf16(x16[lo:hi], w16, out[lo:hi])
         out[lo:hi] += b
     parallel_for(x.shape[0], work, grain=64)
@@ -149,14 +152,17 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarr
                     dx: np.ndarray | None, accumulate: bool = True, w16: np.ndarray | None = None) -> None:
     """Accumulates dw, db (overwrites them if not `accumulate`: the first micro-batch of a step
     saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None
-    (dx may alias x). With w16 (w's bf16 copy) the matmuls take bf16 roundings of dout and x, and
-    dw still accumulates in float32."""
+    (dx may alias x). With w16 (w's bf16 copy) the matmuls take bf16 roundings of dout and x (x
+    may already be bf16 bits, as a bf16 model stores it), and dw still accumulates in float32."""
     a, d, wt = x, dout, w.T
     if w16 is not None:
-        a, d, wt = _bf16_scratch.get("x", x.shape), _bf16_scratch.get("dout", dout.shape), w16.T
+        stored = x.dtype == np.uint16
+        a = x if stored else _bf16_scratch.get("x", x.shape)
+        d, wt = _bf16_scratch.get("dout", dout.shape), w16.T
 
         def convert(lo: int, hi: int) -> None:
-            bf16.to_bf16(x[lo:hi], a[lo:hi])
+            if not stored:
+                bf16.to_bf16(x[lo:hi], a[lo:hi])
             bf16.to_bf16(dout[lo:hi], d[lo:hi])
         parallel_for(x.shape[0], convert, grain=64)
     gemm = blas.gemm if w16 is None else blas.gemm_bf16

@@ -51,15 +51,17 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
     return 6 * n_params + 12 * mcfg.n_layer * seq_len * mcfg.n_embd
 
 
-def summary(cfg: Config, world: int, accum: int) -> list[str]:
+def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> list[str]:
     m, t = cfg.model, cfg.train
     layout = Layout(m)
     n = layout.n_params()
     shard = (layout.size + world - 1) // world
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     moments = 2 * 4 * (shard if cfg.parallel.zero else layout.size)
-    acts = activation_bytes(m, t.micro_batch_size, t.seq_len)
-    total = 2 * 4 * layout.size + moments + acts
+    low = precision == "bf16"
+    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, low=low)
+    copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
+    total = 2 * 4 * layout.size + moments + acts + copy16
     return [
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
@@ -73,7 +75,8 @@ def summary(cfg: Config, world: int, accum: int) -> list[str]:
         + ("" if world == 1 else ", ZeRO-1" if cfg.parallel.zero else ", replicated"),
         f"matmuls: {blas.describe()}",
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
-        f"AdamW moments {mb(moments)}, activations {mb(acts)}; total {mb(total)}",
+        f"AdamW moments {mb(moments)}, activations {mb(acts)}"
+        + (f", bf16 weights {mb(copy16)}" if low else "") + f"; total {mb(total)}",
     ]
 
 
@@ -374,7 +377,7 @@ def open_data(cfg: Config, comm: dist.Comm):
 
 
 def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) -> list[str]:
-    lines = summary(cfg, comm.size, accum) + [
+    lines = summary(cfg, comm.size, accum, trainer.precision) + [
         f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
         f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}",
         bf16.describe(trainer.precision)]

@@ -99,29 +99,31 @@ def tiny_hf_gpt2(vocab: int, n_positions: int, n_embd: int, n_layer: int, n_head
 
 
 def bf16_env() -> dict[str, str]:
-    """The environment under which train.precision=bf16 runs here: none needed on a CPU with bf16
-    instructions; elsewhere MKL's emulation, forced (the same numerics, only slower), so that the
-    bf16 tests run on every CPU. Skips where MKL is not installed (as require_mkl)."""
-    from distgpt import bf16
+    """The environment under which train.precision=bf16 runs here: none needed where a bf16 gemm
+    is fast (a CPU with bf16 instructions and oneDNN or, on Intel, MKL); elsewhere MKL's
+    emulation, forced (the same numerics, only slower), so that the bf16 tests run on every CPU.
+    Skips where MKL is not installed (as require_mkl)."""
+    from distgpt import blas
 
     require_mkl()
-    if bf16.fast_flags():
+    blas.use_bf16("auto")
+    if blas.bf16_unavailable_reason() is None and os.environ.get("DISTGPT_BF16_EMULATED") != "1":
         return {}
-    return {"DISTGPT_BLAS": "mkl", "DISTGPT_BF16_EMULATED": "1"}
+    return {"DISTGPT_BF16_GEMM": "mkl", "DISTGPT_BF16_EMULATED": "1"}
 
 
 @pytest.fixture
 def bf16_here(monkeypatch) -> dict[str, str]:
-    """bf16_env() for this process too (the backend is chosen again, and again after the test)."""
+    """bf16_env() for this process too (the libraries are chosen again, and again after the test)."""
     from distgpt import blas
 
     env = bf16_env()
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    blas.use(os.environ.get("DISTGPT_BLAS", "auto"))
+    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
     yield env
     monkeypatch.undo()
-    blas.use(os.environ.get("DISTGPT_BLAS", "auto"))
+    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
 
 
 def require_mkl() -> None:

@@ -16,7 +16,7 @@ from distgpt import bf16, blas, train
 from distgpt.model import GPT, ModelConfig
 from distgpt.weights import from_hf_state_dict, to_hf_state_dict
 
-from conftest import bf16_env, read_metrics, rel, run_cli, tiny_config, tiny_hf_gpt2
+from conftest import bf16_env, read_metrics, rel, require_mkl, run_cli, tiny_config, tiny_hf_gpt2
 
 V, C, NH, BLOCK, L = 1000, 48, 3, 32, 2      # odd sizes: head size 16, vocab padded to 1024
 B, T = 3, 17
@@ -71,8 +71,21 @@ def test_conversion_refuses_other_dtypes():
 
 # ----------------------------------------------------------------------------- which precision
 
-def test_auto_and_forced_bf16_on_a_cpu_without_bf16(monkeypatch):
-    monkeypatch.setattr(bf16, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+@pytest.fixture
+def cpu(monkeypatch):
+    """cpu(vendor_is_intel, *flags): pretend to be that CPU; the bf16 gemm is chosen again after."""
+    def pretend(intel: bool, *flags: str) -> None:
+        monkeypatch.setattr(blas, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.setattr(blas, "_intel_cpu", lambda: intel)
+        monkeypatch.delenv("DISTGPT_BF16_EMULATED", raising=False)
+        blas.use_bf16("auto")
+    yield pretend
+    monkeypatch.undo()
+    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
+
+
+def test_auto_and_forced_bf16_on_a_cpu_without_bf16(cpu):
+    cpu(True, "avx2", "avx512f")
     assert bf16.resolve("auto") == "fp32"
     assert bf16.resolve("fp32") == "fp32"
     with pytest.raises(blas.BlasError, match="train.precision=bf16 but this CPU has neither avx512_bf16 "
@@ -80,20 +93,45 @@ def test_auto_and_forced_bf16_on_a_cpu_without_bf16(monkeypatch):
         bf16.resolve("bf16")
 
 
-def test_forced_bf16_without_mkl_names_why(monkeypatch):
-    monkeypatch.setattr(bf16, "cpu_flags", lambda: frozenset({"amx_bf16"}))
-    blas.use("numpy")
-    try:
-        assert bf16.resolve("auto") == "fp32"
-        with pytest.raises(blas.BlasError, match="cblas_gemm_bf16bf16f32 and the matmuls use NumPy"):
-            bf16.resolve("bf16")
-    finally:
-        blas.use("auto")
+def test_auto_picks_onednn_on_avx512_bf16_and_mkl_on_amx(cpu):
+    require_mkl()
+    cpu(False, "avx512_bf16")                               # an AMD Zen 4/5
+    assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
+    cpu(True, "avx512_bf16", "amx_bf16")                    # a Sapphire Rapids Xeon
+    assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("MKL ")
+    blas.use_bf16("onednn")                                 # named: taken, and fast there too
+    assert bf16.resolve("bf16") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
 
 
-def test_forced_bf16_on_a_cpu_without_it_stops_train_with_one_line(monkeypatch, capsys, tmp_path,
-                                                                   shakespeare_bytes):
-    monkeypatch.setattr(bf16, "cpu_flags", lambda: frozenset({"avx2"}))
+def test_mkl_bf16_on_an_amd_cpu_is_not_fast_and_says_why(cpu, monkeypatch):
+    require_mkl()
+    cpu(False, "avx512_bf16")
+    blas.use_bf16("mkl")
+    assert bf16.resolve("auto") == "fp32"
+    with pytest.raises(blas.BlasError, match="cblas_gemm_bf16bf16f32 is fast on Intel CPUs with AVX512-BF16 "
+                                             "or AMX-BF16 only, and this CPU is not one"):
+        bf16.resolve("bf16")
+    monkeypatch.setenv("DISTGPT_BF16_EMULATED", "1")        # accepted when asked for, and said so
+    blas.use_bf16("mkl")
+    assert bf16.resolve("bf16") == "bf16"
+    assert "not fast on this CPU" in bf16.describe("bf16")
+
+
+def test_bf16_without_a_library_names_what_to_install(cpu, monkeypatch):
+    monkeypatch.setattr(blas, "_load_bf16", lambda lib: f"{lib} is not installed here")
+    cpu(False, "avx512_bf16")
+    assert bf16.resolve("auto") == "fp32"
+    with pytest.raises(blas.BlasError, match="bf16 matmuls need oneDNN or MKL: onednn is not installed "
+                                             "here; mkl is not installed here"):
+        bf16.resolve("bf16")
+    with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM=onednn but onednn is not installed here"):
+        blas.use_bf16("onednn")
+    with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM='amx': expected auto, onednn, mkl"):
+        blas.use_bf16("amx")
+
+
+def test_forced_bf16_on_a_cpu_without_it_stops_train_with_one_line(cpu, capsys, tmp_path, shakespeare_bytes):
+    cpu(True, "avx2")
     cfg = tiny_config(tmp_path, shakespeare_bytes)
     omp = os.environ.get("OMP_NUM_THREADS")
     try:
@@ -191,8 +229,8 @@ def test_bf16_training_follows_fp32_and_says_so(tmp_path, shakespeare_bytes):
                                       if "train_loss" in row])
     assert "precision: fp32\n" in runs["fp32"][0]
     header = next(line for line in runs["bf16"][0].splitlines() if line.startswith("precision:"))
-    assert "bf16" in header and "MKL" in header and "cblas_gemm_bf16bf16f32" in header
-    assert any(flag in header for flag in bf16.FAST_BF16_FLAGS) or "emulated by MKL" in header
+    assert "bf16" in header and "gemm_bf16bf16f32" in header and ("oneDNN" in header or "MKL" in header)
+    assert any(flag in header for flag in blas.FAST_BF16_FLAGS) or "not fast on this CPU" in header
     l32, l16 = np.array(runs["fp32"][1]), np.array(runs["bf16"][1])
     assert len(l32) == len(l16) == 8
     assert not np.array_equal(l32, l16)

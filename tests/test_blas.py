@@ -1,6 +1,10 @@
 """blas.gemm: MKL through ctypes (when the mkl package is installed) against NumPy's matmul, on the
 operand layouts ops passes it (row slices, column slices, transposed views) and the ones it must
-refuse (falling back to NumPy)."""
+refuse (falling back to NumPy); blas.gemm_bf16 likewise, through oneDNN and MKL."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -160,72 +164,79 @@ def bf16_operand(rng, shape, how):
     return bits, bf16.to_float32(bits).astype(np.float64)
 
 
+@pytest.fixture(params=["onednn", "mkl"])
+def bf16_library(request, monkeypatch):
+    """Each bf16 gemm library in turn, its calls recorded as (transpose a, transpose b)."""
+    if request.param == "mkl":
+        require_mkl()
+    elif "avx512f" not in blas.cpu_flags():
+        pytest.skip("oneDNN's bf16 gemm needs AVX-512 (test_onednn_without_avx512_is_a_clear_error)")
+    blas.use_bf16(request.param)
+    calls = []
+    lib = blas._bf16_gemm()
+    monkeypatch.setattr(blas, "_bf16", lambda *args: (calls.append(args[:2]), lib(*args)))
+    yield calls
+    monkeypatch.undo()
+    blas.use_bf16("auto")
+
+
 @pytest.mark.parametrize("a_how", LAYOUTS)
 @pytest.mark.parametrize("b_how", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(monkeypatch, a_how, b_how, accumulate):
-    require_mkl()
-    blas.use("mkl")
-    try:
-        rng = np.random.default_rng(3)
-        M, K, N = 37, 53, 29
-        (a, a64), (b, b64) = bf16_operand(rng, (M, K), a_how), bf16_operand(rng, (K, N), b_how)
-        base = rng.standard_normal((M, N + 4)).astype(np.float32)
-        out = base[:, 1:1 + N]
-        expect = (out.astype(np.float64) if accumulate else 0) + a64 @ b64
-        before = base.copy()
-        calls = []
-        real = blas._mkl().gemm_bf16
-        monkeypatch.setattr(blas._mkl(), "gemm_bf16", lambda *args: (calls.append(args[1:3]), real(*args)))
-        blas.gemm_bf16(a, b, out, accumulate=accumulate)
-        flag = {True: blas._TRANS, False: blas._NO_TRANS}
-        assert calls == [(flag[a_how.startswith("transposed")], flag[b_how.startswith("transposed")])]
-        # products of bf16 numbers are exact in float32: only the float32 sums round
-        assert np.abs(out - expect).max() <= 1e-6 * K * np.abs(expect).max()
-        assert np.array_equal(base[:, 0], before[:, 0]) and np.array_equal(base[:, N + 1:], before[:, N + 1:])
-    finally:
-        blas.use("auto")
+def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(bf16_library, a_how, b_how, accumulate):
+    rng = np.random.default_rng(3)
+    M, K, N = 37, 53, 29
+    (a, a64), (b, b64) = bf16_operand(rng, (M, K), a_how), bf16_operand(rng, (K, N), b_how)
+    base = rng.standard_normal((M, N + 4)).astype(np.float32)
+    out = base[:, 1:1 + N]
+    expect = (out.astype(np.float64) if accumulate else 0) + a64 @ b64
+    before = base.copy()
+    blas.gemm_bf16(a, b, out, accumulate=accumulate)
+    assert bf16_library == [(a_how.startswith("transposed"), b_how.startswith("transposed"))]
+    # products of bf16 numbers are exact in float32: only the float32 sums round
+    assert np.abs(out - expect).max() <= 1e-6 * K * np.abs(expect).max()
+    assert np.array_equal(base[:, 0], before[:, 0]) and np.array_equal(base[:, N + 1:], before[:, N + 1:])
 
 
-def test_bf16_gemm_odd_operands_and_empty_dimensions():
-    require_mkl()
-    blas.use("mkl")
-    try:
-        rng = np.random.default_rng(4)
-        a, a64 = bf16_operand(rng, (6, 8), "contiguous")
-        b, b64 = bf16_operand(rng, (8, 5), "contiguous")
-        out = np.empty((5, 6), np.float32).T                     # a transposed output: via a temporary
-        blas.gemm_bf16(a[::2].repeat(2, axis=0), b, out)
-        assert np.allclose(out, a64[::2].repeat(2, axis=0) @ b64, rtol=1e-5, atol=1e-5)
-        blas.gemm_bf16(a[::2], b, out[:3])                        # a row stride MKL cannot take: a copy
-        assert np.allclose(out[:3], a64[::2] @ b64, rtol=1e-5, atol=1e-5)
-        out = np.full((6, 5), 7.0, np.float32)
-        blas.gemm_bf16(a[:, :0], b[:0], out, accumulate=True)     # K = 0: nothing added
-        assert np.all(out == 7.0)
-        blas.gemm_bf16(a[:, :0], b[:0], out)
-        assert np.all(out == 0.0)
-        with pytest.raises(TypeError, match="uint16"):
-            blas.gemm_bf16(a.astype(np.float32), b, out)
-        with pytest.raises(ValueError, match="gemm_bf16"):
-            blas.gemm_bf16(a, b[:5], out)
-    finally:
-        blas.use("auto")
+def test_bf16_gemm_odd_operands_and_empty_dimensions(bf16_library):
+    rng = np.random.default_rng(4)
+    a, a64 = bf16_operand(rng, (6, 8), "contiguous")
+    b, b64 = bf16_operand(rng, (8, 5), "contiguous")
+    out = np.empty((5, 6), np.float32).T                     # a transposed output: via a temporary
+    blas.gemm_bf16(a[::2].repeat(2, axis=0), b, out)
+    assert np.allclose(out, a64[::2].repeat(2, axis=0) @ b64, rtol=1e-5, atol=1e-5)
+    blas.gemm_bf16(a[::2], b, out[:3])                        # a row stride the gemm cannot take: a copy
+    assert np.allclose(out[:3], a64[::2] @ b64, rtol=1e-5, atol=1e-5)
+    out = np.full((6, 5), 7.0, np.float32)
+    blas.gemm_bf16(a[:, :0], b[:0], out, accumulate=True)     # K = 0: nothing added
+    assert np.all(out == 7.0)
+    blas.gemm_bf16(a[:, :0], b[:0], out)
+    assert np.all(out == 0.0)
+    with pytest.raises(TypeError, match="uint16"):
+        blas.gemm_bf16(a.astype(np.float32), b, out)
+    with pytest.raises(ValueError, match="gemm_bf16"):
+        blas.gemm_bf16(a, b[:5], out)
 
 
-def test_bf16_gemm_without_mkl_is_a_clear_error(monkeypatch):
+def test_onednn_without_avx512_is_a_clear_error():
+    """oneDNN held to AVX2 (DNNL_MAX_CPU_ISA, read when it loads) has no bf16 gemm: one clear error."""
+    code = ("import numpy as np; from distgpt import blas; blas.use_bf16('onednn'); "
+            "blas.gemm_bf16(np.ones((64, 8), np.uint16), np.ones((8, 4), np.uint16), "
+            "np.empty((64, 4), np.float32))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "DNNL_MAX_CPU_ISA": "AVX2"})
+    assert r.returncode == 1
+    assert ("BlasError: oneDNN's dnnl_gemm_bf16bf16f32 failed on 64x8 @ 8x4: dnnl_status_t 3 (unimplemented: "
+            "oneDNN's bf16 gemm needs AVX-512)") in r.stderr
+
+
+def test_bf16_gemm_without_a_library_is_a_clear_error(monkeypatch):
     a, b, out = np.zeros((2, 3), np.uint16), np.zeros((3, 4), np.uint16), np.empty((2, 4), np.float32)
-    blas.use("numpy")
+    monkeypatch.setattr(blas, "_load_bf16", lambda lib: f"{lib} is missing")
+    blas.use_bf16("auto")
     try:
-        assert not blas.bf16_gemm_available()
-        with pytest.raises(blas.BlasError, match="bf16 matmuls need MKL .*NumPy's BLAS"):
-            blas.gemm_bf16(a, b, out)
-    finally:
-        blas.use("auto")
-    monkeypatch.setattr(blas, "_mkl_library_path", lambda: None)
-    blas.use("auto")
-    try:
-        with pytest.raises(blas.BlasError, match="bf16 matmuls need MKL"):
+        with pytest.raises(blas.BlasError, match="no bf16 gemm: .*onednn is missing; mkl is missing"):
             blas.gemm_bf16(a, b, out)
     finally:
         monkeypatch.undo()
-        blas.use("auto")
+        blas.use_bf16("auto")
