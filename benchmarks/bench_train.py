@@ -208,7 +208,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
     t, mb = cfg.train, cfg.train.micro_batch_size
     _, params = initial_params(cfg)
     trainer = Trainer(cfg, comm, params)       # the very step distgpt.train runs
-    trainer.reducer.broadcast_params()
+    trainer.broadcast_params()
     model = trainer.model
     tokens = random_tokens(CONFIGS[args.config], args.warmup + args.steps, t.batch_size)
     # micro-batch k of rank r: rows (k * ranks + r) * mb onwards of the step's global batch

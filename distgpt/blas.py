@@ -1,4 +1,5 @@
-"""Which library runs the big 2-D matmuls: NumPy's own BLAS, or Intel MKL when it is installed.
+"""Which library runs the big 2-D matmuls: NumPy's own BLAS, or Intel MKL when it is installed;
+and for bf16 models (train.precision), which bf16 gemm: oneDNN's or MKL's (the second half below).
 
 NumPy's wheels bring OpenBLAS. On Intel CPUs, MKL's sgemm is 15-30% faster on the shapes a rank
 sees most when its batch is small (128 x 768 times 768 x 3072 and the like, see benchmarks/README.md)

@@ -449,7 +449,7 @@ class GPT:
 
     def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
                  grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", params16: np.ndarray | None = None):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         if precision not in ("fp32", "bf16"):
@@ -471,27 +471,53 @@ class GPT:
         self._acts: dict[tuple[int, int, int], Activations] = {}
         self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
         # bf16: copies of the matmul weights, in the parameters' layout (only the matmul weights
-        # are ever written); remade on the first pass after the parameters change
-        self.params16 = np.zeros(self.layout.size, np.uint16) if precision == "bf16" else None
+        # are ever written); remade on the first pass after the parameters change, or, given as
+        # `params16` (one copy that a node's ranks share), by whoever owns that buffer: see
+        # convert_weights16
+        if precision == "bf16" and params16 is None:
+            params16 = np.zeros(self.layout.size, np.uint16)
+        if params16 is not None and (params16.shape != (self.layout.size,) or params16.dtype != np.uint16):
+            raise ValueError(f"bf16 weight buffer {params16.dtype}{params16.shape}, "
+                             f"expected uint16({self.layout.size},)")
+        self.params16 = params16 if precision == "bf16" else None
         self._w16 = self.layout.tensors(self.params16) if precision == "bf16" else None
         self._w16_stale = True
+        self._w16_ranges = self._matmul_weight_ranges() if precision == "bf16" else []
 
     def weights_changed(self) -> None:
         """The parameters were updated (the optimizer, a checkpoint): the bf16 copies are remade on
         the next pass. (zero_grad() implies it: a step's first forward always follows an update.)"""
         self._w16_stale = True
 
+    def _matmul_weight_ranges(self) -> list[tuple[int, int]]:
+        """Flat [start, end) of every weight that has a bf16 copy: wte's vocabulary rows (not its
+        padding) and each block's four matmul weights."""
+        V = self.cfg.vocab_size
+        views = [self.w.wte[:V]] + [getattr(w, n) for w in self.w.blocks for n in MATMUL_WEIGHTS]
+        base = self.params.ctypes.data
+        starts = [(v.ctypes.data - base) // self.params.itemsize for v in views]
+        return [(a, a + v.size) for a, v in zip(starts, views, strict=True)]
+
+    def convert_weights16(self, lo: int = 0, hi: int | None = None) -> None:
+        """Remake the bf16 copies of the matmul weights that lie in the flat range [lo, hi) (all of
+        them by default). With a shared copy, each rank converts the slice it updated; then, after a
+        barrier, weights16_current()."""
+        hi = self.layout.size if hi is None else hi
+        for a, b in self._w16_ranges:
+            s, e = max(a, lo), min(b, hi)
+            if s < e:
+                bf16.to_bf16(self.params[s:e], self.params16[s:e], parallel=True)
+
+    def weights16_current(self) -> None:
+        """The bf16 copies are up to date (their owner converted them): no conversion on the next pass."""
+        self._w16_stale = False
+
     def _weights16(self) -> ParameterTensors | None:
         """The bf16 copies of the matmul weights, up to date; None in fp32."""
         if self._w16 is None:
             return None
         if self._w16_stale:
-            V = self.cfg.vocab_size
-            pairs = [(self.w.wte[:V], self._w16.wte[:V])]
-            for w, w16 in zip(self.w.blocks, self._w16.blocks, strict=True):
-                pairs += [(getattr(w, n), getattr(w16, n)) for n in MATMUL_WEIGHTS]
-            for src, dst in pairs:
-                bf16.to_bf16(src, dst, parallel=True)
+            self.convert_weights16()
             self._w16_stale = False
         return self._w16
 

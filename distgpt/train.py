@@ -237,8 +237,15 @@ class Trainer:
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
                                          cfg.parallel.grad_wire, cfg.parallel.comm_thread,
                                          (cfg.model.padded_vocab, cfg.model.n_embd))
+        # bf16 with the parameters shared on one node (ZeRO-1): one shared bf16 copy of the
+        # weights too, each rank converting the slice it updates (a node's ranks convert it once,
+        # not once each)
+        self.shared16 = None
+        if self.precision == "bf16" and getattr(self.reducer, "shares_params", False):
+            bufs, _ = comm.shared_buffers(layout.size, np.uint16, per_rank=False)
+            self.shared16 = None if bufs is None else bufs[0]
         self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
-                         precision=self.precision)
+                         precision=self.precision, params16=self.shared16)
         lo, hi = self.partition.updated
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.overlap = (cfg.parallel.overlap and comm.size > 1
@@ -280,19 +287,38 @@ class Trainer:
         lo, hi = self.partition.updated
         clip = clip_coefficient(grad_norm, t.grad_clip)
         self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
+        if self.shared16 is not None:               # bf16, shared: this rank's slice of the copy
+            model.convert_weights16(lo, hi)
         if self.partition.zero:
             with comm.watch("parameter gather", step):
-                reducer.allgather_params()
-        model.weights_changed()                     # bf16: the matmul weights' copies are stale
+                reducer.allgather_params()          # (shared: the barrier after which all is converted)
+        self._weights_updated(converted=True)
         timing["optim"] += time.perf_counter() - td
         return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]))
+
+    def broadcast_params(self) -> None:
+        """Rank 0's parameters on every rank (the start of a run)."""
+        self.reducer.broadcast_params()
+        self._weights_updated()
+
+    def _weights_updated(self, converted: bool = False) -> None:
+        """The parameters changed: the bf16 copies are remade. A shared copy is converted here, a
+        slice per rank (unless the caller has `converted` its slice), then a barrier; a rank's own
+        copy on its next pass."""
+        if self.shared16 is None:
+            self.model.weights_changed()
+            return
+        if not converted:
+            self.model.convert_weights16(*self.partition.updated)
+            self.comm.shared_barrier()
+        self.model.weights16_current()
 
     def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, opt_t: int) -> None:
         """This rank's owned slices from a checkpoint -> full parameters, and moments where kept."""
         a, b = self.partition.owned
         self.model.params[a:b] = params
         self.reducer.allgather_params()
-        self.model.weights_changed()
+        self._weights_updated()
         opt = self.opt
         if self.partition.zero:
             opt.m[:], opt.v[:] = m, v
@@ -380,7 +406,9 @@ def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) 
     lines = summary(cfg, comm.size, accum, trainer.precision) + [
         f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
         f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}",
-        bf16.describe(trainer.precision)]
+        bf16.describe(trainer.precision)
+        + ("; bf16 weights: one copy per node, each rank converting its slice" if trainer.shared16 is not None
+           else "")]
     if comm.size > 1:
         lines.append(f"gradient sum: {trainer.reducer.describe()}"
                      f"{', overlapped with backward' if trainer.overlap else ''}")
@@ -421,7 +449,7 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> None:
     step, tokens_seen = resumed or (0, 0)
     if resumed is None:
         with comm.watch("parameter broadcast", 0):
-            trainer.reducer.broadcast_params()
+            trainer.broadcast_params()
     check_params_agree(comm, model.params, step)
     metrics = Metrics(out_dir, step if resumed else None) if comm.rank == 0 else None
     sampler = None

@@ -91,13 +91,17 @@ def test_bf16_on_the_wire_trains_like_fp32(tmp_path, shakespeare_bytes, referenc
 @pytest.mark.mpi
 def test_world_size_invariance_in_bf16(tmp_path, shakespeare_bytes):
     """bf16 matmuls round each row's inputs alike however the rows are split: 1, 2 and 3 ranks, with
-    and without ZeRO-1 and accumulation, agree to 1e-4."""
+    and without ZeRO-1 and accumulation, agree to 1e-4; ZeRO-1 on one node shares one bf16 copy of
+    the weights, each rank converting its slice (a stale or missing slice would not agree)."""
     env = bf16_env()
     runs = []
     for layout in [(1, 12, False, "auto"), (2, 2, True, "auto"), (3, 4, False, "auto"), (3, 2, True, "mpi")]:
         run_dir = tmp_path / "-".join(map(str, layout))
         run_dir.mkdir()
         runs.append(_train(run_dir, shakespeare_bytes, *layout, "bf16", env))
+    shared = (tmp_path / "2-2-True-auto" / "stdout.txt").read_text()    # ZeRO-1 on one node:
+    assert "bf16 weights: one copy per node, each rank converting its slice" in shared
+    assert "one copy per node" not in (tmp_path / "3-4-False-auto" / "stdout.txt").read_text()
     (ref_losses, ref_val, ref_params), *others = runs
     for losses, val, params in others:
         np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
