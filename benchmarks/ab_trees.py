@@ -22,6 +22,12 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def layout_key(run: dict) -> str:
+    """RxT and precision: the same row in trees whose bench_train labels it differently (older
+    ones say "2x1", newer "2x1 fp32")."""
+    return f"{run['ranks']}x{run['threads']} {run.get('precision', 'fp32')}"
+
+
 def run_bench(tree: Path, config: str, extra: list[str], out: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     script = tree / "benchmarks" / "bench_train.py"
@@ -51,7 +57,7 @@ def main() -> None:
                     result = run_bench(tree, config, extra, Path(tmp) / f"{name}.json")
                     for run in result["configs"][config]["runs"]:
                         if run["impl"] == "distgpt" and "error" not in run:
-                            speeds[(config, run["label"], name)].append(run["tokens_per_s"])
+                            speeds[(config, layout_key(run), name)].append(run["tokens_per_s"])
                     got = {k[1]: round(v[-1]) for k, v in speeds.items() if k[0] == config and k[2] == name}
                     print(f"round {rnd + 1} {config} {name}: {got} tok/s", flush=True)
     print(f"\nA = {trees['A']}\nB = {trees['B']}\n")
@@ -60,7 +66,7 @@ def main() -> None:
     for config, label in sorted({(c, lab) for c, lab, _ in speeds}):
         a = statistics.median(speeds[(config, label, "A")])
         b = statistics.median(speeds[(config, label, "B")])
-        print(f"{config:12s} {label:8s} {a:9.0f} {b:9.0f} {b / a:7.3f}")
+        print(f"{config:12s} {label:10s} {a:9.0f} {b:9.0f} {b / a:7.3f}")
 
 
 if __name__ == "__main__":
