@@ -130,20 +130,17 @@ def print_table(head: list[str], rows: list[list[str]]) -> None:
 
 
 def installed(sgemms: list[str], bf16s: list[str]) -> tuple[list[str], list[str]]:
-    have_s, have_b = [], []
-    for lib in sgemms:
-        try:
-            blas.use(lib)
-            have_s.append(lib)
-        except blas.BlasError as exc:
-            print(f"left out: sgemm {lib}: {exc}", file=sys.stderr)
-    for lib in bf16s:
-        try:
-            blas.use_bf16(lib)
-            have_b.append(lib)
-        except blas.BlasError as exc:
-            print(f"left out: bf16 {lib}: {exc}", file=sys.stderr)
-    return have_s, have_b
+    """The named libraries that load, each kind through its own chooser (blas.use, blas.use_bf16)."""
+    def loadable(kind: str, names: list[str], use) -> list[str]:
+        have = []
+        for lib in names:
+            try:
+                use(lib)
+                have.append(lib)
+            except blas.BlasError as exc:
+                print(f"left out: {kind} {lib}: {exc}", file=sys.stderr)
+        return have
+    return loadable("sgemm", sgemms, blas.use), loadable("bf16", bf16s, blas.use_bf16)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,24 +94,35 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _best_time(comm, fn, repeats: int = SGEMM_REPEATS) -> float:
+    """The shortest of `repeats` calls of fn, all ranks starting each at the same moment."""
+    best = float("inf")
+    for _ in range(repeats):
+        comm.barrier()
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _row_split_time(comm, threads: int, a: np.ndarray, b: np.ndarray, c: np.ndarray, repeats: int) -> float:
+    """_best_time of distgpt's own row-split matmul (ops.matmul) over `threads` threads."""
+    before = n_threads()
+    set_threads(threads)
+    try:
+        return _best_time(comm, lambda: ops.matmul(a, b, c), repeats)
+    finally:
+        set_threads(before)
+
+
 def bf16_gemm_flops(comm, threads: int) -> float:
     """Best-of-3 FLOP/s of a 4096^3 bf16 product through distgpt's bf16 gemm and row split."""
     rng = np.random.default_rng(0)
     a = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
     b = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
     c = np.empty((SGEMM_N, SGEMM_N), np.float32)
-    best = float("inf")
-    before = n_threads()
-    set_threads(threads)
-    try:
-        for _ in range(SGEMM_REPEATS + 1):                      # the first call warms the library up
-            comm.barrier()
-            t0 = time.perf_counter()
-            ops.matmul(a, b, c)
-            best = min(best, time.perf_counter() - t0)
-    finally:
-        set_threads(before)
-    return 2 * SGEMM_N**3 / best
+    ops.matmul(a, b, c)                                     # the first call warms the library up
+    return 2 * SGEMM_N**3 / _row_split_time(comm, threads, a, b, c, SGEMM_REPEATS)
 
 
 def gemm_peak(comm, threads: int, precision: str) -> float:
@@ -131,24 +142,10 @@ def sgemm_flops(comm, threads: int) -> float:
     a = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
     b = rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32)
     c = np.empty_like(a)
-    best = float("inf")
     with threadpool_limits(limits=threads, user_api="blas"):
-        for _ in range(SGEMM_REPEATS):
-            comm.barrier()
-            t0 = time.perf_counter()
-            np.matmul(a, b, out=c)
-            best = min(best, time.perf_counter() - t0)
+        best = _best_time(comm, lambda: np.matmul(a, b, out=c))
     if blas.using_mkl():
-        before = n_threads()
-        set_threads(threads)
-        try:
-            for _ in range(SGEMM_REPEATS):
-                comm.barrier()
-                t0 = time.perf_counter()
-                ops.matmul(a, b, c)
-                best = min(best, time.perf_counter() - t0)
-        finally:
-            set_threads(before)
+        best = min(best, _row_split_time(comm, threads, a, b, c, SGEMM_REPEATS))
     return 2 * SGEMM_N**3 / best
 
 

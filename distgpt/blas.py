@@ -42,16 +42,20 @@ class BlasError(RuntimeError):
 
 
 @functools.cache
-def _mkl_library_path() -> str | None:
-    """Path of libmkl_rt from the installed `mkl` package, or None."""
+def _package_library(package: str, prefix: str) -> str | None:
+    """Path of the shared library named prefix* that the installed `package` ships, or None."""
     try:
-        files = importlib.metadata.files("mkl") or []
+        files = importlib.metadata.files(package) or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    for f in files:
-        if f.name.startswith(("libmkl_rt.so", "mkl_rt")) and not f.name.endswith((".a", ".lib")):
-            return str(f.locate())
-    return None
+    found = sorted(str(f.locate()) for f in files
+                   if f.name.startswith(prefix) and not f.name.endswith((".a", ".lib")))
+    return found[0] if found else None
+
+
+def _mkl_library_path() -> str | None:
+    """Path of libmkl_rt from the installed `mkl` package, or None."""
+    return _package_library("mkl", "libmkl_rt.so") or _package_library("mkl", "mkl_rt")
 
 
 def _intel_cpu() -> bool:
@@ -236,15 +240,9 @@ def bf16_emulation_allowed() -> bool:
     return os.environ.get("DISTGPT_BF16_EMULATED") == "1"
 
 
-@functools.cache
 def _onednn_library_path() -> str | None:
     """Path of libdnnl from the installed `onednn-cpu-gomp` package, or None."""
-    try:
-        files = importlib.metadata.files("onednn-cpu-gomp") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    found = sorted(str(f.locate()) for f in files if f.name.startswith("libdnnl.so"))
-    return found[0] if found else None
+    return _package_library("onednn-cpu-gomp", "libdnnl.so")
 
 
 _DNNL_UNIMPLEMENTED = 3

@@ -322,52 +322,35 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     B = a.lse.shape[0]
     low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
-    if a.ln1_out.dtype == np.uint16:
-        _block_forward_bf16(x, w, a, s, cfg, layer, drop, cache, low, split)
-        return
-    a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, a.ln1_out, a.ln1_xhat)   # (BT, C)
+    # a bf16 model stores the ln_1, ln_2 and attention outputs as bf16: each is made in float32 in
+    # s.branch (free at those points), then rounded into its stored buffer
+    stored16 = a.ln1_out.dtype == np.uint16
+
+    def made(stored: np.ndarray) -> np.ndarray:       # where a stored activation is computed
+        return s.branch if stored16 else stored
+
+    def store(stored: np.ndarray) -> None:
+        if stored16:
+            bf16.to_bf16(s.branch, stored, parallel=True)
+
+    a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, made(a.ln1_out), a.ln1_xhat)  # (BT, C)
+    store(a.ln1_out)
     ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                 # (BT, 3C)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
-    (y,) = split(a.attn_y)                                                              # (B, nh, T, hs)
+    (y,) = split(made(a.attn_y))                                                        # (B, nh, T, hs)
     q_offset = 0
     if cache is not None:
         q_offset = cache.length
         k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
     ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
                           keep_scale=drop.scale, q_offset=q_offset)
+    store(a.attn_y)
     ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, low("attn_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res1", layer)
     x += s.branch
-    a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, a.ln2_out, a.ln2_xhat)   # (BT, C)
+    a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, made(a.ln2_out), a.ln2_xhat)  # (BT, C)
+    store(a.ln2_out)
     ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                 # (BT, 4C)
-    ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
-    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
-    drop.apply_(s.branch, "res2", layer)
-    x += s.branch
-
-
-def _block_forward_bf16(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
-                        drop: Dropout, cache: KVCache | None, low: Callable, split: Callable) -> None:
-    """block_forward storing the ln_1, ln_2 and attention outputs in bf16 as they are made (in
-    float32 first, into s.branch, which is free at those points)."""
-    a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, s.branch, a.ln1_xhat)   # (BT, C)
-    bf16.to_bf16(s.branch, a.ln1_out, parallel=True)
-    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                # (BT, 3C)
-    q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
-    (y,) = split(s.branch)                                                              # (B, nh, T, hs)
-    q_offset = 0
-    if cache is not None:
-        q_offset = cache.length
-        k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
-    ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
-                          keep_scale=drop.scale, q_offset=q_offset)
-    bf16.to_bf16(s.branch, a.attn_y, parallel=True)
-    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, low("attn_proj_w"))  # (BT, C)
-    drop.apply_(s.branch, "res1", layer)
-    x += s.branch
-    a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, s.branch, a.ln2_xhat)   # (BT, C)
-    bf16.to_bf16(s.branch, a.ln2_out, parallel=True)
-    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                # (BT, 4C)
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
     ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
     drop.apply_(s.branch, "res2", layer)
