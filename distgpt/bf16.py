@@ -11,9 +11,10 @@ operations, so both give the same bits.
 
 Mixed precision (train.precision) follows PyTorch autocast: float32 master parameters, moments and
 gradients; bf16 copies of the matmul weights, made once per optimizer step; matmul inputs rounded
-to bf16, products accumulated and returned in float32; LayerNorm, softmax, GELU, attention and the
-loss in float32. `auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and a
-bf16 gemm library that uses them (blas.use_bf16 says which, and why not).
+to bf16, products accumulated and returned in float32 (attention's too: its probabilities and
+their gradient are rounded for the matmuls); LayerNorm, softmax, GELU and the loss in float32.
+`auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and a bf16 gemm library
+that uses them (blas.use_bf16 says which, and why not).
 """
 
 from __future__ import annotations

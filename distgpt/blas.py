@@ -273,13 +273,13 @@ class _OnednnBf16:
         v = self.lib.dnnl_version().contents
         self.name = f"oneDNN {v.major}.{v.minor}.{v.patch} dnnl_gemm_bf16bf16f32"
 
-    def __call__(self, ta: bool, tb: bool, M: int, N: int, K: int, a: int, lda: int, b: int, ldb: int,
-                 beta: float, c: int, ldc: int) -> None:
+    def __call__(self, ta: bool, tb: bool, M: int, N: int, K: int, alpha: float, a: int, lda: int, b: int,
+                 ldb: int, beta: float, c: int, ldc: int) -> None:
         if not getattr(self._one_thread, "set", False):
             self._omp.omp_set_num_threads(1)
             self._one_thread.set = True
         flag = {False: b"N", True: b"T"}
-        status = self.fn(flag[ta], flag[tb], M, N, K, 1.0, a, lda, b, ldb, beta, c, ldc)
+        status = self.fn(flag[ta], flag[tb], M, N, K, alpha, a, lda, b, ldb, beta, c, ldc)
         if status:
             unimplemented = status == _DNNL_UNIMPLEMENTED
             why = " (unimplemented: oneDNN's bf16 gemm needs AVX-512)" if unimplemented else ""
@@ -296,9 +296,9 @@ class _MklBf16:
         self.fn = mkl.gemm_bf16
         self.name = f"MKL {mkl.version} cblas_gemm_bf16bf16f32"
 
-    def __call__(self, ta: bool, tb: bool, M: int, N: int, K: int, a: int, lda: int, b: int, ldb: int,
-                 beta: float, c: int, ldc: int) -> None:
-        self.fn(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, M, N, K, 1.0,
+    def __call__(self, ta: bool, tb: bool, M: int, N: int, K: int, alpha: float, a: int, lda: int, b: int,
+                 ldb: int, beta: float, c: int, ldc: int) -> None:
+        self.fn(_ROW_MAJOR, _TRANS if ta else _NO_TRANS, _TRANS if tb else _NO_TRANS, M, N, K, alpha,
                 a, lda, b, ldb, beta, c, ldc)
 
 
@@ -409,9 +409,10 @@ def _bf16_operand(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return a, la
 
 
-def gemm_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False) -> np.ndarray:
-    """out = a @ b, or out += a @ b with `accumulate`: a (M, K) and b (K, N) are bf16 (uint16 bit
-    patterns, views welcome), out (M, N) float32; products are accumulated in float32."""
+def gemm_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False,
+              alpha: float = 1.0) -> np.ndarray:
+    """out = alpha a @ b, or out += alpha a @ b with `accumulate`: a (M, K) and b (K, N) are bf16
+    (uint16 bit patterns, views welcome), out (M, N) float32; products are accumulated in float32."""
     fn = _bf16_gemm()
     if fn is None:
         raise BlasError(f"no bf16 gemm: {_bf16_why_not}")
@@ -432,12 +433,12 @@ def gemm_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = 
     lc = _layout(out) if out.flags.aligned else None
     if lc is None or lc[0] != _NO_TRANS:      # the libraries write row-major C only: via a temporary
         tmp = np.empty((M, N), np.float32)
-        gemm_bf16(a, b, tmp)
+        gemm_bf16(a, b, tmp, alpha=alpha)
         if accumulate:
             out += tmp
         else:
             out[...] = tmp
         return out
-    fn(la[0] == _TRANS, lb[0] == _TRANS, M, N, K, a.ctypes.data, la[1], b.ctypes.data, lb[1],
+    fn(la[0] == _TRANS, lb[0] == _TRANS, M, N, K, alpha, a.ctypes.data, la[1], b.ctypes.data, lb[1],
        1.0 if accumulate else 0.0, out.ctypes.data, lc[1])
     return out

@@ -12,7 +12,7 @@ Shapes in comments: B sequences, T positions, C = n_embd, nh heads of hs = C / n
 
 precision="bf16" (distgpt/bf16.py): the matmul weights also have bf16 copies (uint16 views in the
 same layout, `w16`), refreshed once after each optimizer step; the linears and the head multiply
-with them, everything else reads the float32 parameters.
+with them, attention multiplies bf16 q/k/v, everything else reads the float32 parameters.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ class BlockActs:
     ln1_xhat: np.ndarray            # (BT, C) normalised input of ln_1
     ln1_out: np.ndarray             # (BT, C)                      bf16 bits in a bf16 model
     ln1_rstd: np.ndarray            # (BT,)
-    qkv: np.ndarray                 # (BT, 3C)
+    qkv: np.ndarray                 # (BT, 3C)                     bf16 bits in a bf16 model
     lse: np.ndarray                 # (B, nh, T) attention's log-normalisers: backward recomputes the rest
     attn_y: np.ndarray              # (BT, C) attention output, before c_proj; bf16 bits in a bf16 model
     ln2_xhat: np.ndarray            # (BT, C)
@@ -209,11 +209,11 @@ class Scratch:
 class Activations:
     """Every buffer of a forward (and backward) pass for one (B, T), allocated once and reused.
     Training keeps each block's activations (`saved_blocks` = L); inference reuses one set.
-    `low` (a bf16 model): the activations that only feed matmuls as stored (the ln_1 and ln_2
-    outputs, the attention output) are kept as bf16 bits, the rounding those matmuls take anyway:
-    half their memory, and no rounding per call. q/k/v and the GELU input stay float32, as the
-    attention and GELU that read them compute in float32 (rounding them too, as autocast does, made
-    runs 10-30x more sensitive to how the batch is split over ranks: see benchmarks/README.md)."""
+    `low` (a bf16 model): the activations that only feed matmuls are stored as bf16 bits (the ln_1
+    and ln_2 outputs, q/k/v, the attention output), the rounding those matmuls take anyway: half
+    their memory, and no rounding per call. The GELU input stays float32, as GELU computes in
+    float32 (rounding it too, as autocast does, made runs 10-30x more sensitive to how the batch is
+    split over ranks: see benchmarks/README.md)."""
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
                  saved_blocks: int, backward: bool, low: bool = False):
@@ -224,7 +224,7 @@ class Activations:
         self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
         L = saved_blocks
         ln1_xhat, ln1_out, ln1_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
-        qkv, lse, attn_y = z(L, BT, 3 * C), z(L, B, nh, T), m(L, BT, C)
+        qkv, lse, attn_y = m(L, BT, 3 * C), z(L, B, nh, T), m(L, BT, C)
         ln2_xhat, ln2_out, ln2_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
         fc_pre = z(L, BT, 4 * C)
         self.blocks = [BlockActs(ln1_xhat[i], ln1_out[i], ln1_rstd[i], qkv[i], lse[i], attn_y[i],
@@ -243,9 +243,9 @@ class Activations:
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
                      low: bool = False) -> int:
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
-    chunk; `low`: a bf16 model's (3 of each block's 12 BT x C floats stored in bf16)."""
+    chunk; `low`: a bf16 model's (6 of each block's 12 BT x C floats stored in bf16)."""
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
-    stored = 9 * BT * C + (3 * BT * C * 2 // itemsize if low else 3 * BT * C)
+    stored = 6 * BT * C + (6 * BT * C * 2 // itemsize if low else 6 * BT * C)
     per_layer = stored + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
@@ -322,20 +322,21 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     B = a.lse.shape[0]
     low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
-    # a bf16 model stores the ln_1, ln_2 and attention outputs as bf16: each is made in float32 in
-    # s.branch (free at those points), then rounded into its stored buffer
+    # a bf16 model stores the ln_1 and ln_2 outputs, q/k/v and the attention output as bf16: each
+    # is made in float32 in a scratch buffer free at that point, then rounded into its stored buffer
     stored16 = a.ln1_out.dtype == np.uint16
 
-    def made(stored: np.ndarray) -> np.ndarray:       # where a stored activation is computed
-        return s.branch if stored16 else stored
+    def made(stored: np.ndarray, scratch: np.ndarray = s.branch) -> np.ndarray:  # where it is computed
+        return scratch.reshape(-1)[: stored.size].reshape(stored.shape) if stored16 else stored
 
-    def store(stored: np.ndarray) -> None:
+    def store(stored: np.ndarray, scratch: np.ndarray = s.branch) -> None:
         if stored16:
-            bf16.to_bf16(s.branch, stored, parallel=True)
+            bf16.to_bf16(made(stored, scratch), stored, parallel=True)
 
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, made(a.ln1_out), a.ln1_xhat)  # (BT, C)
     store(a.ln1_out)
-    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, a.qkv, low("qkv_w"))                 # (BT, 3C)
+    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, made(a.qkv, s.hidden), low("qkv_w"))  # (BT, 3C)
+    store(a.qkv, s.hidden)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(made(a.attn_y))                                                        # (B, nh, T, hs)
     q_offset = 0
@@ -630,7 +631,9 @@ class GPT:
         return (a.lnf_out @ self.w.wte[:V].T).reshape(B, T, V)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.block_size, self.dtype)
+        # a bf16 model's attention multiplies bf16 keys and values: the cache keeps them so
+        dtype = np.uint16 if self.precision == "bf16" else self.dtype
+        return KVCache(self.cfg, batch, max_len or self.cfg.block_size, dtype)
 
 
 class KVCache:

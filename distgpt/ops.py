@@ -16,8 +16,9 @@ Big matmuls are split by rows over the same threads, BLAS itself running single-
 The big 2-D matmuls go through blas.gemm: NumPy's BLAS, or MKL where it is installed and faster.
 
 Mixed precision (distgpt/bf16.py): given the bf16 copy of a weight (`w16`, uint16 bits), linear and
-the head round their matmul inputs to bf16 into reused buffers and multiply through MKL's bf16
-gemm, accumulating in float32; everything else (bias, norms, softmax, the loss) stays float32.
+the head round their matmul inputs to bf16 into reused buffers and multiply through the bf16 gemm
+(blas.gemm_bf16), accumulating in float32; given bf16 q/k/v, so does attention. Everything else
+(bias, norms, softmax, the loss) stays float32.
 """
 
 from __future__ import annotations
@@ -321,13 +322,14 @@ def _additive_mask(T: int, window: int | None, dtype) -> np.ndarray:
     return _mask_cache[key]
 
 
-def _head_groups(lo: int, hi: int, nh: int, Tq: int, Tk: int):
+def _head_groups(lo: int, hi: int, nh: int, Tq: int, Tk: int, one_head: bool = False):
     """(b, heads): the flat (batch, head) range [lo, hi) cut into runs of heads of one sequence,
     each run small enough that its score blocks (heads x ATTN_BLOCK x Tk) stay in cache. At short T
     a run is all heads, so every step is one batched ufunc or matmul instead of a Python loop over
     heads (T = 64: attention 1.5x faster); at T = 1024 a run is one head. A one-head run is given
-    as an int, so its arrays stay 2-D (stacked matmuls cost more than plain ones)."""
-    per_run = max(1, BLOCK_ELEMS // (min(Tq, ATTN_BLOCK) * Tk))
+    as an int, so its arrays stay 2-D (stacked matmuls cost more than plain ones); `one_head`
+    (bf16, whose gemm takes 2-D operands only) gives one-head runs at every T."""
+    per_run = 1 if one_head else max(1, BLOCK_ELEMS // (min(Tq, ATTN_BLOCK) * Tk))
     i = lo
     while i < hi:
         b, h0 = divmod(i, nh)
@@ -342,20 +344,37 @@ def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.nda
     its queries can see, and the block's queries times 1/sqrt(hs). q: ([heads,] Tq, hs) at positions
     q_offset..; k: ([heads,] q_offset + Tq, hs) (training: q_offset 0; a KV cache: the cached length).
     The scale goes on the (rows, hs) queries rather than the (rows, keys) scores, and without a window
-    only the diagonal (rows, rows) square needs the mask: two fewer passes over the scores."""
+    only the diagonal (rows, rows) square needs the mask: two fewer passes over the scores.
+    bf16 q and k (uint16 bits, one head): the bf16 gemm applies the scale, and the block's queries
+    come back unscaled."""
     Tq, hs = q.shape[-2:]
     scale = 1.0 / math.sqrt(hs)
+    low = q.dtype == np.uint16
     for q0 in range(0, Tq, ATTN_BLOCK):
         q1 = min(Tq, q0 + ATTN_BLOCK)
         p0, p1 = q_offset + q0, q_offset + q1          # the block's positions
         k0 = 0 if window is None else max(0, p0 - window + 1)
-        qs = q[..., q0:q1, :] * scale
-        s = qs @ k[..., k0:p1, :].swapaxes(-1, -2)
+        if low:
+            qs = q[q0:q1]
+            s = blas.gemm_bf16(qs, k[k0:p1].T, np.empty((q1 - q0, p1 - k0), np.float32), alpha=scale)
+        else:
+            qs = q[..., q0:q1, :] * scale
+            s = qs @ k[..., k0:p1, :].swapaxes(-1, -2)
         if window is None:
             s[..., p0:] += mask[p0:p1, p0:p1]
         else:
             s += mask[p0:p1, k0:p1]
         yield q0, q1, k0, s, qs
+
+
+def _bf16_operands(*arrays: np.ndarray) -> bool:
+    """True if attention's q, k, v are bf16 bits (a bf16 model: its matmuls go through the bf16
+    gemm, softmax stays float32), False if float32; a mix is a caller's bug."""
+    low = {a.dtype == np.uint16 for a in arrays}
+    if len(low) > 1:
+        kinds = [str(a.dtype) for a in arrays]
+        raise TypeError(f"attention: q, k, v must all be float32 or all bf16, not {kinds}")
+    return low.pop()
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
@@ -364,15 +383,17 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     """y = softmax(q k^T / sqrt(hs) + mask) @ v per (batch, head); lse (B, nh, Tq) gets the log of
     each softmax row's normaliser. q, y: (B, nh, Tq, hs) at positions q_offset..; k, v: (B, nh,
     q_offset + Tq, hs). keep: optional dropout keep-mask (B, nh, T, T) on the probabilities (training,
-    q_offset 0), surviving ones scaled by keep_scale."""
+    q_offset 0), surviving ones scaled by keep_scale. q, k, v as bf16 bits: both matmuls in bf16
+    (the probabilities rounded to bf16 for the second), y float32."""
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     if Tk != q_offset + Tq:
         raise ValueError(f"{Tk} keys for {Tq} queries at offset {q_offset}")
-    mask = _additive_mask(Tk, window, q.dtype)
+    low = _bf16_operands(q, k, v)
+    mask = _additive_mask(Tk, window, np.float32 if low else q.dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, Tq, Tk):
+        for b, hd in _head_groups(lo, hi, nh, Tq, Tk, one_head=low):
             vb, yb, lb = v[b, hd], y[b, hd], lse[b, hd]
             for q0, q1, k0, s, _ in _score_blocks(q[b, hd], k[b, hd], window, mask, q_offset):
                 m = s.max(axis=-1, keepdims=True)
@@ -382,8 +403,11 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
                 if keep is not None:
                     s *= keep[b, hd, q0:q1, k0:q1]
                 # normalise the (rows, hs) output instead of the (rows, keys) probabilities
-                yq = yb[..., q0:q1, :]
-                np.matmul(s, vb[..., k0 : q_offset + q1, :], out=yq)
+                yq, vk = yb[..., q0:q1, :], vb[..., k0 : q_offset + q1, :]
+                if low:
+                    blas.gemm_bf16(bf16.to_bf16(s), vk, yq)
+                else:
+                    np.matmul(s, vk, out=yq)
                 yq /= total
                 if keep is not None:
                     yq *= keep_scale
@@ -397,35 +421,59 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
                        lse: np.ndarray, window: int | None, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
     """Gradients of q, k, v (written, not accumulated) from dy and the forward's y and lse.
-    Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities."""
+    Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities.
+    q, k, v as bf16 bits: the five matmuls in bf16, taking bf16 roundings of dy, the probabilities
+    and the scores' gradient; dy, y and the gradients float32. There that sum is taken as it stands,
+    from the block's dP and P (a block holds every key its rows see): dy.y, computed from dy before
+    its rounding, would leave each row of the scores' gradient summing to a bf16-sized error instead
+    of zero, which made runs 4x more sensitive to how the batch is split over ranks."""
     B, nh, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs)
-    mask = _additive_mask(T, window, q.dtype)
+    low = _bf16_operands(q, k, v)
+    mask = _additive_mask(T, window, np.float32 if low else q.dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, T, T):
+        for b, hd in _head_groups(lo, hi, nh, T, T, one_head=low):
             qb, kb, vb, lb = q[b, hd], k[b, hd], v[b, hd], lse[b, hd]
             dyb, dqb, dkb, dvb = dy[b, hd], dq[b, hd], dk[b, hd], dv[b, hd]
-            rowdot = np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]
+            if low:
+                dym = bf16.to_bf16(dyb)                # dy as the matmuls take it
+            else:
+                dym, rowdot = dyb, np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]
             dkb[...] = 0.0
             dvb[...] = 0.0
             for q0, q1, k0, p, qs in _score_blocks(qb, kb, window, mask):
                 p -= lb[..., q0:q1, None]                # recompute the probabilities
                 np.exp(p, out=p)
-                dp = dyb[..., q0:q1, :] @ vb[..., k0:q1, :].swapaxes(-1, -2)
+                dyq, vk = dym[..., q0:q1, :], vb[..., k0:q1, :]
+                if low:
+                    dp = blas.gemm_bf16(dyq, vk.T, np.empty(p.shape, np.float32))
+                else:
+                    dp = dyq @ vk.swapaxes(-1, -2)
+                kept = p
                 if keep is not None:
                     kp = keep[b, hd, q0:q1, k0:q1]
-                    dvb[..., k0:q1, :] += ((p * kp) * keep_scale).swapaxes(-1, -2) @ dyb[..., q0:q1, :]
+                    kept = (p * kp) * keep_scale
                     dp *= kp
                     dp *= keep_scale
+                if low:
+                    blas.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
                 else:
-                    dvb[..., k0:q1, :] += p.swapaxes(-1, -2) @ dyb[..., q0:q1, :]
-                dp -= rowdot[..., q0:q1, :]
+                    dvb[..., k0:q1, :] += kept.swapaxes(-1, -2) @ dyq
+                if low:
+                    dp -= np.einsum("td,td->t", dp, p)[:, None]
+                else:
+                    dp -= rowdot[..., q0:q1, :]
                 dp *= p                                # dp is now the score gradient
                 dqq = dqb[..., q0:q1, :]
-                np.matmul(dp, kb[..., k0:q1, :], out=dqq)
-                dqq *= scale
-                dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qs
+                if low:                                # scores = scale q k^T: the gemms apply the scale
+                    ds = bf16.to_bf16(dp)
+                    blas.gemm_bf16(ds, kb[k0:q1], dqq, alpha=scale)
+                    blas.gemm_bf16(ds.T, qs, dkb[k0:q1], accumulate=True, alpha=scale)
+                else:
+                    np.matmul(dp, kb[..., k0:q1, :], out=dqq)
+                    dqq *= scale
+                    dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qs
     parallel_for(B * nh, work)
 
 

@@ -182,16 +182,17 @@ def bf16_library(request, monkeypatch):
 
 @pytest.mark.parametrize("a_how", LAYOUTS)
 @pytest.mark.parametrize("b_how", LAYOUTS)
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(bf16_library, a_how, b_how, accumulate):
+@pytest.mark.parametrize("accumulate, alpha", [(False, 1.0), (True, 1.0), (False, 0.125), (True, -0.3)])
+def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(bf16_library, a_how, b_how, accumulate,
+                                                                alpha):
     rng = np.random.default_rng(3)
     M, K, N = 37, 53, 29
     (a, a64), (b, b64) = bf16_operand(rng, (M, K), a_how), bf16_operand(rng, (K, N), b_how)
     base = rng.standard_normal((M, N + 4)).astype(np.float32)
     out = base[:, 1:1 + N]
-    expect = (out.astype(np.float64) if accumulate else 0) + a64 @ b64
+    expect = (out.astype(np.float64) if accumulate else 0) + alpha * (a64 @ b64)
     before = base.copy()
-    blas.gemm_bf16(a, b, out, accumulate=accumulate)
+    blas.gemm_bf16(a, b, out, accumulate=accumulate, alpha=alpha)
     assert bf16_library == [(a_how.startswith("transposed"), b_how.startswith("transposed"))]
     # products of bf16 numbers are exact in float32: only the float32 sums round
     assert np.abs(out - expect).max() <= 1e-6 * K * np.abs(expect).max()

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distgpt import ops
+from distgpt import bf16, ops
 from distgpt.threads import set_threads
 
 from conftest import rel
@@ -208,6 +208,40 @@ def test_attention_with_dropout_matches_torch(monkeypatch, threads, heads_per_ru
     ref.backward(torch.tensor(dy))
     assert rel(y, ref.detach()) < TOL
     assert rel(dq, qt.grad) < TOL and rel(dk, kt.grad) < TOL and rel(dv, vt.grad) < TOL
+
+
+@pytest.mark.parametrize("window, dropout, threads", [(None, False, 1), (130, False, 2), (None, True, 2),
+                                                     (50, True, 1)])
+def test_bf16_attention_matches_float64_on_the_rounded_inputs(bf16_here, window, dropout, threads):
+    """bf16 q/k/v (views into a (B*T, 3C) bf16 buffer, as the model stores them): the matmuls take
+    bf16 roundings of the probabilities, dy and the scores' gradient, so results are within a few
+    bf16 units of float64 attention on the same rounded q/k/v, and not float64-exact."""
+    rng = np.random.default_rng(10)
+    B, nh, T, hs, p = 2, 3, 300, 16, 0.2
+    qkv16 = bf16.to_bf16(rng.standard_normal((B * T, 3 * nh * hs), dtype=np.float32))
+    q, k, v = qkv16.reshape(B, T, 3, nh, hs).transpose(2, 0, 3, 1, 4)
+    keep = rng.random((B, nh, T, T)) >= p if dropout else None
+    scale = 1 / (1 - p) if dropout else 1.0
+    y, lse = np.empty((B, nh, T, hs), np.float32), np.empty((B, nh, T), np.float32)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    dq, dk, dv = (np.full(y.shape, np.nan, np.float32) for _ in range(3))
+    set_threads(threads)
+    try:
+        ops.attention_forward(q, k, v, window, y, lse, keep=keep, keep_scale=scale)
+        ops.attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv, keep=keep, keep_scale=scale)
+    finally:
+        set_threads(1)
+    qt, kt, vt = (t64(bf16.to_float32(np.ascontiguousarray(a))) for a in (q, k, v))
+    scores = (qt @ kt.transpose(-1, -2)) / np.sqrt(hs)
+    probs = torch.softmax(scores.masked_fill(torch.tensor(ops.causal_mask(T, window)), float("-inf")), -1)
+    if dropout:
+        probs = probs * torch.tensor(keep) * scale
+    ref = probs @ vt
+    ref.backward(torch.tensor(dy, dtype=torch.float64))
+    for got, want in [(y, ref.detach()), (dq, qt.grad), (dk, kt.grad), (dv, vt.grad)]:
+        assert 1e-6 < rel(got, want) < 1e-2
+    with pytest.raises(TypeError, match="must all be float32 or all bf16"):
+        ops.attention_forward(q, bf16.to_float32(np.ascontiguousarray(k)), v, window, y, lse)
 
 
 def test_attention_works_on_strided_views_of_the_qkv_buffer():
