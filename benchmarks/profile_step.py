@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="profiled steps, after one untimed")
     ap.add_argument("--threads", type=int, default=1, help="kernel threads, where the code has them")
     ap.add_argument("--top", type=int, default=10)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="the model's train.precision (bf16 needs a fast bf16 gemm, as train says)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(args.checkout))
@@ -43,7 +45,7 @@ def main() -> None:
     if set_threads is not None:
         set_threads(args.threads)
     cfg = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024)
-    model = GPT(cfg)
+    model = GPT(cfg, precision=args.precision) if args.precision != "fp32" else GPT(cfg)
     init_params(model.layout, model.params, 1337)
     opt = AdamW(model.layout.size, model.layout.decay_segments(), 0.9, 0.95, 1e-8, 0.1)
     rng = np.random.default_rng(0)
@@ -59,6 +61,8 @@ def main() -> None:
             model.backward(fwd)
             loss = fwd.loss
         opt.step(model.params, model.grads, 6e-4)
+        if args.precision != "fp32":
+            model.weights_changed()           # the bf16 copies are remade in the next forward
         return float(loss)
 
     step()

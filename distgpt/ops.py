@@ -39,6 +39,9 @@ LN_EPS = 1e-5
 # their many short ufunc calls (LayerNorm 3x slower with 32K).
 BLOCK_ELEMS = 1 << 17
 ATTN_BLOCK = 128               # query rows per attention block
+# bf16: twice the rows, half the calls into the bf16 gemm, each more efficient (one core, GPT-2
+# heads: attention forward + backward 8.2 -> 5.7 ms at T = 256, no change at T = 1024)
+ATTN_BLOCK_BF16 = 256
 
 # the bf16 copies of matmul inputs that linear and the head make per call (one process runs one
 # layer at a time, so one buffer per role serves every layer)
@@ -350,8 +353,9 @@ def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.nda
     Tq, hs = q.shape[-2:]
     scale = 1.0 / math.sqrt(hs)
     low = q.dtype == np.uint16
-    for q0 in range(0, Tq, ATTN_BLOCK):
-        q1 = min(Tq, q0 + ATTN_BLOCK)
+    rows = ATTN_BLOCK_BF16 if low else ATTN_BLOCK
+    for q0 in range(0, Tq, rows):
+        q1 = min(Tq, q0 + rows)
         p0, p1 = q_offset + q0, q_offset + q1          # the block's positions
         k0 = 0 if window is None else max(0, p0 - window + 1)
         if low:
