@@ -168,16 +168,6 @@ class Workspace:
 
 # ----------------------------------------------------------------------------- which precision
 
-def fast_flags() -> list[str]:
-    """The CPU features that make bf16 matmuls fast, of those this CPU has."""
-    return blas.fast_bf16_flags()
-
-
-def unsupported_reason() -> str | None:
-    """Why bf16 matmuls would not be fast here, or None when they would (or may be emulated)."""
-    return blas.bf16_unavailable_reason()
-
-
 def resolve(precision: str) -> str:
     """`fp32` or `bf16` for train.precision: `auto` is bf16 where it is fast, else fp32; an explicit
     `bf16` where it is not is a BlasError (a one-line user error) naming why."""
@@ -185,7 +175,7 @@ def resolve(precision: str) -> str:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return "fp32"
-    reason = unsupported_reason()
+    reason = blas.bf16_unavailable_reason()
     if reason is None:
         return "bf16"
     if precision == "bf16":
@@ -197,6 +187,6 @@ def describe(precision: str) -> str:
     """One line for the run header: the precision, and for bf16 the library and CPU features."""
     if precision == "fp32":
         return "precision: fp32"
-    cpu = ", ".join(fast_flags()) or "no bf16 instructions"
+    cpu = ", ".join(blas.fast_bf16_flags()) or "no bf16 instructions"
     return (f"precision: bf16 matmuls (fp32 master weights, accumulation, norms, softmax, loss) via "
             f"{blas.describe_bf16()}; CPU: {cpu}")

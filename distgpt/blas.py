@@ -194,7 +194,6 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False
     return out
 
 
-
 # ----------------------------------------------------------------------------- bf16 inputs, fp32 output
 #
 # Two libraries have a gemm with bf16 inputs and float32 accumulation and output, and which is
@@ -256,7 +255,9 @@ class _DnnlVersion(ctypes.Structure):
 class _OnednnBf16:
     """oneDNN's dnnl_gemm_bf16bf16f32: row-major, 'N'/'T' flags, 64-bit sizes, returns a status."""
 
+    library = "onednn"
     fast_on = "any CPU with AVX512-BF16 or AMX-BF16"
+    _FLAG = {False: b"N", True: b"T"}
 
     def __init__(self, path: str):
         self.lib = ctypes.CDLL(path)
@@ -278,8 +279,7 @@ class _OnednnBf16:
         if not getattr(self._one_thread, "set", False):
             self._omp.omp_set_num_threads(1)
             self._one_thread.set = True
-        flag = {False: b"N", True: b"T"}
-        status = self.fn(flag[ta], flag[tb], M, N, K, alpha, a, lda, b, ldb, beta, c, ldc)
+        status = self.fn(self._FLAG[ta], self._FLAG[tb], M, N, K, alpha, a, lda, b, ldb, beta, c, ldc)
         if status:
             unimplemented = status == _DNNL_UNIMPLEMENTED
             why = " (unimplemented: oneDNN's bf16 gemm needs AVX-512)" if unimplemented else ""
@@ -290,6 +290,7 @@ class _OnednnBf16:
 class _MklBf16:
     """MKL's cblas_gemm_bf16bf16f32, called as _OnednnBf16 is."""
 
+    library = "mkl"
     fast_on = "Intel CPUs with AVX512-BF16 or AMX-BF16"
 
     def __init__(self, mkl: _Mkl):
@@ -394,8 +395,7 @@ def describe_bf16() -> str:
     lib = _bf16_gemm()
     if lib is None:
         return "no bf16 gemm"
-    fast = _fast_here("onednn" if isinstance(lib, _OnednnBf16) else "mkl")
-    return lib.name + ("" if fast else " (not fast on this CPU: DISTGPT_BF16_EMULATED=1)")
+    return lib.name + ("" if _fast_here(lib.library) else " (not fast on this CPU: DISTGPT_BF16_EMULATED=1)")
 
 
 def _bf16_operand(a: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:

@@ -145,6 +145,15 @@ class Layout:
     def describe(self) -> list[dict]:
         return [{"name": e.name, "shape": list(e.shape), "offset": e.offset} for e in self.entries]
 
+    def matmul_weight_ranges(self) -> list[tuple[int, int]]:
+        """Flat [start, end) of every weight a bf16 model keeps a bf16 copy of: wte's vocabulary
+        rows (not its padding) and each block's four matmul weights."""
+        wte = self.by_name["wte"]
+        matmul = {f.metadata["name"] for f in BLOCK_FIELDS if f.name in MATMUL_WEIGHTS}
+        blocks = [e for e in self.entries if e.name.startswith("h.") and e.name.split(".", 2)[2] in matmul]
+        return [(wte.offset, wte.offset + self.cfg.vocab_size * self.cfg.n_embd)] + [
+            (e.offset, e.offset + e.size) for e in blocks]
+
     def n_params(self, count_padding: bool = False) -> int:
         pad = 0 if count_padding else (self.cfg.padded_vocab - self.cfg.vocab_size) * self.cfg.n_embd
         return self.size - pad
@@ -381,11 +390,10 @@ def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs,
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
     ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
                         accumulate, low("attn_proj_w"))                                  # (BT, C) d attn_y
-    # a bf16 model stores y in bf16: attention's backward reads it widened, into the free s.branch
-    stored16 = a.attn_y.dtype == np.uint16
-    attn_y = bf16.to_float32(a.attn_y, s.branch, parallel=True) if stored16 else a.attn_y
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
-    (y,), (dy,) = split(attn_y), split(s.d_in)
+    # bf16 attention (bf16 q/k/v) takes its softmax row sums from its blocks: only fp32 reads y
+    y = None if a.qkv.dtype == np.uint16 else split(a.attn_y)[0]
+    (dy,) = split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
     ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                            keep=drop.keep("att", layer), keep_scale=drop.scale)
@@ -466,21 +474,12 @@ class GPT:
         self.params16 = params16 if precision == "bf16" else None
         self._w16 = self.layout.tensors(self.params16) if precision == "bf16" else None
         self._w16_stale = True
-        self._w16_ranges = self._matmul_weight_ranges() if precision == "bf16" else []
+        self._w16_ranges = self.layout.matmul_weight_ranges() if precision == "bf16" else []
 
     def weights_changed(self) -> None:
         """The parameters were updated (the optimizer, a checkpoint): the bf16 copies are remade on
         the next pass. (zero_grad() implies it: a step's first forward always follows an update.)"""
         self._w16_stale = True
-
-    def _matmul_weight_ranges(self) -> list[tuple[int, int]]:
-        """Flat [start, end) of every weight that has a bf16 copy: wte's vocabulary rows (not its
-        padding) and each block's four matmul weights."""
-        V = self.cfg.vocab_size
-        views = [self.w.wte[:V]] + [getattr(w, n) for w in self.w.blocks for n in MATMUL_WEIGHTS]
-        base = self.params.ctypes.data
-        starts = [(v.ctypes.data - base) // self.params.itemsize for v in views]
-        return [(a, a + v.size) for a, v in zip(starts, views, strict=True)]
 
     def convert_weights16(self, lo: int = 0, hi: int | None = None) -> None:
         """Remake the bf16 copies of the matmul weights that lie in the flat range [lo, hi) (all of

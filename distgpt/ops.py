@@ -421,16 +421,17 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     parallel_for(B * nh, work)
 
 
-def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, y: np.ndarray,
+def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, y: np.ndarray | None,
                        lse: np.ndarray, window: int | None, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
     """Gradients of q, k, v (written, not accumulated) from dy and the forward's y and lse.
     Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities.
     q, k, v as bf16 bits: the five matmuls in bf16, taking bf16 roundings of dy, the probabilities
-    and the scores' gradient; dy, y and the gradients float32. There that sum is taken as it stands,
-    from the block's dP and P (a block holds every key its rows see): dy.y, computed from dy before
-    its rounding, would leave each row of the scores' gradient summing to a bf16-sized error instead
-    of zero, which made runs 4x more sensitive to how the batch is split over ranks."""
+    and the scores' gradient; dy and the gradients float32, and y unused (may be None): that sum is
+    taken as it stands, from the block's dP and P (a block holds every key its rows see). dy.y,
+    computed from dy before its rounding, would leave each row of the scores' gradient summing to a
+    bf16-sized error instead of zero, which made runs 4x more sensitive to how the batch is split
+    over ranks."""
     B, nh, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs)
     low = _bf16_operands(q, k, v)
@@ -462,11 +463,9 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
                     dp *= keep_scale
                 if low:
                     blas.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
-                else:
-                    dvb[..., k0:q1, :] += kept.swapaxes(-1, -2) @ dyq
-                if low:
                     dp -= np.einsum("td,td->t", dp, p)[:, None]
                 else:
+                    dvb[..., k0:q1, :] += kept.swapaxes(-1, -2) @ dyq
                     dp -= rowdot[..., q0:q1, :]
                 dp *= p                                # dp is now the score gradient
                 dqq = dqb[..., q0:q1, :]
