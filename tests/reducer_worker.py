@@ -5,6 +5,7 @@ A 100-element vector with two layers and small buckets, so with 3 ranks the ZeRO
 (34, 67) cut through buckets. The shared-memory reducer uses tiny blocks so that slices span
 several of them."""
 
+import shutil
 import sys
 import time
 import warnings
@@ -53,6 +54,18 @@ def with_rows(total: np.ndarray) -> np.ndarray:
     return out
 
 
+def check_norm(red, where: str, wire: str, rows: bool) -> None:
+    """The squared norm through the step's statistics allreduce (norm_sq_contribution, then
+    norm_sq): the summed gradients' own."""
+    stats = np.array([1.0, red.norm_sq_contribution(), 0.0])
+    comm.allreduce_(stats)
+    norm_sq = red.norm_sq(float(stats[1]))
+    total = expected if wire == "fp32" else wired if red.partition.zero else bf16.round_bf16(wired)
+    total = with_rows(total) if rows else total     # the last round had token rows
+    if not np.isclose(norm_sq, np.dot(total, total), rtol=1e-5):
+        fail(f"{where}: squared norm {norm_sq} != {np.dot(total, total)}")
+
+
 CASES = [("shared_memory", "fp32", False)] + [("mpi", wire, thread) for wire in ("fp32", "bf16")
                                               for thread in (True, False)]
 for method, wire, thread in CASES:
@@ -64,19 +77,23 @@ for method, wire, thread in CASES:
             fail(f"{where}: got {type(red).__name__}")
         if method == "mpi" and (red.thread is not None) != thread:
             fail(f"{where}: comm thread {red.thread}")
+        if (red.hooks is not None) != (method == "mpi"):     # only the MPI reducer overlaps backward
+            fail(f"{where}: hooks {red.hooks}")
         s, e = red.partition.updated
         # the same reducer for several steps, as in training: with backward's hooks (the token
         # table first, its rows sparse at the end), then without them (backward before the last
-        # micro-batch, or no overlap: everything in finish)
-        for hooked in (True, False, True):
-            hooked = hooked and method == "mpi"
+        # micro-batch, or no overlap: everything in finish), then only the blocks reported
+        for rnd, calls in enumerate(("all", "none", "blocks", "all")):
+            hooks = red.hooks if calls != "none" else None
+            hooked = hooks is not None and calls == "all"      # token rows travel apart from grads
             red.grads[:] = rank_data(comm.rank)
             if hooked:
-                red.head_done()
+                hooks.head_done()
             for layer in (1, 0):
-                red.block_done(layer)
+                if hooks is not None:
+                    hooks.block_done(layer)
             if hooked:
-                red.token_rows(*token_rows(comm.rank))
+                hooks.token_rows(*token_rows(comm.rank))
             red.finish()
             if wire == "bf16":
                 # ZeRO keeps the fp32 sums of the owner's slice; replicated, every rank takes the
@@ -84,20 +101,14 @@ for method, wire, thread in CASES:
                 want = wired if zero else bf16.round_bf16(wired)
                 want = with_rows(want) if hooked else want.astype(np.float64)
                 if not np.allclose(red.updated_grads, want[s:e], rtol=1e-6, atol=1e-6):
-                    fail(f"{where} hooks={hooked}: {red.updated_grads} != {want[s:e]}")
+                    fail(f"{where} round {rnd} ({calls}): {red.updated_grads} != {want[s:e]}")
                 if not zero and len(set(comm.allgather_obj(red.grads.tobytes()))) != 1:
                     fail(f"{where}: the ranks' sums differ")
             else:
                 want = with_rows(expected) if hooked else expected
                 if not np.allclose(red.updated_grads, want[s:e], rtol=1e-5, atol=1e-5):
-                    fail(f"{where} hooks={hooked}: {red.updated_grads} != {want[s:e]}")
-        sq = np.array([red.grad_sq_sum()])
-        if red.norm_is_partial:
-            comm.allreduce_(sq)
-        total = expected if wire == "fp32" else wired if zero else bf16.round_bf16(wired)
-        total = with_rows(total) if method == "mpi" else total     # the last round had token rows
-        if not np.isclose(sq[0], np.dot(total, total), rtol=1e-5):
-            fail(f"{where}: squared norm {sq[0]} != {np.dot(total, total)}")
+                    fail(f"{where} round {rnd} ({calls}): {red.updated_grads} != {want[s:e]}")
+        check_norm(red, where, wire, hooked)
         if red.shares_params != (method == "shared_memory" and zero):
             fail(f"{where}: shared parameters {red.shares_params}")
         if zero:   # each rank owns its slice of the parameters; afterwards all ranks hold all of them
@@ -138,7 +149,7 @@ set_threads(1)
 
 # a /dev/shm too small for the buffers (Docker's 64 MB default): auto falls back to MPI, and an
 # explicit shared_memory request fails with the reason
-dist.shutil.disk_usage = lambda path: type("Usage", (), {"free": 10})()
+shutil.disk_usage = lambda path: type("Usage", (), {"free": 10})()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     red = dist.make_reducer(comm, Partition(n, comm.size, comm.rank), layers, rank_data(comm.rank), 1, "auto")
