@@ -28,7 +28,8 @@ from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distgpt import bf16, blas  # noqa: E402
+from distgpt import bf16, blas, gemm16  # noqa: E402
+from distgpt.cpu import this_cpu  # noqa: E402
 from distgpt.threads import parallel_for, set_threads  # noqa: E402
 
 C, V = 768, 50257
@@ -36,10 +37,9 @@ LINEARS = {"qkv": (C, 3 * C), "attn_proj": (C, C), "fc": (C, 4 * C), "mlp_proj":
 
 
 def cpu_line() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), platform.processor())
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in blas.cpu_flags()]
-    return f"CPU: {model}; flags: {' '.join(flags)}"
+    cpu = this_cpu()
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16") if f in cpu.flags]
+    return f"CPU: {cpu.model or platform.processor()}; flags: {' '.join(flags)}"
 
 
 def split_rows(gemm: Callable, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
@@ -91,7 +91,7 @@ def bf16_buffer(x: np.ndarray) -> np.ndarray:
 
 
 def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], repeats: int,
-            sgemms: list[str], bf16s: list[str]) -> list[str]:
+            sgemms: dict[str, blas.Choice], bf16s: dict[str, gemm16.Choice]) -> list[str]:
     M, K = a.shape
     N = b.shape[1]
     flop = 2.0 * M * N * K
@@ -100,12 +100,12 @@ def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], re
     to_bf16_like(a, a16)
     to_bf16_like(b, b16)
     t32 = []
-    for lib in sgemms:
-        blas.use(lib)
+    for choice in sgemms.values():
+        blas.use(choice)
         t32.append(best_time(lambda: split_rows(blas.gemm, a, b, out), repeats))
     t16 = []
-    for lib in bf16s:
-        blas.use_bf16(lib)
+    for choice16 in bf16s.values():
+        gemm16.use(choice16)
         t16.append(best_time(lambda: split_rows(blas.gemm_bf16, a16, b16, out), repeats))
     act = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if is_act]
     weight = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if not is_act]
@@ -129,18 +129,19 @@ def print_table(head: list[str], rows: list[list[str]]) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells)))
 
 
-def installed(sgemms: list[str], bf16s: list[str]) -> tuple[list[str], list[str]]:
-    """The named libraries that load, each kind through its own chooser (blas.use, blas.use_bf16)."""
-    def loadable(kind: str, names: list[str], use) -> list[str]:
-        have = []
+def installed(sgemms: list[str], bf16s: list[str]) -> tuple[dict[str, blas.Choice], dict[str, gemm16.Choice]]:
+    """The named libraries that load, each kind through its own loader (blas.load, gemm16.load; a bf16
+    gemm that is not fast on this CPU is measured all the same)."""
+    def loadable(kind: str, names: list[str], load) -> dict:
+        have = {}
         for lib in names:
             try:
-                use(lib)
-                have.append(lib)
+                have[lib] = load(lib)
             except blas.BlasError as exc:
                 print(f"left out: {kind} {lib}: {exc}", file=sys.stderr)
         return have
-    return loadable("sgemm", sgemms, blas.use), loadable("bf16", bf16s, blas.use_bf16)
+    return (loadable("sgemm", sgemms, blas.load),
+            loadable("bf16", bf16s, lambda lib: gemm16.load(lib, emulated=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,18 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to compare", file=sys.stderr)
         return 2
     print(cpu_line())
+    previous, previous16 = blas.use(None), gemm16.use(None)     # put back at the end
     limiter = threadpool_limits(limits=1)        # as distgpt.threads.setup: OpenBLAS single-threaded too
     only = set(args.only.split(",")) if args.only else None
     for threads in (int(t) for t in args.threads.split(",")):
         set_threads(threads)
         print(f"\n{threads} thread(s), rows split over them, each library single-threaded")
         rng = np.random.default_rng(0)
-        print_table(header(sgemms, bf16s), [measure(name, a, b, acts, args.repeats, sgemms, bf16s)
+        print_table(header(list(sgemms), list(bf16s)), [measure(name, a, b, acts, args.repeats, sgemms, bf16s)
                                             for name, a, b, acts in cases(args.rows, rng, only)])
     set_threads(1)
     limiter.unregister()
-    blas.use("auto")
-    blas.use_bf16("auto")
+    blas.use(previous)
+    gemm16.use(previous16)
     return 0
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
+
+from distgpt import switches
 
 _compile_lock = threading.Lock()
 
@@ -34,7 +35,7 @@ def numba_installed() -> bool:
 
 def enabled() -> bool:
     """True when compiled kernels are used: numba is installed and DISTGPT_JIT is not 0."""
-    return os.environ.get("DISTGPT_JIT", "1") != "0" and numba_installed()
+    return switches.get("DISTGPT_JIT") == "1" and numba_installed()
 
 
 class Kernel:

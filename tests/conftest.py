@@ -103,34 +103,33 @@ def bf16_env() -> dict[str, str]:
     is fast (a CPU with bf16 instructions and oneDNN or, on Intel, MKL); elsewhere MKL's
     emulation, forced (the same numerics, only slower), so that the bf16 tests run on every CPU.
     Skips where MKL is not installed (as require_mkl)."""
-    from distgpt import blas
+    from distgpt import gemm16, switches
 
     require_mkl()
-    blas.use_bf16("auto")
-    if blas.bf16_unavailable_reason() is None and os.environ.get("DISTGPT_BF16_EMULATED") != "1":
+    if gemm16.load("auto").fast and switches.get("DISTGPT_BF16_EMULATED") != "1":
         return {}
     return {"DISTGPT_BF16_GEMM": "mkl", "DISTGPT_BF16_EMULATED": "1"}
 
 
 @pytest.fixture
 def bf16_here(monkeypatch) -> dict[str, str]:
-    """bf16_env() for this process too (the libraries are chosen again, and again after the test)."""
-    from distgpt import blas
+    """bf16_env() for this process too: set in the environment, and the process's bf16 gemm chosen
+    from it for the test (the one before put back after)."""
+    from distgpt import gemm16
 
     env = bf16_env()
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
+    previous = gemm16.use(gemm16.load())
     yield env
-    monkeypatch.undo()
-    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
+    gemm16.use(previous)
 
 
 def require_mkl() -> None:
     """Fail when MKL is missing where the test extra installs it (x86-64 Linux); skip elsewhere."""
-    from distgpt import blas
+    from distgpt import native
 
-    if blas._mkl_library_path() is None:
+    if native.mkl_library_path() is None:
         if sys.platform != "linux" or platform.machine() != "x86_64":
             pytest.skip("the test extra installs MKL on x86-64 Linux only")
         pytest.fail("the mkl package is not installed: `pip install -e '.[test]'` installs it")
@@ -138,11 +137,11 @@ def require_mkl() -> None:
 
 @pytest.fixture(params=["numpy", "mkl"])
 def blas_backend(request):
-    """Run the test once with NumPy's BLAS and once with MKL."""
+    """Run the test once with NumPy's BLAS and once with MKL (the process's choice before put back after)."""
     from distgpt import blas
 
     if request.param == "mkl":
         require_mkl()
-    blas.use(request.param)
+    previous = blas.use(request.param)
     yield request.param
-    blas.use("auto")
+    blas.use(previous)

@@ -1,6 +1,11 @@
-"""blas.gemm: MKL through ctypes (when the mkl package is installed) against NumPy's matmul, on the
-operand layouts ops passes it (row slices, column slices, transposed views) and the ones it must
-refuse (falling back to NumPy); blas.gemm_bf16 likewise, through oneDNN and MKL."""
+"""The matmul libraries. blas.gemm: MKL through ctypes (when the mkl package is installed) against
+NumPy's matmul, on the operand layouts ops passes it (row slices, column slices, transposed views)
+and the ones it must refuse (falling back to NumPy); gemm16.gemm_bf16 likewise, through oneDNN and
+MKL. Which library a process takes: the choosers' rules on pretended CPUs and installs, the choice
+made once per process (use, configure) from the DISTGPT_* switches; the CPU from /proc/cpuinfo.
+
+Every test that changes the process's choice puts the one before back (use returns it)."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -8,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from distgpt import blas
+from distgpt import blas, cpu, gemm16, native
+from distgpt.cpu import AMD, INTEL, Cpu
 
 from conftest import require_mkl
 
@@ -29,11 +35,31 @@ def operand(rng, shape, how, dtype):
 LAYOUTS = ["contiguous", "column-slice", "transposed", "transposed-slice"]
 
 
+def recording(choice: blas.Choice, calls: list) -> blas.Choice:
+    """The choice with each of its cblas gemms recording its arguments before it runs."""
+    def spy(fn):
+        return lambda *args: (calls.append(args), fn(*args))
+    return dataclasses.replace(choice, gemms={t: spy(fn) for t, fn in choice.gemms.items()})
+
+
+@pytest.fixture(params=["numpy", "mkl"])
+def gemm_calls(request):
+    """The process's fp32 gemm: NumPy's BLAS (yields None), then MKL with its calls recorded (yields them)."""
+    if request.param == "numpy":
+        previous, calls = blas.use("numpy"), None
+    else:
+        require_mkl()
+        calls = []
+        previous = blas.use(recording(blas.load("mkl"), calls))
+    yield calls
+    blas.use(previous)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("a_how", LAYOUTS)
 @pytest.mark.parametrize("b_how", LAYOUTS)
 @pytest.mark.parametrize("accumulate", [False, True])
-def test_gemm_matches_numpy_on_every_layout(blas_backend, monkeypatch, dtype, a_how, b_how, accumulate):
+def test_gemm_matches_numpy_on_every_layout(gemm_calls, dtype, a_how, b_how, accumulate):
     rng = np.random.default_rng(0)
     M, K, N = 37, 53, 29
     a, b = operand(rng, (M, K), a_how, dtype), operand(rng, (K, N), b_how, dtype)
@@ -41,47 +67,41 @@ def test_gemm_matches_numpy_on_every_layout(blas_backend, monkeypatch, dtype, a_
     out = base[:, 1:1 + N]                                   # a strided output view
     expect = (out.astype(np.float64) if accumulate else 0) + a.astype(np.float64) @ b.astype(np.float64)
     before = base.copy()
-    calls = []
-    if blas_backend == "mkl":                   # MKL itself must take every one of these layouts
-        real = blas._mkl().gemm[np.dtype(dtype)]
-        spy = lambda *args: (calls.append(args[1:3]), real(*args))          # noqa: E731
-        monkeypatch.setitem(blas._mkl().gemm, np.dtype(dtype), spy)
     blas.gemm(a, b, out, accumulate=accumulate)
-    if blas_backend == "mkl":
-        flag = {True: blas._TRANS, False: blas._NO_TRANS}
-        assert calls == [(flag[a_how.startswith("transposed")], flag[b_how.startswith("transposed")])]
+    if gemm_calls is not None:                  # MKL itself must take every one of these layouts
+        flag = {True: native.TRANS, False: native.NO_TRANS}
+        assert [c[1:3] for c in gemm_calls] == [(flag[a_how.startswith("transposed")],
+                                                 flag[b_how.startswith("transposed")])]
+    # float32 sums of K=53 products of unit normals: relative error a few 1e-7 of the largest entry
     tol = 1e-5 if dtype == np.float32 else 1e-12
     assert np.abs(out - expect).max() <= tol * np.abs(expect).max()
     # the columns around the view are untouched
     assert np.array_equal(base[:, 0], before[:, 0]) and np.array_equal(base[:, N + 1:], before[:, N + 1:])
 
 
-def test_mkl_actually_runs_when_chosen(monkeypatch):
+def test_mkl_actually_runs_when_chosen():
     require_mkl()
-    blas.use("mkl")
+    calls = []
+    previous = blas.use(recording(blas.load("mkl"), calls))
     try:
-        mkl = blas._mkl()
-        calls = []
-        real = mkl.gemm[np.dtype(np.float32)]
-        spy = lambda *args: (calls.append(args[3:6]), real(*args))              # noqa: E731
-        monkeypatch.setitem(mkl.gemm, np.dtype(np.float32), spy)
         rows = blas.SMALL_M + 1
         a, b = np.ones((rows, 3), np.float32), np.ones((3, 5), np.float32)
         out = np.empty((rows, 5), np.float32)
         blas.gemm(a, b, out)
-        assert calls == [(rows, 5, 3)] and np.all(out == 3)
-        assert blas.describe().startswith("MKL ")
+        assert [c[3:6] for c in calls] == [(rows, 5, 3)] and np.all(out == 3)
+        assert blas.describe().startswith("MKL ") and blas.using_mkl()
         # a few rows (decoding) go to NumPy's BLAS, which streams the weights faster there
         few = np.empty((blas.SMALL_M, 5), np.float32)
         blas.gemm(a[: blas.SMALL_M], b, few)
         assert len(calls) == 1 and np.all(few == 3)
     finally:
-        blas.use("auto")
+        blas.use(previous)
 
 
 def test_unsupported_operands_fall_back_to_numpy():
     require_mkl()
-    blas.use("mkl")
+    calls = []
+    previous = blas.use(recording(blas.load("mkl"), calls))
     try:
         rng = np.random.default_rng(1)
         a = rng.standard_normal((6, 8)).astype(np.float32)
@@ -100,20 +120,9 @@ def test_unsupported_operands_fall_back_to_numpy():
         expect = sq @ sq
         blas.gemm(sq, sq.copy(), sq)                                 # output overlaps an input
         assert np.allclose(sq, expect, rtol=1e-5, atol=1e-5)
+        assert calls == []                                           # none of them reached MKL
     finally:
-        blas.use("auto")
-
-
-def test_unknown_backend_and_missing_mkl_are_clear_errors(monkeypatch):
-    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS='cuda': expected auto, mkl or numpy"):
-        blas.use("cuda")
-    monkeypatch.setattr(blas, "_mkl_library_path", lambda: None)
-    with pytest.raises(blas.BlasError, match="mkl. package is not installed"):
-        blas.use("mkl")
-    blas.use("auto")
-    assert blas.describe() == "NumPy's BLAS"
-    monkeypatch.undo()
-    blas.use("auto")
+        blas.use(previous)
 
 
 def test_a_read_only_output_is_refused_as_numpy_refuses_it(blas_backend):
@@ -123,20 +132,6 @@ def test_a_read_only_output_is_refused_as_numpy_refuses_it(blas_backend):
     with pytest.raises(ValueError, match="read-only"):
         blas.gemm(a, b, out)
     assert np.all(out == 0)
-
-
-def test_a_broken_mkl_install_falls_back_or_is_a_clear_error(monkeypatch, tmp_path):
-    bogus = tmp_path / "libmkl_rt.so.2"
-    bogus.write_text("not a library")
-    monkeypatch.setattr(blas, "_mkl_library_path", lambda: str(bogus))
-    monkeypatch.setattr(blas, "_intel_cpu", lambda: True)
-    with pytest.warns(UserWarning, match="cannot be used"):
-        blas.use("auto")
-    assert blas.describe() == "NumPy's BLAS"
-    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS=mkl but MKL at .*libmkl_rt.so.2 cannot be used"):
-        blas.use("mkl")
-    monkeypatch.undo()
-    blas.use("auto")
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 5, 4), (5, 1, 4), (5, 4, 1), (1, 1, 1)])
@@ -152,6 +147,177 @@ def test_unit_dimensions_and_broadcast_rows(blas_backend, M, K, N):
     assert np.allclose(out, a_rows @ b, rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------------------------------- which fp32 library
+
+XEON = Cpu(INTEL, "Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+EPYC = Cpu(AMD, "AMD EPYC", frozenset({"avx2", "avx512f", "avx512_bf16"}))
+OLD_INTEL = Cpu(INTEL, "Intel Core", frozenset({"avx2"}))
+OLD_AMD = Cpu(AMD, "AMD Ryzen", frozenset({"avx2"}))
+
+
+@pytest.mark.parametrize("name, on, mkl_path, library", [
+    ("auto", XEON, "/x/libmkl_rt.so.2", "mkl"),        # Intel with MKL installed: MKL
+    ("auto", OLD_INTEL, "/x/libmkl_rt.so.2", "mkl"),
+    ("auto", EPYC, "/x/libmkl_rt.so.2", "numpy"),      # AMD: MKL may pick slower kernels there
+    ("auto", XEON, None, "numpy"),                     # not installed
+    ("mkl", EPYC, "/x/libmkl_rt.so.2", "mkl"),         # named: taken on any CPU
+    ("numpy", XEON, "/x/libmkl_rt.so.2", "numpy"),
+])
+def test_fp32_library_rule(name, on, mkl_path, library):
+    assert blas.choose(name, on, mkl_path) == library
+
+
+def test_unknown_fp32_library_and_missing_mkl_are_clear_errors():
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS='cuda': expected auto, mkl or numpy"):
+        blas.choose("cuda", XEON, "/x/libmkl_rt.so.2")
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS=mkl but the `mkl` package is not installed"):
+        blas.choose("mkl", XEON, None)
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS=mkl but the `mkl` package is not installed"):
+        blas.load("mkl", mkl_path=None)
+    assert blas.load("auto", cpu=XEON, mkl_path=None).description == "NumPy's BLAS"
+
+
+def test_a_broken_mkl_install_falls_back_or_is_a_clear_error(tmp_path):
+    bogus = tmp_path / "libmkl_rt.so.2"
+    bogus.write_text("not a library")
+    with pytest.warns(UserWarning, match="cannot be used"):
+        choice = blas.load("auto", cpu=XEON, mkl_path=str(bogus))
+    assert choice.library == "numpy" and choice.description == "NumPy's BLAS" and not choice.gemms
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS=mkl but MKL at .*libmkl_rt.so.2 cannot be used"):
+        blas.load("mkl", mkl_path=str(bogus))
+
+
+def test_the_fp32_choice_is_made_once_from_distgpt_blas(monkeypatch):
+    """Unchosen (use(None)), the first configure() reads DISTGPT_BLAS; later changes to the variable
+    are not seen until use() chooses again."""
+    require_mkl()
+    previous = blas.use(None)
+    try:
+        monkeypatch.setenv("DISTGPT_BLAS", "mkl")
+        first = blas.configure()
+        assert first.asked == "mkl" and first.library == "mkl" and blas.using_mkl()
+        monkeypatch.setenv("DISTGPT_BLAS", "numpy")
+        assert blas.configure() is first and blas.describe().startswith("MKL ")
+        assert blas.use("numpy") is first
+        assert blas.describe() == "NumPy's BLAS" and not blas.using_mkl()
+    finally:
+        blas.use(previous)
+
+
+def test_a_bad_distgpt_blas_is_a_one_line_blas_error(monkeypatch):
+    monkeypatch.setenv("DISTGPT_BLAS", "cuda")
+    with pytest.raises(blas.BlasError, match="DISTGPT_BLAS='cuda': expected one of auto, numpy, mkl") as exc:
+        blas.load()
+    assert "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- which bf16 library
+
+class FakeGemm:
+    """A bf16 gemm library that loaded (for the rule, only its name matters)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args):
+        raise AssertionError("the rule tests never multiply")
+
+
+ONEDNN, MKL = FakeGemm("oneDNN 9.9 dnnl_gemm_bf16bf16f32"), FakeGemm("MKL 9999 cblas_gemm_bf16bf16f32")
+BOTH = {"onednn": ONEDNN, "mkl": MKL}
+NO_ONEDNN = {"onednn": "oneDNN is not installed", "mkl": MKL}
+NO_MKL = {"onednn": ONEDNN, "mkl": "MKL is not installed"}
+NEITHER = {"onednn": "oneDNN is not installed", "mkl": "MKL is not installed"}
+NO_INSTRUCTIONS = "this CPU has neither avx512_bf16 nor amx_bf16 (/proc/cpuinfo)"
+MKL_NOT_FAST = ("MKL 9999 cblas_gemm_bf16bf16f32 is fast on Intel CPUs with AVX512-BF16 or AMX-BF16 only, "
+                "and this CPU is not one (install onednn-cpu-gomp, or set DISTGPT_BF16_GEMM=onednn)")
+XEON_NO_AMX = Cpu(INTEL, "Intel Xeon", frozenset({"avx512f", "avx512_bf16"}))
+
+
+@pytest.mark.parametrize("name, on, libraries, library, fast, why_not", [
+    ("auto", XEON, BOTH, "mkl", True, None),               # AMX: MKL's kernels use it
+    ("auto", XEON, NO_MKL, "onednn", True, None),
+    ("auto", XEON_NO_AMX, BOTH, "onednn", True, None),     # AVX512-BF16 alone: oneDNN first
+    ("auto", XEON_NO_AMX, NO_ONEDNN, "mkl", True, None),   # ... MKL uses it on Intel
+    ("auto", EPYC, BOTH, "onednn", True, None),
+    ("auto", EPYC, NO_ONEDNN, "mkl", False, MKL_NOT_FAST),  # MKL's bf16 on AMD: no faster than sgemm
+    ("auto", OLD_INTEL, BOTH, "mkl", False, NO_INSTRUCTIONS),  # nothing is fast: MKL (it emulates)
+    ("auto", OLD_AMD, NO_MKL, "onednn", False, NO_INSTRUCTIONS),
+    ("auto", EPYC, NEITHER, None, False,
+     "bf16 matmuls need oneDNN or MKL: oneDNN is not installed; MKL is not installed"),
+    ("onednn", XEON, BOTH, "onednn", True, None),          # named: taken, fast or not
+    ("mkl", EPYC, BOTH, "mkl", False, MKL_NOT_FAST),
+    ("mkl", OLD_AMD, NO_ONEDNN, "mkl", False, NO_INSTRUCTIONS),
+])
+def test_bf16_library_rule(name, on, libraries, library, fast, why_not):
+    choice = gemm16.choose(name, on, libraries, emulated=False)
+    assert (choice.library, choice.fast, choice.why_not) == (library, fast, why_not)
+    assert choice.gemm is (libraries[library] if library else None)
+    assert choice.fast_flags == tuple(f for f in ("avx512_bf16", "amx_bf16") if f in on.flags)
+    emulated = gemm16.choose(name, on, libraries, emulated=True)   # accepts what loaded, fast or not
+    assert (emulated.library, emulated.fast) == (library, fast)
+    assert emulated.why_not == (why_not if library is None else None)
+
+
+def test_bf16_run_header_says_which_library_and_whether_it_is_emulated():
+    assert gemm16.choose("auto", EPYC, BOTH, emulated=False).describe() == ONEDNN.name
+    assert gemm16.choose("mkl", EPYC, BOTH, emulated=True).describe() == (
+        f"{MKL.name} (not fast on this CPU: DISTGPT_BF16_EMULATED=1)")
+    assert gemm16.choose("auto", EPYC, NEITHER, emulated=True).describe() == "no bf16 gemm"
+
+
+def test_unknown_or_missing_bf16_library_is_a_clear_error():
+    with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM='amx': expected auto, onednn, mkl"):
+        gemm16.choose("amx", XEON, BOTH, emulated=False)
+    with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM=onednn but oneDNN is not installed"):
+        gemm16.choose("onednn", XEON, NO_ONEDNN, emulated=False)
+
+
+@pytest.mark.parametrize("name, on, loaded", [
+    ("auto", XEON, ["mkl", "onednn"]),
+    ("auto", EPYC, ["onednn", "mkl"]),
+    ("auto", OLD_INTEL, ["mkl", "onednn"]),
+    ("mkl", EPYC, ["mkl"]),                                 # a named library alone: the other is not loaded
+    ("onednn", XEON, ["onednn"]),
+    ("amx", XEON, []),
+])
+def test_bf16_load_loads_what_the_rule_needs(name, on, loaded):
+    calls = []
+
+    def loader(lib):
+        calls.append(lib)
+        return BOTH[lib]
+    try:
+        gemm16.load(name, cpu=on, emulated=False, loader=loader)
+    except blas.BlasError:
+        assert name == "amx"
+    assert calls == loaded
+
+
+def test_bf16_switches_are_read_when_loading(monkeypatch):
+    monkeypatch.setenv("DISTGPT_BF16_GEMM", "mkl")
+    monkeypatch.setenv("DISTGPT_BF16_EMULATED", "1")
+    choice = gemm16.load(cpu=EPYC, loader=BOTH.get)
+    assert (choice.asked, choice.library, choice.why_not) == ("mkl", "mkl", None)
+    monkeypatch.setenv("DISTGPT_BF16_EMULATED", "yes")
+    with pytest.raises(blas.BlasError, match="DISTGPT_BF16_EMULATED='yes': expected one of 0, 1"):
+        gemm16.load(cpu=EPYC, loader=BOTH.get)
+
+
+def test_the_bf16_choice_is_made_once_and_put_back():
+    """use() sets the process's bf16 gemm and returns the one before; configure() keeps it."""
+    mine = gemm16.choose("auto", EPYC, NEITHER, emulated=False)
+    previous = gemm16.use(mine)
+    try:
+        assert gemm16.configure() is mine
+        assert gemm16.unavailable_reason() == mine.why_not and gemm16.describe() == "no bf16 gemm"
+        # the names from before the split answer from the same choice
+        assert blas.bf16_unavailable_reason() == mine.why_not and blas.describe_bf16() == "no bf16 gemm"
+    finally:
+        assert gemm16.use(previous) is mine
+    assert gemm16.configure() is not mine
+
+
 # ----------------------------------------------------------------------------- bf16 inputs, fp32 output
 
 def bf16_operand(rng, shape, how):
@@ -164,20 +330,29 @@ def bf16_operand(rng, shape, how):
     return bits, bf16.to_float32(bits).astype(np.float64)
 
 
+class RecordingGemm:
+    """A bf16 gemm recording (transpose a, transpose b) of each call before making it."""
+
+    def __init__(self, gemm: gemm16.Bf16Gemm):
+        self.gemm, self.name, self.calls = gemm, gemm.name, []
+
+    def __call__(self, *args):
+        self.calls.append(args[:2])
+        self.gemm(*args)
+
+
 @pytest.fixture(params=["onednn", "mkl"])
-def bf16_library(request, monkeypatch):
-    """Each bf16 gemm library in turn, its calls recorded as (transpose a, transpose b)."""
+def bf16_library(request):
+    """Each bf16 gemm library in turn as the process's (fast here or not), its calls recorded."""
     if request.param == "mkl":
         require_mkl()
-    elif "avx512f" not in blas.cpu_flags():
+    elif "avx512f" not in cpu.flags():
         pytest.skip("oneDNN's bf16 gemm needs AVX-512 (test_onednn_without_avx512_is_a_clear_error)")
-    blas.use_bf16(request.param)
-    calls = []
-    lib = blas._bf16_gemm()
-    monkeypatch.setattr(blas, "_bf16", lambda *args: (calls.append(args[:2]), lib(*args)))
-    yield calls
-    monkeypatch.undo()
-    blas.use_bf16("auto")
+    choice = gemm16.load(request.param, emulated=True)
+    spy = RecordingGemm(choice.gemm)
+    previous = gemm16.use(dataclasses.replace(choice, gemm=spy))
+    yield spy.calls
+    gemm16.use(previous)
 
 
 @pytest.mark.parametrize("a_how", LAYOUTS)
@@ -221,8 +396,8 @@ def test_bf16_gemm_odd_operands_and_empty_dimensions(bf16_library):
 
 def test_onednn_without_avx512_is_a_clear_error():
     """oneDNN held to AVX2 (DNNL_MAX_CPU_ISA, read when it loads) has no bf16 gemm: one clear error."""
-    code = ("import numpy as np; from distgpt import blas; blas.use_bf16('onednn'); "
-            "blas.gemm_bf16(np.ones((64, 8), np.uint16), np.ones((8, 4), np.uint16), "
+    code = ("import numpy as np; from distgpt import gemm16; gemm16.use('onednn'); "
+            "gemm16.gemm_bf16(np.ones((64, 8), np.uint16), np.ones((8, 4), np.uint16), "
             "np.empty((64, 4), np.float32))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={**os.environ, "DNNL_MAX_CPU_ISA": "AVX2"})
@@ -231,13 +406,42 @@ def test_onednn_without_avx512_is_a_clear_error():
             "oneDNN's bf16 gemm needs AVX-512)") in r.stderr
 
 
-def test_bf16_gemm_without_a_library_is_a_clear_error(monkeypatch):
+def test_bf16_gemm_without_a_library_is_a_clear_error():
     a, b, out = np.zeros((2, 3), np.uint16), np.zeros((3, 4), np.uint16), np.empty((2, 4), np.float32)
-    monkeypatch.setattr(blas, "_load_bf16", lambda lib: f"{lib} is missing")
-    blas.use_bf16("auto")
+    previous = gemm16.use(gemm16.load("auto", cpu=EPYC, loader=lambda lib: f"{lib} is missing"))
     try:
-        with pytest.raises(blas.BlasError, match="no bf16 gemm: .*onednn is missing; mkl is missing"):
+        with pytest.raises(blas.BlasError, match="^no bf16 gemm: bf16 matmuls need oneDNN or MKL: onednn is "
+                                                 "missing; mkl is missing$"):
             blas.gemm_bf16(a, b, out)
     finally:
-        monkeypatch.undo()
-        blas.use_bf16("auto")
+        gemm16.use(previous)
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+INTEL_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu avx2
+"""
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd bf16\nCPU implementer\t: 0x41\n"
+
+
+def test_cpuinfo_gives_the_first_processors_vendor_model_and_flags():
+    xeon = cpu.parse(INTEL_CPUINFO)
+    assert xeon == Cpu(INTEL, "Intel(R) Xeon(R) Platinum 8480+",
+                       frozenset({"fpu", "avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}))
+    assert xeon.intel and not cpu.parse(INTEL_CPUINFO.replace(INTEL, AMD)).intel
+    assert cpu.parse(ARM_CPUINFO) == Cpu()                  # no x86 flags: nothing bf16-fast is assumed
+    assert cpu.parse("") == Cpu()
+
+
+def test_this_cpu_is_read_once():
+    assert cpu.this_cpu() is cpu.this_cpu() and cpu.flags() is cpu.this_cpu().flags
+    if sys.platform == "linux" and os.uname().machine == "x86_64":
+        assert "sse2" in cpu.flags() and cpu.this_cpu().vendor
