@@ -1,8 +1,9 @@
-"""bfloat16 for the matmuls: conversions, the CPU check, and which precision a run uses.
+"""bfloat16 for the matmuls: conversions, the model's bf16 weight copy, and which precision a run uses.
 
 bf16 is the top half of a float32 (sign, 8 exponent bits, 7 mantissa bits). NumPy has no bf16
-dtype, so bf16 arrays here are uint16 arrays of those bit patterns, which MKL's
-the bf16 gemms (oneDNN's or MKL's, distgpt/blas.py) read directly; they accumulate in float32.
+dtype, so bf16 arrays here are uint16 arrays of those bit patterns, which the bf16 gemms (oneDNN's
+or MKL's, chosen in distgpt/gemm16.py; the CPU's flags are read in distgpt/cpu.py) read directly;
+they accumulate in float32.
 
 float32 -> bf16 rounds to nearest, ties to even, as PyTorch's `.to(torch.bfloat16)` does; every
 NaN becomes 0xFFFF, PyTorch's NaN on CPUs (the tests compare the bits). bf16 -> float32 is exact.
@@ -10,18 +11,20 @@ The conversion is a compiled loop (jit.Kernel) with a NumPy twin doing the same 
 operations, so both give the same bits.
 
 Mixed precision (train.precision) follows PyTorch autocast: float32 master parameters, moments and
-gradients; bf16 copies of the matmul weights, made once per optimizer step; matmul inputs rounded
-to bf16, products accumulated and returned in float32 (attention's too: its probabilities and
-their gradient are rounded for the matmuls); LayerNorm, softmax, GELU and the loss in float32.
-`auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and a bf16 gemm library
-that uses them (blas.use_bf16 says which, and why not).
+gradients; bf16 copies of the matmul weights (Bf16Weights), made once per optimizer step; matmul
+inputs rounded to bf16, products accumulated and returned in float32 (attention's too: its
+probabilities and their gradient are rounded for the matmuls); LayerNorm, softmax, GELU and the
+loss in float32. `auto` uses bf16 only where it is fast: a CPU with AVX512-BF16 or AMX-BF16 and a
+bf16 gemm library that uses them (gemm16.configure() says which, and why not).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from distgpt import blas, jit
+from distgpt import blas, gemm16, jit
 from distgpt.threads import parallel_for
 
 PRECISIONS = ("fp32", "bf16", "auto")
@@ -149,6 +152,86 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return to_float32(to_bf16(np.asarray(x, np.float32)))
 
 
+# ----------------------------------------------------------------------------- the weight copy
+
+class Bf16Weights:
+    """The bf16 copy of a model's matmul weights, and the one owner of its state: the buffer, the
+    flat ranges it holds (Layout.matmul_weight_ranges), when it is stale, and which slice this rank
+    remakes. The model only reads it (for_pass); whoever updates the parameters says so (changed).
+
+    The copy is a uint16 vector in the parameters' flat layout; only `ranges` are ever written.
+    - Private (the default, one per process): a change marks it stale, and the next pass
+      (for_pass) converts all of it.
+    - Shared (`shared`: one buffer for the ranks of a node, whose parameters are shared too, as
+      ZeRO-1 on one node keeps them): changed(lo, hi) converts this rank's part of [lo, hi) at
+      once (`rank_slice`: the parameters this rank updates); after the node's barrier, current().
+      A pass never converts a shared copy: each rank would convert all of it, the node's work
+      times its ranks, rewriting slices the others read.
+    `converted` counts the elements converted so far (profiles and tests: one slice per rank per
+    step)."""
+
+    def __init__(self, params: np.ndarray, ranges: Sequence[tuple[int, int]],
+                 shared: np.ndarray | None = None, rank_slice: tuple[int, int] | None = None):
+        if params.dtype != np.float32 or params.ndim != 1:
+            raise ValueError(f"bf16 weight copy of {params.dtype}{params.shape} parameters: expected a flat "
+                             "float32 vector")
+        if shared is not None and (shared.shape != params.shape or shared.dtype != np.uint16):
+            raise ValueError(f"bf16 weight buffer {shared.dtype}{shared.shape}, "
+                             f"expected uint16{params.shape}")
+        self.params = params
+        self.ranges = tuple((int(a), int(b)) for a, b in ranges)
+        self.shared = shared is not None
+        self.bits = shared if shared is not None else np.zeros(params.shape, np.uint16)
+        self.rank_slice = (0, params.size) if rank_slice is None else (int(rank_slice[0]), int(rank_slice[1]))
+        self.stale = True               # nothing converted yet (a shared buffer may hold anything)
+        self.converted = 0
+
+    def elements(self, lo: int = 0, hi: int | None = None) -> int:
+        """How many elements of the copy lie in the flat range [lo, hi) (all of them by default)."""
+        hi = self.params.size if hi is None else hi
+        return sum(max(0, min(b, hi) - max(a, lo)) for a, b in self.ranges)
+
+    def convert(self, lo: int = 0, hi: int | None = None) -> None:
+        """Remake the copy's elements in the flat range [lo, hi) (all of them by default), now."""
+        hi = self.params.size if hi is None else hi
+        for a, b in self.ranges:
+            s, e = max(a, lo), min(b, hi)
+            if s < e:
+                to_bf16(self.params[s:e], self.bits[s:e], parallel=True)
+                self.converted += e - s
+
+    def changed(self, lo: int = 0, hi: int | None = None) -> None:
+        """This rank updated the parameters in [lo, hi). Private: the next pass remakes the copy.
+        Shared: this rank's part of [lo, hi) is converted now; the copy is current again once
+        every rank has converted its part (the caller's barrier, then current())."""
+        if self.shared:
+            a, b = self.rank_slice
+            self.convert(max(a, lo), min(b, self.params.size if hi is None else hi))
+        self.stale = True
+
+    def changed_all(self) -> None:
+        """Every parameter changed (a broadcast, a checkpoint load): changed(0, all)."""
+        self.changed(0, self.params.size)
+
+    def current(self) -> None:
+        """Shared: every rank has converted its slice (the caller is past the node's barrier). A
+        private copy is remade by its next pass, so this changes nothing there."""
+        if self.shared:
+            self.stale = False
+
+    def for_pass(self) -> np.ndarray:
+        """The copy, up to date for a forward or backward pass: a stale private copy is remade here,
+        whole. A stale shared copy is a caller's bug: its ranks remake it between changed() and
+        current()."""
+        if self.stale:
+            if self.shared:
+                raise RuntimeError("the shared bf16 weight copy is not current: after changed(), every rank "
+                                   "converts its slice, then current() (after the node's barrier)")
+            self.convert()
+            self.stale = False
+        return self.bits
+
+
 # ----------------------------------------------------------------------------- scratch
 
 class Workspace:
@@ -175,7 +258,7 @@ def resolve(precision: str) -> str:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return "fp32"
-    reason = blas.bf16_unavailable_reason()
+    reason = gemm16.configure().why_not
     if reason is None:
         return "bf16"
     if precision == "bf16":
@@ -187,6 +270,7 @@ def describe(precision: str) -> str:
     """One line for the run header: the precision, and for bf16 the library and CPU features."""
     if precision == "fp32":
         return "precision: fp32"
-    cpu = ", ".join(blas.fast_bf16_flags()) or "no bf16 instructions"
+    choice = gemm16.configure()
+    cpu = ", ".join(choice.fast_flags) or "no bf16 instructions"
     return (f"precision: bf16 matmuls (fp32 master weights, accumulation, norms, softmax, loss) via "
-            f"{blas.describe_bf16()}; CPU: {cpu}")
+            f"{choice.describe()}; CPU: {cpu}")

@@ -10,9 +10,11 @@ to the communicator while it works on the next one.
 
 Shapes in comments: B sequences, T positions, C = n_embd, nh heads of hs = C / nh, V vocabulary.
 
-precision="bf16" (distgpt/bf16.py): the matmul weights also have bf16 copies (uint16 views in the
-same layout, `w16`), refreshed once after each optimizer step; the linears and the head multiply
-with them, attention multiplies bf16 q/k/v, everything else reads the float32 parameters.
+precision="bf16" (distgpt/bf16.py): the matmul weights also have bf16 copies (a bf16.Bf16Weights:
+uint16 bits in the same layout), remade once after each optimizer step by their owner, never by the
+model, which only reads them; the linears and the head multiply with them, attention multiplies
+bf16 q/k/v, everything else reads the float32 parameters. The precision is chosen once, at
+construction: it picks the kernel table (ops.Fp32Kernels or ops.Bf16Kernels) the passes call.
 """
 
 from __future__ import annotations
@@ -218,17 +220,17 @@ class Scratch:
 class Activations:
     """Every buffer of a forward (and backward) pass for one (B, T), allocated once and reused.
     Training keeps each block's activations (`saved_blocks` = L); inference reuses one set.
-    `low` (a bf16 model): the activations that only feed matmuls are stored as bf16 bits (the ln_1
+    A bf16 model (`precision`) stores the activations that only feed matmuls as bf16 bits (the ln_1
     and ln_2 outputs, q/k/v, the attention output), the rounding those matmuls take anyway: half
     their memory, and no rounding per call. The GELU input stays float32, as GELU computes in
     float32 (rounding it too, as autocast does, made runs 10-30x more sensitive to how the batch is
     split over ranks: see benchmarks/README.md)."""
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
-                 saved_blocks: int, backward: bool, low: bool = False):
+                 saved_blocks: int, backward: bool, precision: str = "fp32"):
         C, nh, BT = cfg.n_embd, cfg.n_head, B * T
         z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
-        m = (lambda *s: np.empty(s, dtype=np.uint16)) if low else z  # noqa: E731
+        m = (lambda *s: np.empty(s, dtype=np.uint16)) if precision == "bf16" else z  # noqa: E731
         self.B, self.T = B, T
         self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
         L = saved_blocks
@@ -250,9 +252,10 @@ class Activations:
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
-                     low: bool = False) -> int:
+                     precision: str = "fp32") -> int:
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
-    chunk; `low`: a bf16 model's (6 of each block's 12 BT x C floats stored in bf16)."""
+    chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16."""
+    low = precision == "bf16"
     C, L, BT = cfg.n_embd, cfg.n_layer, B * T
     stored = 6 * BT * C + (6 * BT * C * 2 // itemsize if low else 6 * BT * C)
     per_layer = stored + 2 * BT + B * cfg.n_head * T
@@ -318,22 +321,17 @@ def split_heads(buf: np.ndarray, B: int, n_head: int, n_embd: int) -> tuple[np.n
 
 # ----------------------------------------------------------------------------- the block pair
 
-def _bf16_of(w16: BlockParams | None) -> Callable[[str], np.ndarray | None]:
-    """name -> that weight's bf16 copy, or None (float32 matmuls)."""
-    return lambda name: None if w16 is None else getattr(w16, name)
-
-
 def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
-                  drop: Dropout, cache: KVCache | None = None, w16: BlockParams | None = None) -> None:
+                  drop: Dropout, kern: ops.Kernels, mw: BlockParams, cache: KVCache | None = None) -> None:
     """x += attn(ln_1(x)); x += mlp(ln_2(x)), in place on the residual stream x (B*T, C). With a
-    KV cache, x holds the new positions only and attention also sees the cached ones. With w16 (the
-    bf16 copies of the weights) the four linears multiply in bf16."""
+    KV cache, x holds the new positions only and attention also sees the cached ones. kern: the
+    model's kernels (its precision); mw: the weights their matmuls take (w itself in fp32, the bf16
+    copies in bf16; only the four matmul weights are read from it)."""
     B = a.lse.shape[0]
-    low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # a bf16 model stores the ln_1 and ln_2 outputs, q/k/v and the attention output as bf16: each
     # is made in float32 in a scratch buffer free at that point, then rounded into its stored buffer
-    stored16 = a.ln1_out.dtype == np.uint16
+    stored16 = kern.stores_bf16
 
     def made(stored: np.ndarray, scratch: np.ndarray = s.branch) -> np.ndarray:  # where it is computed
         return scratch.reshape(-1)[: stored.size].reshape(stored.shape) if stored16 else stored
@@ -344,7 +342,7 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
 
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, made(a.ln1_out), a.ln1_xhat)  # (BT, C)
     store(a.ln1_out)
-    ops.linear_forward(a.ln1_out, w.qkv_w, w.qkv_b, made(a.qkv, s.hidden), low("qkv_w"))  # (BT, 3C)
+    kern.linear_forward(a.ln1_out, mw.qkv_w, w.qkv_b, made(a.qkv, s.hidden))           # (BT, 3C)
     store(a.qkv, s.hidden)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(made(a.attn_y))                                                        # (B, nh, T, hs)
@@ -352,53 +350,49 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     if cache is not None:
         q_offset = cache.length
         k, v = cache.append(layer, k, v)                                    # (B, nh, q_offset + T, hs)
-    ops.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, keep=drop.keep("att", layer),
-                          keep_scale=drop.scale, q_offset=q_offset)
+    kern.attention_forward(q, k, v, cfg.layer_window(layer), y, a.lse, drop.keep("att", layer), drop.scale,
+                           q_offset)
     store(a.attn_y)
-    ops.linear_forward(a.attn_y, w.attn_proj_w, w.attn_proj_b, s.branch, low("attn_proj_w"))  # (BT, C)
+    kern.linear_forward(a.attn_y, mw.attn_proj_w, w.attn_proj_b, s.branch)             # (BT, C)
     drop.apply_(s.branch, "res1", layer)
     x += s.branch
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, made(a.ln2_out), a.ln2_xhat)  # (BT, C)
     store(a.ln2_out)
-    ops.linear_forward(a.ln2_out, w.fc_w, w.fc_b, a.fc_pre, low("fc_w"))                 # (BT, 4C)
+    kern.linear_forward(a.ln2_out, mw.fc_w, w.fc_b, a.fc_pre)                           # (BT, 4C)
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
-    ops.linear_forward(s.hidden, w.mlp_proj_w, w.mlp_proj_b, s.branch, low("mlp_proj_w"))  # (BT, C)
+    kern.linear_forward(s.hidden, mw.mlp_proj_w, w.mlp_proj_b, s.branch)                # (BT, C)
     drop.apply_(s.branch, "res2", layer)
     x += s.branch
 
 
 def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs, s: Scratch,
-                   cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool,
-                   w16: BlockParams | None = None) -> None:
+                   cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool, kern: ops.Kernels,
+                   mw: BlockParams) -> None:
     """The gradient of block_forward. dx (B*T, C) comes in as d loss / d block output and leaves as
     d loss / d block input; the block's parameter gradients g are added to (written, if not
-    `accumulate`: the first micro-batch of a step). w16: as in block_forward."""
+    `accumulate`: the first micro-batch of a step). kern, mw: as in block_forward."""
     B = a.lse.shape[0]
-    low = _bf16_of(w16)           # low("fc_w"): that weight's bf16 copy, or None in fp32
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # MLP branch: x = x + mlp_proj(gelu(fc(ln_2(x))))
     d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
     ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
-    ops.linear_backward(d_branch, s.hidden, w.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
-                        accumulate, low("mlp_proj_w"))                                   # (BT, 4C) d hidden
+    kern.linear_backward(d_branch, s.hidden, mw.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
+                         accumulate)                                                    # (BT, 4C) d hidden
     ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
-    ops.linear_backward(s.hidden, a.ln2_out, w.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate,
-                        low("fc_w"))                                                     # (BT, C)
+    kern.linear_backward(s.hidden, a.ln2_out, mw.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate)  # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
     dx += s.d_in
     # attention branch: x = x + attn_proj(attention(ln_1(x)))
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
-    ops.linear_backward(d_branch, a.attn_y, w.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
-                        accumulate, low("attn_proj_w"))                                  # (BT, C) d attn_y
+    kern.linear_backward(d_branch, a.attn_y, mw.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
+                         accumulate)                                                    # (BT, C) d attn_y
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
-    # bf16 attention (bf16 q/k/v) takes its softmax row sums from its blocks: only fp32 reads y
-    y = None if a.qkv.dtype == np.uint16 else split(a.attn_y)[0]
+    (y,) = split(a.attn_y)                         # (bf16 attention takes its row sums from its blocks)
     (dy,) = split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
-    ops.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
-                           keep=drop.keep("att", layer), keep_scale=drop.scale)
-    ops.linear_backward(s.d_qkv, a.ln1_out, w.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate,
-                        low("qkv_w"))                                                    # (BT, C)
+    kern.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
+                            drop.keep("att", layer), drop.scale)
+    kern.linear_backward(s.d_qkv, a.ln1_out, mw.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate)  # (BT, C)
     ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
     dx += s.d_in
 
@@ -437,11 +431,14 @@ class GPT:
     forward(idx, targets, grad_scale) -> TrainingForward, then backward(that): one training micro-batch.
     loss(idx, targets) -> float: evaluation. logits(idx, cache=None) -> (B, T, V): inference, with or
     without a KV cache. The flat buffers may be given (e.g. in memory shared with other ranks).
-    precision: "fp32", or "bf16" (float32 model, bf16 matmuls; weights_changed() after an update)."""
+    precision: "fp32", or "bf16" (float32 model, bf16 matmuls): chosen here, once. A bf16 model reads
+    the bf16 copy of its matmul weights from `weights16` (a bf16.Bf16Weights on these parameters:
+    a node-shared one from the trainer), or from a private one it makes; whoever changes the
+    parameters tells that copy (weights_changed(), or the trainer through the copy itself)."""
 
     def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
                  grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True,
-                 precision: str = "fp32", params16: np.ndarray | None = None):
+                 precision: str = "fp32", weights16: bf16.Bf16Weights | None = None):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         if precision not in ("fp32", "bf16"):
@@ -450,6 +447,7 @@ class GPT:
             raise ValueError(f"bf16 matmuls need a float32 model, not {np.dtype(dtype)}")
         self.cfg = cfg
         self.precision = precision
+        self.kernels = ops.kernels(precision)
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)
         self.params = self._flat(params, "parameter")
@@ -462,47 +460,34 @@ class GPT:
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int, int], Activations] = {}
         self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
-        # bf16: copies of the matmul weights, in the parameters' layout (only the matmul weights
-        # are ever written); remade on the first pass after the parameters change, or, given as
-        # `params16` (one copy that a node's ranks share), by whoever owns that buffer: see
-        # convert_weights16
-        if precision == "bf16" and params16 is None:
-            params16 = np.zeros(self.layout.size, np.uint16)
-        if params16 is not None and (params16.shape != (self.layout.size,) or params16.dtype != np.uint16):
-            raise ValueError(f"bf16 weight buffer {params16.dtype}{params16.shape}, "
-                             f"expected uint16({self.layout.size},)")
-        self.params16 = params16 if precision == "bf16" else None
-        self._w16 = self.layout.tensors(self.params16) if precision == "bf16" else None
-        self._w16_stale = True
-        self._w16_ranges = self.layout.matmul_weight_ranges() if precision == "bf16" else []
+        self.weights16 = self._bf16_copy(weights16) if precision == "bf16" else None
+        if precision == "fp32" and weights16 is not None:
+            raise ValueError("an fp32 model has no bf16 weight copy (weights16)")
+        # the matmul weights as the kernels take them: the float32 tensors, or views of the bf16 copy
+        self._mw = self.w if self.weights16 is None else self.layout.tensors(self.weights16.bits)
+
+    def _bf16_copy(self, weights16: bf16.Bf16Weights | None) -> bf16.Bf16Weights:
+        ranges = self.layout.matmul_weight_ranges()
+        if weights16 is None:
+            return bf16.Bf16Weights(self.params, ranges)
+        if weights16.params is not self.params or weights16.ranges != tuple(ranges):
+            raise ValueError("weights16 is a bf16 copy of other parameters: make it on this model's "
+                             "parameter buffer with Layout.matmul_weight_ranges()")
+        return weights16
 
     def weights_changed(self) -> None:
-        """The parameters were updated (the optimizer, a checkpoint): the bf16 copies are remade on
-        the next pass. (zero_grad() implies it: a step's first forward always follows an update.)"""
-        self._w16_stale = True
+        """The parameters were changed (an optimizer step, a checkpoint, an edit): a bf16 model's
+        private copy of the matmul weights is remade by the next pass; a shared one, converted a
+        slice per rank, is its trainer's to complete (bf16.Bf16Weights.changed_all, then current)."""
+        if self.weights16 is not None:
+            self.weights16.changed_all()
 
-    def convert_weights16(self, lo: int = 0, hi: int | None = None) -> None:
-        """Remake the bf16 copies of the matmul weights that lie in the flat range [lo, hi) (all of
-        them by default). With a shared copy, each rank converts the slice it updated; then, after a
-        barrier, weights16_current()."""
-        hi = self.layout.size if hi is None else hi
-        for a, b in self._w16_ranges:
-            s, e = max(a, lo), min(b, hi)
-            if s < e:
-                bf16.to_bf16(self.params[s:e], self.params16[s:e], parallel=True)
-
-    def weights16_current(self) -> None:
-        """The bf16 copies are up to date (their owner converted them): no conversion on the next pass."""
-        self._w16_stale = False
-
-    def _weights16(self) -> ParameterTensors | None:
-        """The bf16 copies of the matmul weights, up to date; None in fp32."""
-        if self._w16 is None:
-            return None
-        if self._w16_stale:
-            self.convert_weights16()
-            self._w16_stale = False
-        return self._w16
+    def _matmul_weights(self) -> ParameterTensors:
+        """The weights this pass's matmuls take: the float32 parameters, or their bf16 copies, up to
+        date (a stale private copy is remade here)."""
+        if self.weights16 is not None:
+            self.weights16.for_pass()
+        return self._mw
 
     def _flat(self, buf: np.ndarray | None, what: str) -> np.ndarray:
         if buf is None:
@@ -519,7 +504,7 @@ class GPT:
                 self._acts.pop(next(iter(self._acts)))
             saved = self.cfg.n_layer if training else 1
             self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, saved, training,
-                                          low=self.precision == "bf16")
+                                          self.precision)
         return self._acts[key]
 
     def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:
@@ -529,21 +514,21 @@ class GPT:
 
     def _trunk(self, idx: np.ndarray, a: Activations, drop: Dropout, cache: KVCache | None = None) -> None:
         """Embeddings, every block, ln_f: a.lnf_out (B*T, C) is the head's input."""
-        cfg, w = self.cfg, self.w
+        cfg, w, kern = self.cfg, self.w, self.kernels
         B, T = idx.shape
         t0 = 0 if cache is None else cache.length
         if cache is not None and t0 + T > cache.max_len:
             raise ValueError(f"KV cache full: {t0} + {T} > {cache.max_len} positions")
         if t0 + T > cfg.block_size:
             raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
-        w16 = self._weights16()
+        mw = self._matmul_weights()
         x = a.x                                                                         # (BT, C)
         np.take(w.wte, idx.reshape(-1), axis=0, out=x)
         x.reshape(B, T, -1)[...] += w.wpe[t0 : t0 + T]
         drop.apply_(x, "emb")
         for layer, block in enumerate(w.blocks):
-            block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, cache,
-                          None if w16 is None else w16.blocks[layer])
+            block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, kern, mw.blocks[layer],
+                          cache)
         if cache is not None:
             cache.length += T
         a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
@@ -561,9 +546,9 @@ class GPT:
         self._trunk(idx, a, drop)
         V, accumulate = self.cfg.vocab_size, not self._grads_stale
         # the head's backward happens here, while each chunk's probabilities are at hand
-        loss = ops.head_loss(a.lnf_out, self.w.wte[:V], targets.reshape(-1), grad_scale, a.dlnf_out,
-                             self.dw.wte[:V], self.head_chunk_rows, accumulate=accumulate, scratch=a.logits,
-                             wte16=self._wte16())
+        loss = self.kernels.head_loss(a.lnf_out, self._mw.wte[:V], targets.reshape(-1), grad_scale,
+                                      a.dlnf_out, self.dw.wte[:V], self.head_chunk_rows,
+                                      accumulate=accumulate, scratch=a.logits)
         self._grads_stale = False
         a.owner = TrainingForward(loss, idx, drop, a, accumulate)
         return a.owner
@@ -579,7 +564,7 @@ class GPT:
                                "these activations were overwritten")
         a.owner = None
         cfg, w, dw, drop, acc = self.cfg, self.w, self.dw, fwd.dropout, fwd.accumulate
-        w16 = self._weights16()
+        mw = self._matmul_weights()
         B, T = fwd.idx.shape
         dx = a.x                                   # the residual stream's buffer now carries its gradient
         if hooks is not None:
@@ -587,7 +572,7 @@ class GPT:
         ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
         for layer in reversed(range(cfg.n_layer)):
             block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
-                           drop, acc, None if w16 is None else w16.blocks[layer])
+                           drop, acc, self.kernels, mw.blocks[layer])
             if hooks is not None:
                 hooks.block_done(layer)
         drop.apply_(dx, "emb")
@@ -604,7 +589,6 @@ class GPT:
         self.dw.wpe[:] = 0.0
         self.dw.wte[self.cfg.vocab_size :] = 0.0
         self._grads_stale = True
-        self._w16_stale = True
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, dropout_seed: tuple[int, ...] | None = None,
              row0: int = 0) -> float:
@@ -613,12 +597,9 @@ class GPT:
         B, T = idx.shape
         a = self._activations(B, T, training=False)
         self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0))
-        return ops.head_loss(a.lnf_out, self.w.wte[: self.cfg.vocab_size], targets.reshape(-1), None, None,
-                             None, self.head_chunk_rows, scratch=a.logits, wte16=self._wte16())
-
-    def _wte16(self) -> np.ndarray | None:
-        w16 = self._weights16()
-        return None if w16 is None else w16.wte[: self.cfg.vocab_size]
+        V = self.cfg.vocab_size
+        return self.kernels.head_loss(a.lnf_out, self._mw.wte[:V], targets.reshape(-1), None, None, None,
+                                      self.head_chunk_rows, scratch=a.logits)
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """(B, T, V) logits of idx (B, T). With a KV cache, idx are the next positions after
@@ -652,6 +633,10 @@ class KVCache:
         self.k[layer, :, :, t0:t1] = k
         self.v[layer, :, :, t0:t1] = v
         return self.k[layer, :, :, :t1], self.v[layer, :, :, :t1]
+
+    def reset(self) -> None:
+        """Empty: the next positions are written from 0 again (sampling re-fills a cropped window)."""
+        self.length = 0
 
     def reorder(self, rows: np.ndarray) -> None:
         """Keep sequence rows[i] as row i (beam search reshuffles its beams)."""

@@ -15,10 +15,13 @@ split the blocks over the rank's threads (distgpt.threads): ufuncs and BLAS call
 Big matmuls are split by rows over the same threads, BLAS itself running single-threaded inside them.
 The big 2-D matmuls go through blas.gemm: NumPy's BLAS, or MKL where it is installed and faster.
 
-Mixed precision (distgpt/bf16.py): given the bf16 copy of a weight (`w16`, uint16 bits), linear and
-the head round their matmul inputs to bf16 into reused buffers and multiply through the bf16 gemm
-(blas.gemm_bf16), accumulating in float32; given bf16 q/k/v, so does attention. Everything else
-(bias, norms, softmax, the loss) stays float32.
+Mixed precision (distgpt/bf16.py): the layers that multiply matrices come in two versions, float32
+and bf16 (`linear_forward` and `linear_forward_bf16`, ...), and a model picks one table of them
+once, from its precision (`kernels`: Fp32Kernels or Bf16Kernels). The bf16 ones take the bf16 copy
+of a weight (`w16`, uint16 bits), round their other matmul inputs to bf16 into the buffers of a
+bf16.Workspace their caller owns, and multiply through the bf16 gemm (blas.gemm_bf16),
+accumulating in float32; bf16 attention takes q/k/v as bf16 bits. Everything else (bias, norms,
+softmax, the loss) stays float32.
 """
 
 from __future__ import annotations
@@ -43,20 +46,33 @@ ATTN_BLOCK = 128               # query rows per attention block
 # heads: attention forward + backward 8.2 -> 5.7 ms at T = 256, no change at T = 1024)
 ATTN_BLOCK_BF16 = 256
 
-# the bf16 copies of matmul inputs that linear and the head make per call (one process runs one
-# layer at a time, so one buffer per role serves every layer)
-_bf16_scratch = bf16.Workspace()
 
-
-def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out = a @ b for 2-D arrays, rows of `a` split over the threads. bf16 (uint16) a and b go
-    through blas.gemm_bf16 (float32 out)."""
-    gemm = blas.gemm_bf16 if a.dtype == np.uint16 else blas.gemm
-
+def _row_split(gemm, a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     def work(lo: int, hi: int) -> None:
         gemm(a[lo:hi], b, out[lo:hi])
     parallel_for(a.shape[0], work, grain=64)
     return out
+
+
+def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = a @ b for 2-D float arrays, rows of `a` split over the threads (blas.gemm)."""
+    if a.dtype == np.uint16 or b.dtype == np.uint16:    # NumPy would multiply the bits as integers
+        raise TypeError("ops.matmul multiplies floats: bf16 bits (uint16) go through ops.matmul_bf16")
+    return _row_split(blas.gemm, a, b, out)
+
+
+def matmul_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = a @ b for bf16 bits (uint16) a and b, float32 out, rows of `a` split over the threads
+    (blas.gemm_bf16)."""
+    return _row_split(blas.gemm_bf16, a, b, out)
+
+
+def _bf16_input(x: np.ndarray) -> bool:
+    """True if a bf16 layer's input x is stored as bf16 bits already (a bf16 model keeps the
+    activations that only feed matmuls so), False if it is float32 and the layer rounds it."""
+    if x.dtype not in (np.float32, np.uint16):
+        raise TypeError(f"a bf16 layer takes float32 or bf16 bits (uint16) inputs, not {x.dtype}")
+    return x.dtype == np.uint16
 
 
 def _row_blocks(lo: int, hi: int, cols: int, min_rows: int = 1):
@@ -124,13 +140,8 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
 
 # ----------------------------------------------------------------------------- linear
 
-def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
-                   w16: np.ndarray | None = None) -> np.ndarray:
-    """out = x @ w + b; with w16 (w's bf16 copy) the product is x's bf16 rounding (or x itself,
-    if it is stored in bf16: uint16 bits) times w16."""
-    if w16 is not None:
-        return _linear_forward_bf16(x, w16, b, out)
-
+def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """out = x @ w + b."""
     def work(lo: int, hi: int) -> None:
         blas.gemm(x[lo:hi], w, out[lo:hi])
         out[lo:hi] += b
@@ -138,9 +149,12 @@ def linear_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray,
     return out
 
 
-def _linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
-    stored = x.dtype == np.uint16
-    x16 = x if stored else _bf16_scratch.get("x", x.shape)
+def linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.ndarray,
+                        ws: bf16.Workspace) -> np.ndarray:
+    """out = x16 @ w16 + b, w16 being w's bf16 copy and x16 x's bf16 rounding (made in `ws`), or x
+    itself if it is stored as bf16 bits."""
+    stored = _bf16_input(x)
+    x16 = x if stored else ws.get("x", x.shape)
 
     def work(lo: int, hi: int) -> None:
         # each thread converts the rows it multiplies: no pass over x16 between the two
@@ -153,34 +167,44 @@ def _linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.
 
 
 def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                    dx: np.ndarray | None, accumulate: bool = True, w16: np.ndarray | None = None) -> None:
+                    dx: np.ndarray | None, accumulate: bool = True) -> None:
     """Accumulates dw, db (overwrites them if not `accumulate`: the first micro-batch of a step
     saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None
-    (dx may alias x). With w16 (w's bf16 copy) the matmuls take bf16 roundings of dout and x (x
-    may already be bf16 bits, as a bf16 model stores it), and dw still accumulates in float32."""
-    a, d, wt = x, dout, w.T
-    if w16 is not None:
-        stored = x.dtype == np.uint16
-        a = x if stored else _bf16_scratch.get("x", x.shape)
-        d, wt = _bf16_scratch.get("dout", dout.shape), w16.T
+    (dx may alias x)."""
+    _linear_backward(blas.gemm, x, dout, w.T, dout, dw, db, dx, accumulate)
 
-        def convert(lo: int, hi: int) -> None:
-            if not stored:
-                bf16.to_bf16(x[lo:hi], a[lo:hi])
-            bf16.to_bf16(dout[lo:hi], d[lo:hi])
-        parallel_for(x.shape[0], convert, grain=64)
-    gemm = blas.gemm if w16 is None else blas.gemm_bf16
 
+def linear_backward_bf16(dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray, db: np.ndarray,
+                         dx: np.ndarray | None, accumulate: bool, ws: bf16.Workspace) -> None:
+    """linear_backward with w's bf16 copy w16: the matmuls take bf16 roundings of dout and x (made
+    in `ws`; x may already be bf16 bits, as a bf16 model stores it), and dw still accumulates in
+    float32."""
+    stored = _bf16_input(x)
+    x16 = x if stored else ws.get("x", x.shape)
+    dout16 = ws.get("dout", dout.shape)
+
+    def convert(lo: int, hi: int) -> None:
+        if not stored:
+            bf16.to_bf16(x[lo:hi], x16[lo:hi])
+        bf16.to_bf16(dout[lo:hi], dout16[lo:hi])
+    parallel_for(x.shape[0], convert, grain=64)
+    _linear_backward(blas.gemm_bf16, x16, dout16, w16.T, dout, dw, db, dx, accumulate)
+
+
+def _linear_backward(gemm, a: np.ndarray, d: np.ndarray, wt: np.ndarray, dout: np.ndarray, dw: np.ndarray,
+                     db: np.ndarray, dx: np.ndarray | None, accumulate: bool) -> None:
+    """The products of linear's backward on its matmul operands (a: the input, d: dout, wt: the
+    weight transposed, in gemm's precision); the bias gradient from dout itself."""
     def weight_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
         gemm(a[:, lo:hi].T, d, dw[lo:hi], accumulate=accumulate)
-    parallel_for(x.shape[1], weight_grad, grain=64)
+    parallel_for(a.shape[1], weight_grad, grain=64)
     if accumulate:
         db += dout.sum(axis=0)
     else:
         dout.sum(axis=0, out=db)
     if dx is not None:
-        matmul(d, wt, dx)
+        _row_split(gemm, d, wt, dx)
 
 
 # ----------------------------------------------------------------------------- gelu (tanh)
@@ -341,44 +365,56 @@ def _head_groups(lo: int, hi: int, nh: int, Tq: int, Tk: int, one_head: bool = F
         i += h1 - h0
 
 
+def _query_blocks(Tq: int, rows: int, window: int | None, q_offset: int):
+    """(q0, q1, p0, p1, k0): blocks [q0, q1) of `rows` query rows, their positions [p0, p1) (the
+    queries sit at q_offset..), and k0, the first key any of the block's queries can see (all keys
+    up to p1 without a window, the band's start with one)."""
+    for q0 in range(0, Tq, rows):
+        q1 = min(Tq, q0 + rows)
+        p0, p1 = q_offset + q0, q_offset + q1
+        yield q0, q1, p0, p1, 0 if window is None else max(0, p0 - window + 1)
+
+
+def _mask_(s: np.ndarray, mask: np.ndarray, window: int | None, p0: int, p1: int, k0: int) -> None:
+    """Add the causal (or banded) mask to a block's scores against keys [k0, p1). Without a window
+    only the diagonal (rows, rows) square can be masked: one pass over that square, not the block."""
+    if window is None:
+        s[..., p0:] += mask[p0:p1, p0:p1]
+    else:
+        s += mask[p0:p1, k0:p1]
+
+
 def _score_blocks(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray, q_offset: int = 0):
     """(q0, q1, k0, scores, scaled_q): for each block [q0, q1) of the query rows, the scaled and masked
     scores ([heads,] q1 - q0, q_offset + q1 - k0) against keys [k0, q_offset + q1), the only keys any of
     its queries can see, and the block's queries times 1/sqrt(hs). q: ([heads,] Tq, hs) at positions
     q_offset..; k: ([heads,] q_offset + Tq, hs) (training: q_offset 0; a KV cache: the cached length).
-    The scale goes on the (rows, hs) queries rather than the (rows, keys) scores, and without a window
-    only the diagonal (rows, rows) square needs the mask: two fewer passes over the scores.
-    bf16 q and k (uint16 bits, one head): the bf16 gemm applies the scale, and the block's queries
-    come back unscaled."""
+    The scale goes on the (rows, hs) queries rather than the (rows, keys) scores: one pass fewer."""
     Tq, hs = q.shape[-2:]
     scale = 1.0 / math.sqrt(hs)
-    low = q.dtype == np.uint16
-    rows = ATTN_BLOCK_BF16 if low else ATTN_BLOCK
-    for q0 in range(0, Tq, rows):
-        q1 = min(Tq, q0 + rows)
-        p0, p1 = q_offset + q0, q_offset + q1          # the block's positions
-        k0 = 0 if window is None else max(0, p0 - window + 1)
-        if low:
-            qs = q[q0:q1]
-            s = blas.gemm_bf16(qs, k[k0:p1].T, np.empty((q1 - q0, p1 - k0), np.float32), alpha=scale)
-        else:
-            qs = q[..., q0:q1, :] * scale
-            s = qs @ k[..., k0:p1, :].swapaxes(-1, -2)
-        if window is None:
-            s[..., p0:] += mask[p0:p1, p0:p1]
-        else:
-            s += mask[p0:p1, k0:p1]
+    for q0, q1, p0, p1, k0 in _query_blocks(Tq, ATTN_BLOCK, window, q_offset):
+        qs = q[..., q0:q1, :] * scale
+        s = qs @ k[..., k0:p1, :].swapaxes(-1, -2)
+        _mask_(s, mask, window, p0, p1, k0)
         yield q0, q1, k0, s, qs
 
 
-def _bf16_operands(*arrays: np.ndarray) -> bool:
-    """True if attention's q, k, v are bf16 bits (a bf16 model: its matmuls go through the bf16
-    gemm, softmax stays float32), False if float32; a mix is a caller's bug."""
-    low = {a.dtype == np.uint16 for a in arrays}
-    if len(low) > 1:
-        kinds = [str(a.dtype) for a in arrays]
-        raise TypeError(f"attention: q, k, v must all be float32 or all bf16, not {kinds}")
-    return low.pop()
+def _score_blocks_bf16(q: np.ndarray, k: np.ndarray, window: int | None, mask: np.ndarray, q_offset: int = 0):
+    """_score_blocks for bf16 q and k (uint16 bits, one head: (Tq, hs) and (q_offset + Tq, hs)), in
+    blocks of ATTN_BLOCK_BF16 rows: the bf16 gemm applies the scale, and the block's queries come
+    back unscaled."""
+    Tq, hs = q.shape[-2:]
+    scale = 1.0 / math.sqrt(hs)
+    for q0, q1, p0, p1, k0 in _query_blocks(Tq, ATTN_BLOCK_BF16, window, q_offset):
+        qs = q[q0:q1]
+        s = blas.gemm_bf16(qs, k[k0:p1].T, np.empty((q1 - q0, p1 - k0), np.float32), alpha=scale)
+        _mask_(s, mask, window, p0, p1, k0)
+        yield q0, q1, k0, s, qs
+
+
+def _require_bits(what: str, *arrays: np.ndarray) -> None:
+    if any(a.dtype != np.uint16 for a in arrays):
+        raise TypeError(f"{what} takes q, k, v as bf16 bits (uint16), not {[str(a.dtype) for a in arrays]}")
 
 
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
@@ -387,19 +423,40 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     """y = softmax(q k^T / sqrt(hs) + mask) @ v per (batch, head); lse (B, nh, Tq) gets the log of
     each softmax row's normaliser. q, y: (B, nh, Tq, hs) at positions q_offset..; k, v: (B, nh,
     q_offset + Tq, hs). keep: optional dropout keep-mask (B, nh, T, T) on the probabilities (training,
-    q_offset 0), surviving ones scaled by keep_scale. q, k, v as bf16 bits: both matmuls in bf16
-    (the probabilities rounded to bf16 for the second), y float32."""
+    q_offset 0), surviving ones scaled by keep_scale."""
+    def weigh(p: np.ndarray, vk: np.ndarray, yq: np.ndarray) -> None:
+        np.matmul(p, vk, out=yq)
+    _attention_forward(q, k, v, window, y, lse, keep, keep_scale, q_offset, _score_blocks, weigh,
+                       one_head=False, mask_dtype=q.dtype)
+
+
+def attention_forward_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None, y: np.ndarray,
+                           lse: np.ndarray, keep: np.ndarray | None = None, keep_scale: float = 1.0,
+                           q_offset: int = 0) -> None:
+    """attention_forward with q, k, v as bf16 bits: both matmuls in bf16 (the probabilities rounded
+    to bf16 for the second), softmax and y float32."""
+    _require_bits("attention_forward_bf16", q, k, v)
+
+    def weigh(p: np.ndarray, vk: np.ndarray, yq: np.ndarray) -> None:
+        blas.gemm_bf16(bf16.to_bf16(p), vk, yq)
+    _attention_forward(q, k, v, window, y, lse, keep, keep_scale, q_offset, _score_blocks_bf16, weigh,
+                       one_head=True, mask_dtype=np.float32)
+
+
+def _attention_forward(q, k, v, window, y, lse, keep, keep_scale, q_offset, score_blocks, weigh,
+                       one_head: bool, mask_dtype) -> None:
+    """The forward of either precision: `score_blocks` makes each block's scores, weigh(p, v, y)
+    writes the unnormalised probabilities p times the values v into y."""
     B, nh, Tq, hs = q.shape
     Tk = k.shape[2]
     if Tk != q_offset + Tq:
         raise ValueError(f"{Tk} keys for {Tq} queries at offset {q_offset}")
-    low = _bf16_operands(q, k, v)
-    mask = _additive_mask(Tk, window, np.float32 if low else q.dtype)
+    mask = _additive_mask(Tk, window, mask_dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, Tq, Tk, one_head=low):
+        for b, hd in _head_groups(lo, hi, nh, Tq, Tk, one_head=one_head):
             vb, yb, lb = v[b, hd], y[b, hd], lse[b, hd]
-            for q0, q1, k0, s, _ in _score_blocks(q[b, hd], k[b, hd], window, mask, q_offset):
+            for q0, q1, k0, s, _ in score_blocks(q[b, hd], k[b, hd], window, mask, q_offset):
                 m = s.max(axis=-1, keepdims=True)
                 s -= m
                 np.exp(s, out=s)
@@ -407,11 +464,8 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
                 if keep is not None:
                     s *= keep[b, hd, q0:q1, k0:q1]
                 # normalise the (rows, hs) output instead of the (rows, keys) probabilities
-                yq, vk = yb[..., q0:q1, :], vb[..., k0 : q_offset + q1, :]
-                if low:
-                    blas.gemm_bf16(bf16.to_bf16(s), vk, yq)
-                else:
-                    np.matmul(s, vk, out=yq)
+                yq = yb[..., q0:q1, :]
+                weigh(s, vb[..., k0 : q_offset + q1, :], yq)
                 yq /= total
                 if keep is not None:
                     yq *= keep_scale
@@ -421,62 +475,81 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int |
     parallel_for(B * nh, work)
 
 
-def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, y: np.ndarray | None,
+def _dropped(p: np.ndarray, dp: np.ndarray, keep: np.ndarray | None, keep_scale: float) -> np.ndarray:
+    """Dropout on a block's probabilities p in backward: returns the kept probabilities (p itself
+    without dropout) and applies the same mask and scale to their gradient dp, in place."""
+    if keep is None:
+        return p
+    dp *= keep
+    dp *= keep_scale
+    return (p * keep) * keep_scale
+
+
+def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, y: np.ndarray,
                        lse: np.ndarray, window: int | None, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
     """Gradients of q, k, v (written, not accumulated) from dy and the forward's y and lse.
-    Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities.
-    q, k, v as bf16 bits: the five matmuls in bf16, taking bf16 roundings of dy, the probabilities
-    and the scores' gradient; dy and the gradients float32, and y unused (may be None): that sum is
-    taken as it stands, from the block's dP and P (a block holds every key its rows see). dy.y,
-    computed from dy before its rounding, would leave each row of the scores' gradient summing to a
-    bf16-sized error instead of zero, which made runs 4x more sensitive to how the batch is split
-    over ranks."""
+    Uses sum_s dP[t,s] P[t,s] = dy[t] . y[t], which also holds with dropout on the probabilities."""
     B, nh, T, hs = q.shape
     scale = 1.0 / math.sqrt(hs)
-    low = _bf16_operands(q, k, v)
-    mask = _additive_mask(T, window, np.float32 if low else q.dtype)
+    mask = _additive_mask(T, window, q.dtype)
 
     def work(lo: int, hi: int) -> None:
-        for b, hd in _head_groups(lo, hi, nh, T, T, one_head=low):
+        for b, hd in _head_groups(lo, hi, nh, T, T):
             qb, kb, vb, lb = q[b, hd], k[b, hd], v[b, hd], lse[b, hd]
             dyb, dqb, dkb, dvb = dy[b, hd], dq[b, hd], dk[b, hd], dv[b, hd]
-            if low:
-                dym = bf16.to_bf16(dyb)                # dy as the matmuls take it
-            else:
-                dym, rowdot = dyb, np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]
+            rowdot = np.einsum("...td,...td->...t", dyb, y[b, hd])[..., None]
             dkb[...] = 0.0
             dvb[...] = 0.0
             for q0, q1, k0, p, qs in _score_blocks(qb, kb, window, mask):
                 p -= lb[..., q0:q1, None]                # recompute the probabilities
                 np.exp(p, out=p)
-                dyq, vk = dym[..., q0:q1, :], vb[..., k0:q1, :]
-                if low:
-                    dp = blas.gemm_bf16(dyq, vk.T, np.empty(p.shape, np.float32))
-                else:
-                    dp = dyq @ vk.swapaxes(-1, -2)
-                kept = p
-                if keep is not None:
-                    kp = keep[b, hd, q0:q1, k0:q1]
-                    kept = (p * kp) * keep_scale
-                    dp *= kp
-                    dp *= keep_scale
-                if low:
-                    blas.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
-                    dp -= np.einsum("td,td->t", dp, p)[:, None]
-                else:
-                    dvb[..., k0:q1, :] += kept.swapaxes(-1, -2) @ dyq
-                    dp -= rowdot[..., q0:q1, :]
+                dyq, vk = dyb[..., q0:q1, :], vb[..., k0:q1, :]
+                dp = dyq @ vk.swapaxes(-1, -2)
+                kept = _dropped(p, dp, None if keep is None else keep[b, hd, q0:q1, k0:q1], keep_scale)
+                dvb[..., k0:q1, :] += kept.swapaxes(-1, -2) @ dyq
+                dp -= rowdot[..., q0:q1, :]
                 dp *= p                                # dp is now the score gradient
                 dqq = dqb[..., q0:q1, :]
-                if low:                                # scores = scale q k^T: the gemms apply the scale
-                    ds = bf16.to_bf16(dp)
-                    blas.gemm_bf16(ds, kb[k0:q1], dqq, alpha=scale)
-                    blas.gemm_bf16(ds.T, qs, dkb[k0:q1], accumulate=True, alpha=scale)
-                else:
-                    np.matmul(dp, kb[..., k0:q1, :], out=dqq)
-                    dqq *= scale
-                    dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qs
+                np.matmul(dp, kb[..., k0:q1, :], out=dqq)
+                dqq *= scale
+                dkb[..., k0:q1, :] += dp.swapaxes(-1, -2) @ qs
+    parallel_for(B * nh, work)
+
+
+def attention_backward_bf16(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, lse: np.ndarray,
+                            window: int | None, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+                            keep: np.ndarray | None = None, keep_scale: float = 1.0) -> None:
+    """attention_backward with q, k, v as bf16 bits: the five matmuls in bf16, taking bf16 roundings
+    of dy, the probabilities and the scores' gradient; dy and the gradients float32. It needs no y:
+    each row's sum of dP * P is taken as it stands, from the block's dP and P (a block holds every
+    key its rows see). dy.y, computed from dy before its rounding, would leave each row of the
+    scores' gradient summing to a bf16-sized error instead of zero, which made runs 4x more
+    sensitive to how the batch is split over ranks."""
+    _require_bits("attention_backward_bf16", q, k, v)
+    B, nh, T, hs = q.shape
+    scale = 1.0 / math.sqrt(hs)
+    mask = _additive_mask(T, window, np.float32)
+
+    def work(lo: int, hi: int) -> None:
+        for b, hd in _head_groups(lo, hi, nh, T, T, one_head=True):
+            qb, kb, vb, lb = q[b, hd], k[b, hd], v[b, hd], lse[b, hd]
+            dyb, dqb, dkb, dvb = dy[b, hd], dq[b, hd], dk[b, hd], dv[b, hd]
+            dy16 = bf16.to_bf16(dyb)                   # dy as the matmuls take it
+            dkb[...] = 0.0
+            dvb[...] = 0.0
+            for q0, q1, k0, p, qs in _score_blocks_bf16(qb, kb, window, mask):
+                p -= lb[q0:q1, None]                   # recompute the probabilities
+                np.exp(p, out=p)
+                dyq = dy16[q0:q1]
+                dp = blas.gemm_bf16(dyq, vb[k0:q1].T, np.empty(p.shape, np.float32))
+                kept = _dropped(p, dp, None if keep is None else keep[b, hd, q0:q1, k0:q1], keep_scale)
+                blas.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
+                dp -= np.einsum("td,td->t", dp, p)[:, None]
+                dp *= p                                # dp is now the score gradient
+                ds = bf16.to_bf16(dp)                  # scores = scale q k^T: the gemms apply the scale
+                blas.gemm_bf16(ds, kb[k0:q1], dqb[q0:q1], alpha=scale)
+                blas.gemm_bf16(ds.T, qs, dkb[k0:q1], accumulate=True, alpha=scale)
     parallel_for(B * nh, work)
 
 
@@ -485,7 +558,7 @@ def attention_backward(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
 def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: float | None,
               dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int,
               logits_out: np.ndarray | None = None, accumulate: bool = True,
-              scratch: np.ndarray | None = None, wte16: np.ndarray | None = None) -> float:
+              scratch: np.ndarray | None = None) -> float:
     """Tied lm_head, softmax and mean cross-entropy, fused and processed in row chunks so the
     (tokens x vocab) matrix is never held whole.
 
@@ -494,19 +567,35 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
     grad_scale * mean_loss is written into dx (N, C) and accumulated into dwte (V, C) (written, if
     not `accumulate`): doing it here, while each chunk's probabilities are at hand, saves
     recomputing the logits. `scratch` (at least (min(N, chunk_rows), V)) holds a chunk's logits;
-    without it a fresh array is allocated per chunk. With wte16 (wte's bf16 copy) the three matmuls
-    take bf16 roundings of x and of the logits' gradient; softmax and the loss stay float32.
+    without it a fresh array is allocated per chunk.
     """
-    N = x.shape[0]
-    V = wte.shape[0]
+    return _head_loss(blas.gemm, x, wte, None, x.dtype, targets, grad_scale, dx, dwte, chunk_rows, logits_out,
+                      accumulate, scratch)
+
+
+def head_loss_bf16(x: np.ndarray, wte16: np.ndarray, targets: np.ndarray, grad_scale: float | None,
+                   dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int, ws: bf16.Workspace,
+                   logits_out: np.ndarray | None = None, accumulate: bool = True,
+                   scratch: np.ndarray | None = None) -> float:
+    """head_loss with wte's bf16 copy wte16: the three matmuls take bf16 roundings of x and of the
+    logits' gradient (made in `ws`); softmax and the loss stay float32."""
+    x16 = bf16.to_bf16(x, ws.get("head_x", x.shape), parallel=True)
+    return _head_loss(blas.gemm_bf16, x16, wte16, ws, x.dtype, targets, grad_scale, dx, dwte, chunk_rows,
+                      logits_out, accumulate, scratch)
+
+
+def _head_loss(gemm, xm: np.ndarray, wm: np.ndarray, ws: bf16.Workspace | None, dtype, targets: np.ndarray,
+               grad_scale: float | None, dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int,
+               logits_out: np.ndarray | None, accumulate: bool, scratch: np.ndarray | None) -> float:
+    """head_loss on the matmuls' operands xm, wm in gemm's precision; ws (bf16): where the logits'
+    gradient is rounded, once for both of its matmuls; dtype: the logits'."""
+    N = xm.shape[0]
+    V = wm.shape[0]
     losses = np.empty(N, np.float64)
-    xm, wm = x, wte                           # the matmuls' operands: float32, or bf16 copies
-    if wte16 is not None:
-        xm, wm = bf16.to_bf16(x, _bf16_scratch.get("head_x", x.shape), parallel=True), wte16
     for r0 in range(0, N, chunk_rows):
         r1 = min(N, r0 + chunk_rows)
-        buf = scratch[: r1 - r0, :V] if scratch is not None else np.empty((r1 - r0, V), x.dtype)
-        logits = matmul(xm[r0:r1], wm.T, buf)
+        buf = scratch[: r1 - r0, :V] if scratch is not None else np.empty((r1 - r0, V), dtype)
+        logits = _row_split(gemm, xm[r0:r1], wm.T, buf)
         if logits_out is not None:
             logits_out[r0:r1] = logits
 
@@ -525,15 +614,14 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
                     block[rows, tgt] -= grad_scale / N
         parallel_for(r1 - r0, softmax_rows)
         if grad_scale is not None:
-            if wte16 is not None:             # the logits' gradient, rounded once for both matmuls
-                logits = bf16.to_bf16(logits, _bf16_scratch.get("head_g", logits.shape), parallel=True)
-            matmul(logits, wm, dx[r0:r1])
+            if ws is not None:
+                logits = bf16.to_bf16(logits, ws.get("head_g", logits.shape), parallel=True)
+            _row_split(gemm, logits, wm, dx[r0:r1])
             xc = xm[r0:r1]
-            gemm = blas.gemm if wte16 is None else blas.gemm_bf16
             add = accumulate or r0 > 0
 
             def embed_grad(lo: int, hi: int, logits: np.ndarray = logits, xc: np.ndarray = xc,
-                           add: bool = add, gemm=gemm) -> None:
+                           add: bool = add) -> None:
                 # split over vocabulary rows so each thread adds into its own part of dwte, in
                 # cache-sized pieces (no (V, C) temporary)
                 step = max(1, (1 << 20) // max(1, xc.shape[1]))
@@ -542,3 +630,87 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
                     gemm(logits[:, v0:v1].T, xc, dwte[v0:v1], accumulate=add)
             parallel_for(V, embed_grad)
     return float(losses.sum() / N)
+
+
+# ----------------------------------------------------------------------------- one table per precision
+
+class Fp32Kernels:
+    """The layers that multiply matrices, in float32: what an fp32 model's passes call. A model
+    picks its table once (`kernels`); the two tables have the same methods."""
+
+    name = "fp32"
+    stores_bf16 = False          # activations that only feed matmuls are kept as float32
+
+    def linear_forward(self, x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return linear_forward(x, w, b, out)
+
+    def linear_backward(self, dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
+                        dx: np.ndarray | None, accumulate: bool) -> None:
+        linear_backward(dout, x, w, dw, db, dx, accumulate)
+
+    def attention_forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None,
+                          y: np.ndarray, lse: np.ndarray, keep: np.ndarray | None, keep_scale: float,
+                          q_offset: int) -> None:
+        attention_forward(q, k, v, window, y, lse, keep, keep_scale, q_offset)
+
+    def attention_backward(self, dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                           y: np.ndarray, lse: np.ndarray, window: int | None, dq: np.ndarray,
+                           dk: np.ndarray, dv: np.ndarray, keep: np.ndarray | None,
+                           keep_scale: float) -> None:
+        attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv, keep, keep_scale)
+
+    def head_loss(self, x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: float | None,
+                  dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int, accumulate: bool = True,
+                  scratch: np.ndarray | None = None) -> float:
+        return head_loss(x, wte, targets, grad_scale, dx, dwte, chunk_rows, accumulate=accumulate,
+                         scratch=scratch)
+
+
+class Bf16Kernels:
+    """The same layers with bf16 matmuls (float32 accumulation): the weights are their bf16 copies,
+    and the activations that only feed matmuls (the ln_1 and ln_2 outputs, q/k/v, the attention
+    output) are kept as bf16 bits. Owns the Workspace its layers round their other matmul inputs
+    into (one layer runs at a time, so one buffer per role serves every layer)."""
+
+    name = "bf16"
+    stores_bf16 = True
+
+    def __init__(self, ws: bf16.Workspace | None = None):
+        self.ws = bf16.Workspace() if ws is None else ws
+
+    def linear_forward(self, x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
+        return linear_forward_bf16(x, w16, b, out, self.ws)
+
+    def linear_backward(self, dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray,
+                        db: np.ndarray, dx: np.ndarray | None, accumulate: bool) -> None:
+        linear_backward_bf16(dout, x, w16, dw, db, dx, accumulate, self.ws)
+
+    def attention_forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None,
+                          y: np.ndarray, lse: np.ndarray, keep: np.ndarray | None, keep_scale: float,
+                          q_offset: int) -> None:
+        attention_forward_bf16(q, k, v, window, y, lse, keep, keep_scale, q_offset)
+
+    def attention_backward(self, dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                           y: np.ndarray, lse: np.ndarray, window: int | None, dq: np.ndarray,
+                           dk: np.ndarray, dv: np.ndarray, keep: np.ndarray | None,
+                           keep_scale: float) -> None:
+        # y unused: bf16 backward takes each row's sum of dP * P from its blocks
+        attention_backward_bf16(dy, q, k, v, lse, window, dq, dk, dv, keep, keep_scale)
+
+    def head_loss(self, x: np.ndarray, wte16: np.ndarray, targets: np.ndarray, grad_scale: float | None,
+                  dx: np.ndarray | None, dwte: np.ndarray | None, chunk_rows: int, accumulate: bool = True,
+                  scratch: np.ndarray | None = None) -> float:
+        return head_loss_bf16(x, wte16, targets, grad_scale, dx, dwte, chunk_rows, self.ws,
+                              accumulate=accumulate, scratch=scratch)
+
+
+Kernels = Fp32Kernels | Bf16Kernels
+
+
+def kernels(precision: str) -> Kernels:
+    """The kernel table of a precision ("fp32" or "bf16"); a bf16 table with a Workspace of its own."""
+    if precision == "fp32":
+        return Fp32Kernels()
+    if precision == "bf16":
+        return Bf16Kernels()
+    raise ValueError(f"precision {precision!r}: expected fp32 or bf16")

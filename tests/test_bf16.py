@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from distgpt import bf16, blas, train
-from distgpt.model import GPT, ModelConfig
+from distgpt import bf16, blas, gemm16, train
+from distgpt.cpu import AMD, INTEL, Cpu
+from distgpt.model import GPT, ModelConfig, init_params
+from distgpt.partition import Partition
 from distgpt.weights import from_hf_state_dict, to_hf_state_dict
 
 from conftest import bf16_env, read_metrics, rel, require_mkl, run_cli, tiny_config, tiny_hf_gpt2
@@ -72,16 +74,17 @@ def test_conversion_refuses_other_dtypes():
 # ----------------------------------------------------------------------------- which precision
 
 @pytest.fixture
-def cpu(monkeypatch):
-    """cpu(vendor_is_intel, *flags): pretend to be that CPU; the bf16 gemm is chosen again after."""
-    def pretend(intel: bool, *flags: str) -> None:
-        monkeypatch.setattr(blas, "cpu_flags", lambda: frozenset(flags))
-        monkeypatch.setattr(blas, "_intel_cpu", lambda: intel)
-        monkeypatch.delenv("DISTGPT_BF16_EMULATED", raising=False)
-        blas.use_bf16("auto")
+def cpu():
+    """cpu(vendor_is_intel, *flags, library="auto", emulated=False, loader=...): the process's bf16
+    gemm as chosen on that CPU; the one before is put back after."""
+    previous = gemm16.use(None)
+
+    def pretend(intel: bool, *flags: str, library: str = "auto", emulated: bool = False,
+                loader=gemm16.load_library) -> None:
+        on = Cpu(INTEL if intel else AMD, "", frozenset(flags))
+        gemm16.use(gemm16.load(library, cpu=on, emulated=emulated, loader=loader))
     yield pretend
-    monkeypatch.undo()
-    blas.use_bf16(os.environ.get("DISTGPT_BF16_GEMM", "auto"))
+    gemm16.use(previous)
 
 
 def test_auto_and_forced_bf16_on_a_cpu_without_bf16(cpu):
@@ -99,35 +102,33 @@ def test_auto_picks_onednn_on_avx512_bf16_and_mkl_on_amx(cpu):
     assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
     cpu(True, "avx512_bf16", "amx_bf16")                    # a Sapphire Rapids Xeon
     assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("MKL ")
-    blas.use_bf16("onednn")                                 # named: taken, and fast there too
+    cpu(True, "avx512_bf16", "amx_bf16", library="onednn")  # named: taken, and fast there too
     assert bf16.resolve("bf16") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
 
 
-def test_mkl_bf16_on_an_amd_cpu_is_not_fast_and_says_why(cpu, monkeypatch):
+def test_mkl_bf16_on_an_amd_cpu_is_not_fast_and_says_why(cpu):
     require_mkl()
-    cpu(False, "avx512_bf16")
-    blas.use_bf16("mkl")
+    cpu(False, "avx512_bf16", library="mkl")
     assert bf16.resolve("auto") == "fp32"
     with pytest.raises(blas.BlasError, match="cblas_gemm_bf16bf16f32 is fast on Intel CPUs with AVX512-BF16 "
                                              "or AMX-BF16 only, and this CPU is not one"):
         bf16.resolve("bf16")
-    monkeypatch.setenv("DISTGPT_BF16_EMULATED", "1")        # accepted when asked for, and said so
-    blas.use_bf16("mkl")
+    cpu(False, "avx512_bf16", library="mkl", emulated=True)  # accepted when asked for, and said so
     assert bf16.resolve("bf16") == "bf16"
     assert "not fast on this CPU" in bf16.describe("bf16")
 
 
-def test_bf16_without_a_library_names_what_to_install(cpu, monkeypatch):
-    monkeypatch.setattr(blas, "_load_bf16", lambda lib: f"{lib} is not installed here")
-    cpu(False, "avx512_bf16")
+def test_bf16_without_a_library_names_what_to_install(cpu):
+    missing = lambda lib: f"{lib} is not installed here"    # noqa: E731
+    cpu(False, "avx512_bf16", loader=missing)
     assert bf16.resolve("auto") == "fp32"
     with pytest.raises(blas.BlasError, match="bf16 matmuls need oneDNN or MKL: onednn is not installed "
                                              "here; mkl is not installed here"):
         bf16.resolve("bf16")
     with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM=onednn but onednn is not installed here"):
-        blas.use_bf16("onednn")
+        gemm16.load("onednn", loader=missing)
     with pytest.raises(blas.BlasError, match="DISTGPT_BF16_GEMM='amx': expected auto, onednn, mkl"):
-        blas.use_bf16("amx")
+        gemm16.load("amx")
 
 
 def test_forced_bf16_on_a_cpu_without_it_stops_train_with_one_line(cpu, capsys, tmp_path, shakespeare_bytes):
@@ -210,7 +211,125 @@ def test_bf16_weight_copies_follow_the_parameters(bf16_here):
     fresh = GPT(m.cfg, precision="bf16")
     fresh.params[:] = m.params
     assert m.loss(idx, tgt) == fresh.loss(idx, tgt) != before    # ...and remade after it
-    np.testing.assert_array_equal(m.layout.tensors(m.params16).wte[:V], bf16.to_bf16(m.w.wte[:V]))
+    np.testing.assert_array_equal(m.layout.tensors(m.weights16.bits).wte[:V], bf16.to_bf16(m.w.wte[:V]))
+
+
+# ----------------------------------------------------------------------------- the weight copy
+
+def tiny_bf16(**kw) -> GPT:
+    cfg = ModelConfig(n_layer=L, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V)
+    m = GPT(cfg, precision="bf16", **kw)
+    init_params(m.layout, m.params, seed=3)
+    return m
+
+
+def train_pass(m: GPT, seed: int) -> float:
+    """One micro-batch forward and backward, as Trainer.step runs it (zero_grad first)."""
+    rng = np.random.default_rng(seed)
+    m.zero_grad()
+    fwd = m.forward(rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T)), grad_scale=1.0)
+    m.backward(fwd)
+    return fwd.loss
+
+
+def node_of_two() -> tuple[list[GPT], list[tuple[int, int]]]:
+    """Two ranks of one node as ZeRO-1 keeps them: parameters and one bf16 copy shared, each rank
+    converting the slice it updates (Partition.updated). In one process: the ranks take turns."""
+    first = tiny_bf16()
+    params, bits = first.params, np.zeros(first.layout.size, np.uint16)
+    slices = [Partition(first.layout.size, 2, r, zero=True).updated for r in range(2)]
+    ranges = first.layout.matmul_weight_ranges()
+    ranks = [GPT(first.cfg, params=params, precision="bf16",
+                 weights16=bf16.Bf16Weights(params, ranges, shared=bits, rank_slice=s)) for s in slices]
+    for m in ranks:                           # Trainer.broadcast_params: a slice each, barrier, current
+        m.weights16.changed_all()
+    for m in ranks:
+        m.weights16.current()
+    return ranks, slices
+
+
+def test_a_step_with_a_shared_copy_converts_each_ranks_slice_once_and_no_pass_converts(bf16_here):
+    ranks, slices = node_of_two()
+    whole = ranks[0].weights16.elements()
+    share = [m.weights16.elements(*s) for m, s in zip(ranks, slices, strict=True)]    # each rank's part
+    assert [m.weights16.converted for m in ranks] == share
+    for step in range(2):
+        before = [m.weights16.converted for m in ranks]
+        for r, m in enumerate(ranks):         # forward and backward: the copy is only read
+            train_pass(m, seed=10 * step + r)
+        assert [m.weights16.converted for m in ranks] == before
+        for m, (lo, hi) in zip(ranks, slices, strict=True):    # AdamW on a rank's slice, its conversion
+            m.params[lo:hi] -= 0.5 * m.grads[lo:hi]
+            m.weights16.changed(lo, hi)
+        for m in ranks:                       # past the node's barrier (the ZeRO allgather)
+            m.weights16.current()
+        done = [m.weights16.converted - b for m, b in zip(ranks, before, strict=True)]
+        assert done == share
+        assert sum(done) == whole and 0 < done[0] < whole       # the node converts its copy once
+    bits = ranks[0].weights16.bits
+    for lo, hi in ranks[0].layout.matmul_weight_ranges():
+        np.testing.assert_array_equal(bits[lo:hi], bf16.to_bf16(ranks[0].params[lo:hi]))
+    private = tiny_bf16()
+    private.params[:] = ranks[0].params
+    rng = np.random.default_rng(5)
+    idx, tgt = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    assert ranks[1].loss(idx, tgt) == private.loss(idx, tgt)
+
+
+def test_a_slice_left_unconverted_changes_the_forward(bf16_here):
+    """What makes the counts above meaningful: a pass reads the shared copy as the ranks left it,
+    so a slice one rank did not convert shows in the loss."""
+    ranks, slices = node_of_two()
+    rng = np.random.default_rng(6)
+    idx, tgt = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    for m, (lo, hi) in zip(ranks, slices, strict=True):
+        m.params[lo:hi] *= 1.5                # every bf16 value changes
+    ranks[0].weights16.changed(*slices[0])    # rank 1 skips its conversion
+    for m in ranks:
+        m.weights16.current()
+    skipped = ranks[0].loss(idx, tgt)
+    ranks[1].weights16.changed(*slices[1])
+    ranks[1].weights16.current()
+    private = tiny_bf16()
+    private.params[:] = ranks[0].params
+    assert skipped != ranks[0].loss(idx, tgt) == private.loss(idx, tgt)
+
+
+def test_a_shared_copy_being_remade_refuses_a_pass(bf16_here):
+    ranks, slices = node_of_two()
+    ranks[0].weights16.changed(*slices[0])
+    with pytest.raises(RuntimeError, match="shared bf16 weight copy is not current"):
+        train_pass(ranks[0], seed=1)
+
+
+def test_a_private_copy_is_remade_whole_by_the_first_pass_after_a_change_only(bf16_here):
+    m = tiny_bf16()
+    copy, whole = m.weights16, m.weights16.elements()
+    assert copy.converted == 0
+    train_pass(m, seed=1)                     # the first pass makes it
+    assert copy.converted == whole
+    train_pass(m, seed=2)                     # zero_grad and another pass: the parameters did not change
+    m.loss(*np.random.default_rng(3).integers(0, V, (2, B, T)))
+    assert copy.converted == whole
+    m.params *= 0.5
+    m.weights_changed()
+    assert copy.converted == whole            # nothing until a pass needs it...
+    train_pass(m, seed=4)
+    assert copy.converted == 2 * whole        # ...then all of it, once
+    for lo, hi in m.layout.matmul_weight_ranges():
+        np.testing.assert_array_equal(copy.bits[lo:hi], bf16.to_bf16(m.params[lo:hi]))
+
+
+def test_a_bf16_copy_must_be_made_on_the_models_own_parameters():
+    cfg = ModelConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=11)
+    m = GPT(cfg, precision="bf16")
+    other = np.zeros_like(m.params)
+    with pytest.raises(ValueError, match="bf16 copy of other parameters"):
+        GPT(cfg, params=m.params.copy(), precision="bf16", weights16=m.weights16)
+    with pytest.raises(ValueError, match="fp32 model has no bf16 weight copy"):
+        GPT(cfg, params=m.params, weights16=m.weights16)
+    with pytest.raises(ValueError, match=r"bf16 weight buffer uint16\(3,\), expected uint16\("):
+        bf16.Bf16Weights(other, m.layout.matmul_weight_ranges(), shared=np.zeros(3, np.uint16))
 
 
 # ----------------------------------------------------------------------------- training

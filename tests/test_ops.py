@@ -117,6 +117,42 @@ def test_gelu_refuses_arrays_it_would_have_to_copy():
         ops.gelu_forward(x[:, :3], np.empty((4, 3)))
 
 
+def test_matmul_bf16_multiplies_the_bits_and_matmul_refuses_them(bf16_here):
+    rng = np.random.default_rng(11)
+    K = 64
+    a16 = bf16.to_bf16(rng.standard_normal((70, K), dtype=np.float32))
+    b16 = bf16.to_bf16(rng.standard_normal((K, 9), dtype=np.float32))
+    out = ops.matmul_bf16(a16, b16, np.empty((70, 9), np.float32))
+    ref = bf16.to_float32(a16).astype(np.float64) @ bf16.to_float32(b16).astype(np.float64)
+    # a bf16 x bf16 product is exact in float32 (8 + 8 significant bits); only the K-term float32
+    # sums round, by at most K * 2^-24 of the sum of |terms|, which for random signs is about
+    # sqrt(K) times the result: K^1.5 * 2^-24 = 3e-5
+    assert rel(out, ref) < 3e-5
+    with pytest.raises(TypeError, match="bf16 bits .uint16. go through ops.matmul_bf16"):
+        ops.matmul(a16, b16, out)
+
+
+def test_bf16_linear_takes_float32_or_stored_bf16_inputs_alike(bf16_here):
+    """A bf16 model stores some linear inputs as bf16 bits and passes others as float32 (rounded
+    inside, per thread): both give the same bits, forward and backward."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((130, 24), dtype=np.float32)
+    w = rng.standard_normal((24, 10), dtype=np.float32)
+    b, dout = rng.standard_normal(10, dtype=np.float32), rng.standard_normal((130, 10), dtype=np.float32)
+    w16, ws = bf16.to_bf16(w), bf16.Workspace()
+    results = []
+    for given in (x, bf16.to_bf16(x)):
+        out = ops.linear_forward_bf16(given, w16, b, np.empty((130, 10), np.float32), ws)
+        dw, db, dx = np.empty_like(w), np.empty_like(b), np.empty_like(x)
+        ops.linear_backward_bf16(dout, given, w16, dw, db, dx, False, ws)
+        results.append((out, dw, db, dx))
+    for got, want in zip(*results, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert 1e-4 < rel(results[0][0], x.astype(np.float64) @ w + b) < 2e-2    # bf16-rounded, not float32
+    with pytest.raises(TypeError, match="float32 or bf16 bits"):
+        ops.linear_forward_bf16(x.astype(np.float64), w16, b, np.empty((130, 10), np.float32), ws)
+
+
 def test_linear_backward_accumulates_weight_grads_and_writes_dx():
     rng = np.random.default_rng(3)
     x, w, b = rng.standard_normal((5, 4)), rng.standard_normal((4, 6)), rng.standard_normal(6)
@@ -227,8 +263,8 @@ def test_bf16_attention_matches_float64_on_the_rounded_inputs(bf16_here, window,
     dq, dk, dv = (np.full(y.shape, np.nan, np.float32) for _ in range(3))
     set_threads(threads)
     try:
-        ops.attention_forward(q, k, v, window, y, lse, keep=keep, keep_scale=scale)
-        ops.attention_backward(dy, q, k, v, y, lse, window, dq, dk, dv, keep=keep, keep_scale=scale)
+        ops.attention_forward_bf16(q, k, v, window, y, lse, keep=keep, keep_scale=scale)
+        ops.attention_backward_bf16(dy, q, k, v, lse, window, dq, dk, dv, keep=keep, keep_scale=scale)
     finally:
         set_threads(1)
     qt, kt, vt = (t64(bf16.to_float32(np.ascontiguousarray(a))) for a in (q, k, v))
@@ -240,8 +276,11 @@ def test_bf16_attention_matches_float64_on_the_rounded_inputs(bf16_here, window,
     ref.backward(torch.tensor(dy, dtype=torch.float64))
     for got, want in [(y, ref.detach()), (dq, qt.grad), (dk, kt.grad), (dv, vt.grad)]:
         assert 1e-6 < rel(got, want) < 1e-2
-    with pytest.raises(TypeError, match="must all be float32 or all bf16"):
-        ops.attention_forward(q, bf16.to_float32(np.ascontiguousarray(k)), v, window, y, lse)
+    with pytest.raises(TypeError, match="takes q, k, v as bf16 bits"):
+        ops.attention_forward_bf16(q, bf16.to_float32(np.ascontiguousarray(k)), v, window, y, lse)
+    with pytest.raises(TypeError, match="takes q, k, v as bf16 bits"):
+        v32 = bf16.to_float32(np.ascontiguousarray(v))
+        ops.attention_backward_bf16(dy, q, k, v32, lse, window, dq, dk, dv)
 
 
 def test_attention_works_on_strided_views_of_the_qkv_buffer():
