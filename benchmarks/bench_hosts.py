@@ -26,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distgpt.cpu import this_cpu
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 import hosts as simhosts  # noqa: E402  (the tests' harness: one implementation of the hosts)
@@ -114,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{ratio:.2f} | {sent:.0f} |", flush=True)
         finally:
             simhosts.destroy(made)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), "?")
+    cpu = this_cpu().model or "?"
     print(f"CPU: {cpu}, {os.cpu_count()} cores; MPI: {results[0].get('mpi', '?')}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -47,7 +47,8 @@ from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
 from distgpt.threads import ThreadSetup, n_threads, set_threads
 from distgpt.threads import setup as setup_threads
-from distgpt.train import Trainer, flops_per_token, initial_params
+from distgpt.train import flops_per_token, initial_params
+from distgpt.trainer import Trainer
 
 SEED = 1337
 TORCH_MODES = ("eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16")
@@ -105,12 +106,14 @@ def _best_time(comm, fn, repeats: int = SGEMM_REPEATS) -> float:
     return best
 
 
-def _row_split_time(comm, threads: int, a: np.ndarray, b: np.ndarray, c: np.ndarray, repeats: int) -> float:
-    """_best_time of distgpt's own row-split matmul (ops.matmul) over `threads` threads."""
+def _row_split_time(comm, threads: int, a: np.ndarray, b: np.ndarray, c: np.ndarray, repeats: int,
+                    matmul=ops.matmul) -> float:
+    """_best_time of distgpt's own row-split matmul (ops.matmul, or ops.matmul_bf16) over `threads`
+    threads."""
     before = n_threads()
     set_threads(threads)
     try:
-        return _best_time(comm, lambda: ops.matmul(a, b, c), repeats)
+        return _best_time(comm, lambda: matmul(a, b, c), repeats)
     finally:
         set_threads(before)
 
@@ -121,8 +124,8 @@ def bf16_gemm_flops(comm, threads: int) -> float:
     a = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
     b = bf16.to_bf16(rng.standard_normal((SGEMM_N, SGEMM_N), dtype=np.float32))
     c = np.empty((SGEMM_N, SGEMM_N), np.float32)
-    ops.matmul(a, b, c)                                     # the first call warms the library up
-    return 2 * SGEMM_N**3 / _row_split_time(comm, threads, a, b, c, SGEMM_REPEATS)
+    ops.matmul_bf16(a, b, c)                                # the first call warms the library up
+    return 2 * SGEMM_N**3 / _row_split_time(comm, threads, a, b, c, SGEMM_REPEATS, ops.matmul_bf16)
 
 
 def gemm_peak(comm, threads: int, precision: str) -> float:
@@ -245,7 +248,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
         "threads": threads.threads,
         "batch": t.batch_size,
         "zero": trainer.partition.zero,
-        "overlap": trainer.overlap,
+        "overlap": trainer.hooks is not None,
         "reduce": type(trainer.reducer).__name__,
         "precision": trainer.precision,
         "n_params": n_params,

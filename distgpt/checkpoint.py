@@ -20,17 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
 import shutil
 import signal
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from distgpt import switches
 from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, io_error, write_text_atomic
 from distgpt.partition import Partition
 
@@ -65,7 +66,7 @@ def _message(e: Exception, where: Path) -> str:
 def _crash_point(name: str) -> None:
     """Test hook: with DISTGPT_CKPT_CRASH_AT=<name>, die here as abruptly as a power cut or OOM kill.
     Unset, it is one dictionary lookup per named point (a handful per save)."""
-    if os.environ.get(CRASH_ENV) == name:
+    if switches.get(CRASH_ENV) == name:
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
@@ -329,13 +330,14 @@ def _is_complete(path: Path) -> bool:
 
 
 def _newest_valid(out_dir: Path) -> Path | None:
-    """Newest checkpoint in out_dir that validates in full, warning about each newer one skipped."""
+    """Newest checkpoint in out_dir that validates in full, with a one-line warning on stderr for
+    each newer one skipped (a crash mid-save, a corrupted shard)."""
     for path in list_checkpoints(out_dir):
         try:
             validate(path)
             return path
         except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {path}: {e}", stacklevel=2)
+            print(f"distgpt: warning: skipping checkpoint {path.name}: {e}", file=sys.stderr, flush=True)
     return None
 
 
@@ -376,22 +378,33 @@ def resolve_resume(out_dir: str | Path, spec: str, comm) -> Path | None:
 
 # ----------------------------------------------------------------------------- loading
 
-def _check_layout(mf: Path, saved: list, layout) -> None:
-    """Refuse a checkpoint of a different model, naming the first tensor that differs."""
-    ours = layout.describe()
-    for i in range(max(len(saved), len(ours))):
-        a = saved[i] if i < len(saved) else None
-        b = ours[i] if i < len(ours) else None
+MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "vocab_multiple")
+
+
+def _check_model(mf: Path, manifest: dict, layout) -> None:
+    """Refuse a checkpoint of a different model, naming the config keys that differ (n_head and
+    the attention pattern change no tensor's shape, so the layout alone would not notice them)."""
+    saved = (manifest["meta"].get("config") or {}).get("model") or {}
+    ours = layout.cfg.model_dump()
+    differ = [f"model.{k}={saved[k]} (this run: {ours[k]})" for k in (*MODEL_KEYS, "attention", "window")
+              if k in saved and saved[k] != ours[k]]
+    if differ:
+        raise CheckpointError(f"{mf}: saved for another model: {', '.join(differ)}; resume with the "
+                              "checkpoint's model settings, or start a new run in another out_dir")
+    saved_layout, our_layout = manifest["layout"], layout.describe()
+    for a, b in itertools.zip_longest(saved_layout, our_layout):   # (a checkpoint without the config)
         if a == b:
             continue
-        if b is None:
-            raise CheckpointError(f"{mf}: layout differs: the checkpoint has an extra tensor {a!r}")
         if not isinstance(a, dict):
-            raise CheckpointError(f"{mf}: layout differs: the checkpoint lacks tensor {b['name']}")
-        raise CheckpointError(
-            f"{mf}: layout differs at tensor {b['name']}: checkpoint has {a.get('name')} "
-            f"shape {a.get('shape')} offset {a.get('offset')}, "
-            f"the model has shape {b['shape']} offset {b['offset']}")
+            what = f"it lacks tensor {b['name']}"
+        elif b is None:
+            what = f"it has tensor {a.get('name')}, which this run's model lacks"
+        elif a.get("name") != b["name"]:
+            what = f"it has tensor {a.get('name')} where this run's model has {b['name']}"
+        else:
+            what = (f"tensor {b['name']} has shape {a.get('shape')} at offset {a.get('offset')} there, "
+                    f"shape {b['shape']} at offset {b['offset']} in this run's model")
+        raise CheckpointError(f"{mf}: saved for another model: {what}")
 
 
 def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int) -> np.ndarray:
@@ -429,7 +442,7 @@ def load_checkpoint(path: str | Path, comm, layout, partition: Partition,
     try:
         manifest = _read_manifest(path)
         mf = path / MANIFEST
-        _check_layout(mf, manifest["layout"], layout)
+        _check_model(mf, manifest, layout)
         if manifest["n_params"] != layout.size:
             raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
         if verify:
@@ -452,3 +465,102 @@ def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
     manifest = _read_manifest(found)
     params = _read_range(found, manifest, 0, manifest["n_params"], 1)[0]
     return manifest, params
+
+
+# ----------------------------------------------------------------------------- a run's output directory
+
+METRICS = "metrics.jsonl"
+WATCHDOG_BOARD = ".watchdog"
+
+
+def existing_run(out_dir: str | Path) -> str | None:
+    """What an earlier run left in out_dir (its checkpoints, its metrics.jsonl), described in a few
+    words, or None when out_dir holds no run."""
+    out_dir = Path(out_dir)
+    found = []
+    ckpts = list_checkpoints(out_dir)
+    if ckpts:
+        newest = STEP_RE.fullmatch(ckpts[0].name)
+        found.append(f"{len(ckpts)} checkpoint(s), the newest at step {int(newest.group(1))}")
+    metrics = out_dir / METRICS
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(METRICS)
+    return " and ".join(found) or None
+
+
+def remove_run(out_dir: str | Path) -> None:
+    """Start over in out_dir: remove what an earlier run wrote there (checkpoint folders, `latest`,
+    leftovers of interrupted saves, metrics.jsonl, the watchdog's board) and nothing else, so a
+    user's own files in out_dir or out_dir/ckpt survive."""
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "ckpt"
+    for path in list_checkpoints(out_dir):
+        _remove_tree(path)
+    if ckpt_dir.is_dir():
+        _clear_leftovers(ckpt_dir)
+        (ckpt_dir / LATEST).unlink(missing_ok=True)
+    (out_dir / METRICS).unlink(missing_ok=True)
+    board = out_dir / WATCHDOG_BOARD
+    if board.is_dir():
+        for f in board.glob("rank_*.json"):
+            f.unlink(missing_ok=True)
+
+
+class Checkpointer:
+    """Saving and resuming the whole training state of a run: the trainer's shards (parameters and
+    AdamW moments), the TrainingState and what the data must match (tokenizer, loader identity)."""
+
+    def __init__(self, cfg, comm, trainer, loader, tokenizer: str | None, log):
+        self.cfg, self.comm, self.trainer, self.loader, self.tokenizer, self.log = (
+            cfg, comm, trainer, loader, tokenizer, log)
+        self.out_dir = Path(cfg.out_dir)
+        self.saved_step = -1         # the step of the newest checkpoint this run wrote or resumed
+
+    def resume(self):
+        """Load the checkpoint `resume` names: its TrainingState, or None to start fresh."""
+        from distgpt.trainer import TrainingState
+
+        cfg = self.cfg
+        if not cfg.resume:
+            return None
+        path = resolve_resume(self.out_dir, cfg.resume, self.comm)
+        if path is None:
+            self.log(f"resume=auto: no checkpoint in {self.out_dir / 'ckpt'}: starting from scratch")
+            return None
+        layout = self.trainer.model.layout
+        params, m, v, manifest = load_checkpoint(path, self.comm, layout, self.trainer.partition)
+        meta = manifest["meta"]
+        mf = path / MANIFEST
+        saved_tok = meta.get("tokenizer")
+        if saved_tok and self.tokenizer and saved_tok != self.tokenizer:
+            raise CheckpointError(f"{mf}: saved with tokenizer {saved_tok}, the data uses {self.tokenizer}")
+        state = TrainingState.from_meta(meta)
+        saved_seed = meta.get("loader", {}).get("seed")
+        if saved_seed is not None and saved_seed != cfg.train.seed:
+            raise CheckpointError(
+                f"{mf}: saved with train.seed={saved_seed}, this run has train.seed={cfg.train.seed}: a "
+                "resumed run keeps its seed (it fixes the data order); drop the override or start a new run")
+        if state.step >= cfg.train.max_steps:
+            raise CheckpointError(
+                f"{mf}: the run is already at step {state.step}, train.max_steps is {cfg.train.max_steps}: "
+                "nothing to train (raise train.max_steps to continue it)")
+        self.loader.check_resumable(meta["loader"])
+        self.trainer.load_state(params, m, v, state)
+        self.saved_step = state.step
+        self.log(f"resumed from {path} at step {state.step}")
+        return state
+
+    def save(self, state) -> None:
+        t = self.cfg.train
+        meta = {"config": self.cfg.to_dict(), "step": state.step, "tokens_seen": state.tokens_seen,
+                "state": state.to_dict(), "loader": self.loader.state_dict(), "tokenizer": self.tokenizer,
+                "precision": self.trainer.precision,
+                "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
+        from distgpt import dist
+
+        with self.comm.watch(dist.Phase.CHECKPOINT_SAVE, state.step):
+            path = save_checkpoint(self.out_dir, state.step, self.comm, self.trainer.model.layout,
+                                   self.trainer.partition, *self.trainer.state_slices(), meta,
+                                   self.cfg.checkpoint.keep)
+        self.saved_step = state.step
+        self.log(f"checkpoint: {path}")

@@ -138,9 +138,40 @@ class Config(_Section):
     init_from: str = "scratch"  # scratch | a Hugging Face folder or hub id | an llm.c .bin
     out_dir: str = Field("out", min_length=1, description="a directory path")
     resume: str | None = None  # None | auto | path of a checkpoint folder
+    # a fresh run into an out_dir that holds another run is refused unless this is set: then that
+    # run's checkpoints and metrics (only the files distgpt wrote) are removed first
+    overwrite_out_dir: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+def describe_keys() -> list[str]:
+    """`section.key = default   what it takes` for every config key: train --help-config (the README's
+    configuration table says what each one means)."""
+    lines = []
+
+    def takes(f) -> str:
+        if f.description:
+            return f.description
+        kind = f.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) is Literal:
+            return "one of " + ", ".join(map(str, args))
+        if args:                                    # X | None
+            return f"{args[0].__name__}, or unset"
+        bound = next((f"{m.ge}" for m in f.metadata if hasattr(m, "ge")), None)
+        return kind.__name__ + (f" >= {bound}" if bound is not None else "")
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                walk(f.annotation, f"{prefix}{name}.")
+            else:
+                lines.append(f"{prefix + name + ' = ' + repr(f.get_default(call_default_factory=True)):40s}"
+                             f" {takes(f)}")
+    walk(Config, "")
+    return lines
 
 
 def user_model_keys(cfg: Config) -> dict[str, int]:
@@ -158,6 +189,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a folder: expected a YAML file (e.g. {path}/NAME.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -317,7 +317,6 @@ class TrainLoader:
                 f"{shards.what} {shards.pattern!r}: corpus too small: {self.stream.total} tokens gives "
                 f"{self.n_windows} windows of seq_len {seq_len}, fewer than one batch of {batch_size}"
             )
-        self.step = 0
         self._perms: dict[int, np.ndarray] = {}
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -352,14 +351,10 @@ class TrainLoader:
             out.append((x, y, first))
         return out
 
-    def next(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        batches = self.micro_batches(self.step)
-        self.step += 1
-        return batches
-
     def state_dict(self) -> dict:
+        """What a resumed run must match for step s to mean the same samples (the position itself is
+        the run's step: trainer.TrainingState)."""
         return {
-            "step": self.step,
             "seed": self.seed,
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
@@ -367,21 +362,19 @@ class TrainLoader:
             "total_tokens": self.total_tokens,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Resume at the saved step. The saved seed wins, since it defines the order being resumed."""
-        for key in ("seq_len", "batch_size", "n_windows", "total_tokens"):
+    def check_resumable(self, state: dict) -> None:
+        """A DataError unless a checkpoint's loader state (state_dict) describes this data order: the
+        same seed, sequence length, batch size and corpus size."""
+        names = {"seed": "train.seed", "seq_len": "train.seq_len", "batch_size": "train.batch_size"}
+        for key in ("seed", "seq_len", "batch_size", "n_windows", "total_tokens"):
             if key not in state:
                 raise DataError(f"loader state is missing key {key!r}")
             current = getattr(self, key)
             if state[key] != current:
                 raise DataError(
-                    f"loader state has {key}={state[key]} but the current run has {key}={current}; "
-                    "the saved data position would not mean the same samples"
+                    f"the checkpoint's data order has {names.get(key, key)}={state[key]}, this run has "
+                    f"{current}: the saved step would not mean the same samples"
                 )
-        self.step = int(state["step"])
-        if int(state["seed"]) != self.seed:
-            self.seed = int(state["seed"])
-            self._perms.clear()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,13 +1,10 @@
 """Training entry point: `[mpirun -n N] python -m distgpt.train --config configs/X.yaml [key=value ...]`.
 
-One optimizer step, on every rank:
-  for each of this rank's micro-batches of the global batch (fixed by seed and step):
-      forward + backward, gradients accumulate in the flat buffer (the first one overwrites it)
-  sum the gradients across ranks: through shared memory on one node, else MPI buckets reduced
-      while the last backward goes on; clip by the global norm; AdamW on this rank's slice (the
-      whole vector when replicated); ZeRO-1 then gathers the updated parameters (on one node
-      they are a single shared copy, and gathering is a barrier)
-  log (rank 0), evaluate, checkpoint, and stop cleanly if any rank was signalled.
+run() reads top to bottom: check everything that can be checked (config, switches, data, out_dir),
+build the trainer (distgpt/trainer.py: one optimizer step on every rank), resume or broadcast the
+starting parameters, then loop: step, log (rank 0), evaluate, checkpoint, and stop cleanly at a step
+boundary when any rank was signalled: SIGTERM/SIGUSR1 (a scheduler's preemption warning) or Ctrl-C
+write a checkpoint first; a second Ctrl-C exits at once.
 """
 
 from __future__ import annotations
@@ -17,22 +14,34 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from distgpt import bf16, blas, dist, fileio, jit
+from distgpt import bf16, blas, dist, fileio, jit, switches
 from distgpt import threads as kernel_threads
-from distgpt.config import Config, ConfigError, ModelConfig, check_batch_layout, load_config, user_model_keys
+from distgpt.checkpoint import METRICS, Checkpointer, existing_run, remove_run
+from distgpt.cli import add_version, prog_name
+from distgpt.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    check_batch_layout,
+    describe_keys,
+    load_config,
+    user_model_keys,
+)
 from distgpt.model import GPT, Layout, activation_bytes, init_params
-from distgpt.optim import AdamW, clip_coefficient, lr_at
-from distgpt.partition import Partition
+from distgpt.optim import lr_at
 from distgpt.progress import Progress
+from distgpt.trainer import StepResult, Trainer, TrainingState, check_params_agree
+
+TOOL = "distgpt.train"
+INTERRUPTED_EXIT = dist.INTERRUPT_EXIT      # 130: as a shell reports a Ctrl-C'd command
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -41,7 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distgpt.data import DataError
     from distgpt.weights import WeightsError
 
-    return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError, fileio.DiskFullError)
+    return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError, fileio.DiskFullError,
+            switches.SwitchError, OutDirError)
+
+
+class OutDirError(ValueError):
+    """out_dir cannot take this run (not a folder, not writable, holds another run)."""
 
 
 # ----------------------------------------------------------------------------- summary
@@ -59,7 +73,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     moments = 2 * 4 * (shard if cfg.parallel.zero else layout.size)
     low = precision == "bf16"
-    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, low=low)
+    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision)
     copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
     total = 2 * 4 * layout.size + moments + acts + copy16
     return [
@@ -83,27 +97,34 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
 # ----------------------------------------------------------------------------- pieces of the run
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (a scheduler's preemption warning); acted on at a step boundary."""
+    """Signals that stop the run at the next step boundary with a checkpoint: the stop signals
+    (SIGTERM/SIGUSR1: a scheduler's preemption warning) and Ctrl-C (SIGINT). A second Ctrl-C exits
+    at once without a traceback: nothing half-written is ever read (checkpoints are published by a
+    rename), and resume takes the newest complete checkpoint. mpirun forwards a Ctrl-C to every rank."""
 
-    def __init__(self):
+    def __init__(self, rank0: bool):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.interrupted = False
+        self.rank0 = rank0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (*dist.STOP_SIGNALS, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            if self.interrupted:
+                if self.rank0:
+                    print(f"{TOOL}: interrupted again: exiting now without a checkpoint", file=sys.stderr,
+                          flush=True)
+                sys.stdout.flush()
+                os._exit(INTERRUPTED_EXIT)
+            self.interrupted = True
+            if self.rank0:
+                print(f"{TOOL}: interrupted: stopping at the end of this step with a checkpoint "
+                      "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
         self.signum = signum
 
-
-def params_checksum(params: np.ndarray) -> int:
-    return zlib.crc32(params.view(np.uint8))
-
-
-def check_params_agree(comm: dist.Comm, params: np.ndarray, step: int) -> None:
-    with comm.watch("parameter check", step):
-        sums = comm.allgather_obj(params_checksum(params))
-    if len(set(sums)) > 1:
-        bad = [r for r, s in enumerate(sums) if s != sums[0]]
-        raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0")
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class Log:
@@ -142,7 +163,7 @@ class Metrics:
     that fails (a full disk) is one line naming the file, and leaves no half record behind."""
 
     def __init__(self, out_dir: Path, resume_step: int | None):
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS
         if resume_step is None:
             fileio.write_text_atomic(self.path, "")
         elif self.path.exists():
@@ -163,7 +184,7 @@ def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int, step: int 
     for x, y in val.rank_windows(comm.rank, comm.size, micro_batch_size):
         acc[0] += model.loss(x, y) * x.size
         acc[1] += x.size
-    with comm.watch("evaluation", step):
+    with comm.watch(dist.Phase.EVALUATION, step):
         comm.allreduce_(acc)
     return float(acc[0] / acc[1])
 
@@ -192,197 +213,21 @@ def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:
     return f"sample at step {step}:\n  | {text}"
 
 
-def with_injected_faults(step_fn: Callable, rank: int) -> Callable:
+def with_injected_faults(step_fn: Callable[..., StepResult], rank: int) -> Callable[..., StepResult]:
     """Test hook: DISTGPT_FAIL_AT="RANK:STEP" makes that rank raise when it starts that step, and
     "RANK:STEP:9" SIGKILLs it there. Without the variable, step_fn itself."""
-    spec = os.environ.get("DISTGPT_FAIL_AT")
+    spec = switches.get("DISTGPT_FAIL_AT")
     if not spec:
         return step_fn
     fail_rank, fail_step, *how = (int(v) for v in spec.split(":"))
 
-    def step_or_fail(step: int, *args):
+    def step_or_fail(step: int, *args, **kwargs) -> StepResult:
         if (rank, step) == (fail_rank, fail_step):
             if how == [9]:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"injected failure (DISTGPT_FAIL_AT) at step {step}")
-        return step_fn(step, *args)
+        return step_fn(step, *args, **kwargs)
     return step_or_fail
-
-
-# ----------------------------------------------------------------------------- one optimizer step
-
-@dataclass
-class StepResult:
-    loss: float              # mean over the global batch
-    grad_norm: float         # before clipping
-    lr: float
-    stop_requested: bool     # some rank was signalled: every rank checkpoints and exits
-
-
-class Trainer:
-    """One optimizer step on this rank: the rank's micro-batches forward and backward, the gradient
-    reduction (overlapped with the last backward), clipping, AdamW on this rank's slice, and the
-    ZeRO-1 allgather. The training loop and the benchmark both drive it.
-
-    The reducer decides where the flat buffers live (shared memory on one node), so the model is
-    built on its buffers; the partition says which slice this rank sums, updates and checkpoints."""
-
-    def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
-        t, layout = cfg.train, Layout(cfg.model)
-        self.cfg, self.comm = cfg, comm
-        self.precision = bf16.resolve(t.precision)        # "auto" -> bf16 where it is fast, else fp32
-        zero = cfg.parallel.zero and comm.size > 1
-        self.partition = Partition(layout.size, comm.size, comm.rank, zero)
-        self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
-                                         int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
-                                         cfg.parallel.grad_wire, cfg.parallel.comm_thread,
-                                         (cfg.model.padded_vocab, cfg.model.n_embd))
-        # bf16 with the parameters shared on one node (ZeRO-1): one shared bf16 copy of the
-        # weights too, each rank converting the slice it updates (a node's ranks convert it once,
-        # not once each)
-        self.shared16 = None
-        if self.precision == "bf16" and getattr(self.reducer, "shares_params", False):
-            bufs, _ = comm.shared_buffers(layout.size, np.uint16, per_rank=False)
-            self.shared16 = None if bufs is None else bufs[0]
-        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
-                         precision=self.precision, params16=self.shared16)
-        lo, hi = self.partition.updated
-        self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
-        self.overlap = (cfg.parallel.overlap and comm.size > 1
-                        and isinstance(self.reducer, dist.GradReducer))
-        self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
-
-    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0) -> StepResult:
-        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`);
-        `stop` is this rank's stop signal (0: none), shared with the others in the step's allreduce."""
-        cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
-        t = cfg.train
-        scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
-        dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
-        model.zero_grad()
-        loss_sum = 0.0
-        for i, (x, y, row0) in enumerate(micro):
-            last = self.overlap and i == len(micro) - 1    # reduce while the last backward runs
-            ta = time.perf_counter()
-            fwd = model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
-            tb = time.perf_counter()
-            model.backward(fwd, hooks=reducer if last else None)
-            loss_sum += fwd.loss
-            timing["forward"] += tb - ta
-            timing["backward"] += time.perf_counter() - tb
-        tc = time.perf_counter()
-        with comm.watch("gradient sum", step):      # phase names: what the watchdog reports
-            reducer.finish()
-        # waiting for the slowest rank to finish backward is load imbalance, not communication
-        timing["wait"] += reducer.waited
-        timing["comm"] += time.perf_counter() - tc - reducer.waited
-        # one small allreduce carries the loss, the ZeRO norm pieces and any rank's stop signal
-        partial = reducer.norm_is_partial
-        stats = np.array([loss_sum, reducer.grad_sq_sum() if partial else 0.0, float(stop)])
-        with comm.watch("step statistics", step):
-            comm.allreduce_(stats)
-        grad_norm = float(np.sqrt(stats[1] if partial else reducer.grad_sq_sum()))
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
-        td = time.perf_counter()
-        lo, hi = self.partition.updated
-        clip = clip_coefficient(grad_norm, t.grad_clip)
-        self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
-        if self.shared16 is not None:               # bf16, shared: this rank's slice of the copy
-            model.convert_weights16(lo, hi)
-        if self.partition.zero:
-            with comm.watch("parameter gather", step):
-                reducer.allgather_params()          # (shared: the barrier after which all is converted)
-        self._weights_updated(converted=True)
-        timing["optim"] += time.perf_counter() - td
-        return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]))
-
-    def broadcast_params(self) -> None:
-        """Rank 0's parameters on every rank (the start of a run)."""
-        self.reducer.broadcast_params()
-        self._weights_updated()
-
-    def _weights_updated(self, converted: bool = False) -> None:
-        """The parameters changed: the bf16 copies are remade. A shared copy is converted here, a
-        slice per rank (unless the caller has `converted` its slice), then a barrier; a rank's own
-        copy on its next pass."""
-        if self.shared16 is None:
-            self.model.weights_changed()
-            return
-        if not converted:
-            self.model.convert_weights16(*self.partition.updated)
-            self.comm.shared_barrier()
-        self.model.weights16_current()
-
-    def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, opt_t: int) -> None:
-        """This rank's owned slices from a checkpoint -> full parameters, and moments where kept."""
-        a, b = self.partition.owned
-        self.model.params[a:b] = params
-        self.reducer.allgather_params()
-        self._weights_updated()
-        opt = self.opt
-        if self.partition.zero:
-            opt.m[:], opt.v[:] = m, v
-        else:
-            opt.m[a:b], opt.v[a:b] = m, v
-            self.comm.allgatherv_(opt.m, self.partition.ranges)
-            self.comm.allgatherv_(opt.v, self.partition.ranges)
-        opt.t = opt_t
-
-    def state_slices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """params, m, v of this rank's owned slice (its checkpoint shard)."""
-        a, b = self.partition.owned
-        if self.partition.zero:
-            return self.model.params[a:b], self.opt.m, self.opt.v
-        return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
-
-
-class Checkpoints:
-    """Saving and resuming the whole training state: parameters and moments (the trainer's shards),
-    the step, tokens seen and the loader's position."""
-
-    def __init__(self, cfg: Config, comm: dist.Comm, trainer: Trainer, loader, tokenizer: str | None,
-                 log: Log):
-        self.cfg, self.comm, self.trainer, self.loader, self.tokenizer, self.log = (
-            cfg, comm, trainer, loader, tokenizer, log)
-        self.out_dir = Path(cfg.out_dir)
-        self.last_step = -1          # the step of the newest checkpoint this run wrote or resumed
-
-    def resume(self) -> tuple[int, int] | None:
-        """Load the checkpoint `resume` names (if any): (step, tokens seen), or None to start fresh."""
-        from distgpt import checkpoint
-
-        if not self.cfg.resume:
-            return None
-        path = checkpoint.resolve_resume(self.out_dir, self.cfg.resume, self.comm)
-        if path is None:
-            return None
-        layout = self.trainer.model.layout
-        params, m, v, manifest = checkpoint.load_checkpoint(path, self.comm, layout, self.trainer.partition)
-        meta = manifest["meta"]
-        saved_tok = meta.get("tokenizer")
-        if saved_tok and self.tokenizer and saved_tok != self.tokenizer:
-            raise checkpoint.CheckpointError(
-                f"{path}: saved with tokenizer {saved_tok}, the data uses {self.tokenizer}")
-        self.trainer.load_state(params, m, v, meta["opt_t"])
-        self.loader.load_state_dict(meta["loader"])
-        self.last_step = meta["step"]
-        self.log(f"resumed from {path} at step {meta['step']}")
-        return meta["step"], meta["tokens_seen"]
-
-    def save(self, step: int, tokens_seen: int) -> None:
-        from distgpt import checkpoint
-
-        t = self.cfg.train
-        meta = {"config": self.cfg.to_dict(), "step": step, "tokens_seen": tokens_seen,
-                "opt_t": self.trainer.opt.t, "loader": self.loader.state_dict(), "tokenizer": self.tokenizer,
-                "precision": self.trainer.precision,
-                "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
-        with self.comm.watch("checkpoint save", step):
-            path = checkpoint.save_checkpoint(self.out_dir, step, self.comm, self.trainer.model.layout,
-                                              self.trainer.partition, *self.trainer.state_slices(), meta,
-                                              self.cfg.checkpoint.keep)
-        self.last_step = step
-        self.log(f"checkpoint: {path}")
 
 
 def open_data(cfg: Config, comm: dist.Comm):
@@ -402,146 +247,261 @@ def open_data(cfg: Config, comm: dist.Comm):
     return loader, val, cfg.data.tokenizer or shards.tokenizer
 
 
+def check_out_dir(cfg: Config) -> None:
+    """Everything about out_dir that can be known before training (raises OutDirError): it is, or
+    can become, a writable folder; its checkpoint folder and metrics file are not something else;
+    and a fresh run does not land on another run's files unless overwrite_out_dir asks to start over.
+    Creates nothing."""
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutDirError(f"out_dir {out}: exists and is not a folder")
+    if (out / "ckpt").exists() and not (out / "ckpt").is_dir():
+        raise OutDirError(f"out_dir {out}: {out / 'ckpt'} is a file, where the checkpoint folder goes")
+    if (out / METRICS).is_dir():
+        raise OutDirError(f"out_dir {out}: {out / METRICS} is a folder, where the metrics file goes")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    what = "out_dir" if parent == out else f"out_dir {out} cannot be created:"
+    if not parent.is_dir():
+        raise OutDirError(f"{what} {parent} is not a folder")
+    try:        # a real write: as root, os.access says yes to /proc and to read-only mounts
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise OutDirError(f"{what} {parent} is not a writable folder ({e.strerror or e})") from None
+    if cfg.resume or cfg.overwrite_out_dir:
+        return
+    found = existing_run(out)
+    if found:
+        raise OutDirError(
+            f"out_dir {out} holds another run ({found}): continue it with --resume auto, choose another "
+            "out_dir, or start over with --overwrite (removes that run's checkpoints and metrics)")
+
+
+def make_out_dir(cfg: Config) -> bool:
+    """Rank 0: create out_dir (True when this run created it), and with overwrite_out_dir remove
+    the earlier run's files first. (check_out_dir has made sure that it can.)"""
+    out = Path(cfg.out_dir)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutDirError(f"out_dir {out}: cannot write there: {e.strerror or e}") from None
+    if cfg.overwrite_out_dir and not cfg.resume:
+        remove_run(out)
+    return created
+
+
 def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) -> list[str]:
     lines = summary(cfg, comm.size, accum, trainer.precision) + [
         f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
         f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}",
         bf16.describe(trainer.precision)
-        + ("; bf16 weights: one copy per node, each rank converting its slice" if trainer.shared16 is not None
-           else "")]
+        + ("; bf16 weights: one copy per node, each rank converting its slice"
+           if trainer.weights16 is not None and trainer.weights16.shared else "")]
     if comm.size > 1:
         lines.append(f"gradient sum: {trainer.reducer.describe()}"
-                     f"{', overlapped with backward' if trainer.overlap else ''}")
+                     f"{', overlapped with backward' if trainer.hooks is not None else ''}")
     if threads.oversubscribed:
         lines.append(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
                      f"{os.cpu_count()} cores: expect slowdowns (set parallel.threads_per_rank)")
+    if switches.active():
+        lines.append("environment switches: " + ", ".join(switches.active()))
+    t = cfg.train
+    if t.warmup_steps > t.max_steps:    # legal (a quick look at a long config), but rarely meant
+        peak = lr_at(t.max_steps - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        lines.append(f"warning: train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
+                     f"the learning rate stops at {peak:.2e}, below train.lr ({t.lr:g}), and never decays")
     return lines
+
+
+def agree(comm: dist.Comm, fn: Callable[[], object]) -> object:
+    """fn() on rank 0 (a look at the file system), its result or its error on every rank."""
+    answer: tuple[str, object] = ("ok", None)
+    if comm.rank == 0:
+        try:
+            answer = ("ok", fn())
+        except Exception as e:  # re-raised on every rank below, so that all of them stop alike
+            answer = ("error", e)
+    status, value = comm.bcast_obj(answer)
+    if status == "error":
+        raise value
+    return value
 
 
 # ----------------------------------------------------------------------------- the run
 
-def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> None:
+def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
+    """Train (or, with dry_run, check and describe); the exit code: 0, or 130 after a Ctrl-C."""
     t = cfg.train
     log = Log(comm.rank == 0)
-    threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
-    blas.describe()                    # a bad DISTGPT_BLAS fails here, on every rank alike
-    accum = check_batch_layout(cfg, comm.size)
-    if dry_run:
-        log(*summary(cfg, comm.size, accum), json.dumps(cfg.to_dict(), indent=2))
-        return
 
-    # set up: weights, data, the trainer on this rank's buffers
-    cfg, params = initial_params(cfg)
+    # check what can be checked before any work: the switches, the batch layout, the data, out_dir
+    switches.check()
+    threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
+    blas.configure()                   # the fp32 gemm, chosen once from DISTGPT_BLAS (every rank alike)
+    accum = check_batch_layout(cfg, comm.size)
+    if dry_run:    # the plan first, then the same checks a real run makes before its first step
+        log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision)), json.dumps(cfg.to_dict(), indent=2))
+        if cfg.data.train is None:
+            log("data: data.train is not set (a real run needs it): not checked")
+        else:
+            open_data(cfg, comm)
+        agree(comm, lambda: check_out_dir(cfg))
+        log(f"checks passed: {'data, ' if cfg.data.train else ''}out_dir {cfg.out_dir}")
+        return 0
     loader, val, tokenizer_name = open_data(cfg, comm)
+    agree(comm, lambda: check_out_dir(cfg))
+
+    # set up: weights, the trainer on this rank's buffers, out_dir
+    cfg, params = initial_params(cfg)
     trainer = Trainer(cfg, comm, params)
-    model = trainer.model
     del params
     out_dir = Path(cfg.out_dir)
-    if comm.rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    created = agree(comm, lambda: make_out_dir(cfg))
+    try:
+        return _train(cfg, comm, trainer, loader, val, tokenizer_name, log, accum, threads)
+    finally:
+        # a run that failed before writing anything leaves no empty folder behind
+        if comm.rank == 0 and created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+
+
+def _train(cfg: Config, comm: dist.Comm, trainer: Trainer, loader, val, tokenizer_name: str | None,
+           log: Log, accum: int, threads) -> int:
+    t, model, out_dir = cfg.train, trainer.model, Path(cfg.out_dir)
     log(*header(cfg, comm, trainer, accum, threads))
 
     # resume, or start every rank from rank 0's parameters
-    checkpoints = Checkpoints(cfg, comm, trainer, loader, tokenizer_name, log)
-    comm.start_watchdog(cfg.parallel.timeout_s, out_dir / ".watchdog")   # collectives from here on
-    with comm.watch("checkpoint load", None):
+    checkpoints = Checkpointer(cfg, comm, trainer, loader, tokenizer_name, log)
+    comm.start_watchdog(cfg.parallel.timeout_s, out_dir / ".watchdog", prefix=TOOL)   # from here on
+    with comm.watch(dist.Phase.CHECKPOINT_LOAD, None):
         resumed = checkpoints.resume()
-    step, tokens_seen = resumed or (0, 0)
+    state = resumed or TrainingState()
     if resumed is None:
-        with comm.watch("parameter broadcast", 0):
+        with comm.watch(dist.Phase.PARAMETER_BROADCAST, 0):
             trainer.broadcast_params()
-    check_params_agree(comm, model.params, step)
-    metrics = Metrics(out_dir, step if resumed else None) if comm.rank == 0 else None
+    check_params_agree(comm, model.params, state.step)
+    metrics = Metrics(out_dir, state.step if resumed else None) if comm.rank == 0 else None
     sampler = None
     if t.sample_every and tokenizer_name and comm.rank == 0:
         from distgpt.data import get_tokenizer
         sampler = get_tokenizer(tokenizer_name)
-    stop = StopFlag()
     train_step = with_injected_faults(trainer.step, comm.rank)
     tokens_per_step = t.batch_size * t.seq_len
 
     # the loop: curves start at the initial loss (step 0), as in nanoGPT and llm.c
-    if val is not None and step == 0:
+    if val is not None and state.step == 0:
         val_loss = evaluate(model, val, comm, t.micro_batch_size)
         log(f"step {0:6d} | val loss {val_loss:.4f}")
         if metrics is not None:
             metrics.write({"step": 0, "val_loss": val_loss, "tokens": 0, "time_s": 0.0})
-    log.start_bar(t.max_steps, step)
-    t_run = time.perf_counter()
-    while step < t.max_steps:
-        t0 = time.perf_counter()
-        result = train_step(step, loader.micro_batches(step), stop.signum)
-        step += 1
-        loader.step = step
-        tokens_seen += tokens_per_step
-        dt = time.perf_counter() - t0
-        if not np.isfinite(result.loss):
-            raise FloatingPointError(f"loss is {result.loss} at step {step}: "
-                                     "lower train.lr or check the data")
+    log.start_bar(t.max_steps, state.step)
+    stop = StopFlag(comm.rank == 0)
+    t_run, elapsed0, first_step = time.perf_counter(), state.elapsed_s, state.step
+    w16 = trainer.weights16
+    converted0 = w16.converted if w16 is not None else 0
+    try:
+        while state.step < t.max_steps:
+            t0 = time.perf_counter()
+            result = train_step(state.step, loader.micro_batches(state.step), stop.signum, stop.interrupted)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            state.elapsed_s = elapsed0 + time.perf_counter() - t_run
+            step, dt = state.step, time.perf_counter() - t0
+            if not np.isfinite(result.loss):
+                raise FloatingPointError(f"loss is {result.loss} at step {step}: "
+                                         "lower train.lr or check the data")
 
-        record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                  "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000, "tokens": tokens_seen,
-                  "time_s": time.perf_counter() - t_run}
-        logged = step % t.log_every == 0 or step == t.max_steps or step == 1
-        if logged:
-            log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
-                f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
-                f"{tokens_per_step / dt:9.0f} tok/s")
-        evaluated = val is not None and ((t.eval_every and step % t.eval_every == 0) or step == t.max_steps)
-        if evaluated:
-            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
-            log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
-        log.advance(result.loss, tokens_per_step / dt)
-        if (logged or evaluated) and metrics is not None:
-            metrics.write(record)
-        if sampler is not None and step % t.sample_every == 0:
-            log(sample_text(model, sampler, cfg, step))
-        if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
-            check_params_agree(comm, model.params, step)
-        if result.stop_requested:
-            log.close()
-            log(f"signal received: checkpointing at step {step} and exiting")
-            checkpoints.save(step, tokens_seen)
-            return
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            checkpoints.save(step, tokens_seen)
+            record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                      "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000,
+                      "tokens": state.tokens_seen, "time_s": state.elapsed_s}
+            logged = step % t.log_every == 0 or step == t.max_steps or step == 1
+            if logged:
+                log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+                    f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
+                    f"{tokens_per_step / dt:9.0f} tok/s")
+            evaluated = val is not None and (step == t.max_steps
+                                             or (t.eval_every > 0 and step % t.eval_every == 0))
+            if evaluated:
+                record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
+                log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
+            log.advance(result.loss, tokens_per_step / dt)
+            if (logged or evaluated) and metrics is not None:
+                metrics.write(record)
+            if sampler is not None and step % t.sample_every == 0:
+                log(sample_text(model, sampler, cfg, step))
+            if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
+                check_params_agree(comm, model.params, step)
+            if result.stop_requested:
+                log.close()
+                why = "interrupted (Ctrl-C)" if result.interrupted else "stop signal received"
+                log(f"{why}: checkpointing at step {step} and exiting; continue with --resume auto")
+                checkpoints.save(state)
+                return INTERRUPTED_EXIT if result.interrupted else 0
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                checkpoints.save(state)
+    finally:
+        stop.restore()
     log.close()
-    if checkpoints.last_step != step:
-        checkpoints.save(step, tokens_seen)
+    if checkpoints.saved_step != state.step:
+        checkpoints.save(state)
+    if w16 is not None and state.step > first_step:
+        per_step = (w16.converted - converted0) / (state.step - first_step)
+        log(f"bf16 weight copy: rank 0 converted {per_step:,.0f} elements per step, the copy holds "
+            f"{w16.elements():,}" + (" (one copy per node, a slice per rank)" if w16.shared else ""))
     total = sum(trainer.timing.values())
     if total > 0:
         log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in trainer.timing.items()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distgpt.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog_name("train"), description=__doc__.splitlines()[0],
+                                     epilog="Config keys: --help-config lists them with their defaults.")
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and estimates, then exit")
+                        help="check the config, data and out_dir, print the plan and estimates, then exit")
     parser.add_argument("--resume", help="auto | path of a checkpoint (same as resume=...)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an out_dir holding another run (same as overwrite_out_dir=true)")
+    parser.add_argument("--help-config", action="store_true", help="list every config key and its default")
+    add_version(parser)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
-    args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+    args = parser.parse_intermixed_args(argv)
+    if args.help_config:
+        print("\n".join(describe_keys()))
+        return 0
+    overrides = (list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
+                 + (["overwrite_out_dir=true"] if args.overwrite else []))
 
     comm = dist.init()
     try:
-        run(load_config(args.config, overrides), comm, args.dry_run)
-        return 0
+        return run(load_config(args.config, overrides), comm, args.dry_run)
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop (or after it): nothing to save yet
+        if comm.rank == 0:
+            print(f"{TOOL}: interrupted before training started: nothing saved", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(INTERRUPTED_EXIT)
+        return INTERRUPTED_EXIT
     except Exception as exc:  # every failure ends the whole job, never leaves ranks waiting
         user = isinstance(exc, _user_errors())
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        if isinstance(exc, ConfigError):
+        same_everywhere = isinstance(exc, (ConfigError, switches.SwitchError, OutDirError))
+        if same_everywhere:
             if comm.rank == 0:
-                print(f"distgpt.train: error: {exc}", file=sys.stderr, flush=True)
+                print(f"{TOOL}: error: {exc}", file=sys.stderr, flush=True)
         elif user:
-            print(f"distgpt.train: error: {where}{exc}", file=sys.stderr, flush=True)
+            print(f"{TOOL}: error: {where}{exc}", file=sys.stderr, flush=True)
         else:
-            print(f"distgpt.train: {where}failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            print(f"{TOOL}: {where}failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
             traceback.print_exc()
         code = 2 if user else 1
         # a config error happens identically on every rank before any rank-specific work, so all
         # of them return; anything else may be one rank's alone and must take the others down
-        if comm.size > 1 and not isinstance(exc, ConfigError):
+        if comm.size > 1 and not same_everywhere:
             comm.abort(code)
         return code
 

@@ -16,7 +16,9 @@ fi
 cd "${QUICKSTART_DIR:-$root}"
 start=$(date +%s)
 [ -f data/builtin/manifest.json ] || python -m distgpt.prepare --source builtin --tokenizer bytes --out data/builtin
-bash "$root/launch/local.sh" "$root/configs/quickstart.yaml" "$@"
+# overwrite_out_dir: running the quickstart again starts its run over (a resumed run could only
+# say that it is already done)
+bash "$root/launch/local.sh" "$root/configs/quickstart.yaml" overwrite_out_dir=true "$@"
 echo "--- a sample from the trained model:"
 python -m distgpt.sample --ckpt out/quickstart --prompt "def " --max-new-tokens 200 --temperature 0.8 --top-k 40
 echo

@@ -25,7 +25,7 @@ from distgpt.config import (
     user_model_keys,
 )
 
-from conftest import tiny_config
+from conftest import run_cli, tiny_config
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -94,6 +94,39 @@ def test_missing_config_file_and_missing_data_key(tmp_path, capsys):
     cfg.write_text("model: {n_layer: 1, n_embd: 32, vocab_size: 257}\nparallel: {threads_per_rank: 1}\n")
     code, lines = run_train(capsys, "--config", str(cfg))
     assert code == 2 and len(lines) == 1 and "data.train is not set" in lines[0]
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path, capsys):
+    code, lines = run_train(capsys, "--config", str(tmp_path))
+    assert code == 2
+    assert lines == [f"distgpt.train: error: config file {tmp_path} is a folder: expected a YAML file "
+                     f"(e.g. {tmp_path}/NAME.yaml)"]
+
+
+def test_overrides_may_follow_options(tmp_path):
+    """`--dry-run train.max_steps=5` and `train.max_steps=5 --dry-run` mean the same (intermixed)."""
+    cfg = tiny_config(tmp_path, tmp_path / "no_data", train={"max_steps": 9},
+                      data={"train": None, "val": None})
+    for argv in (["--config", str(cfg), "--dry-run", "train.max_steps=5"],
+                 ["train.max_steps=5", "--config", str(cfg), "--dry-run"]):
+        r = run_cli("train", *argv)
+        assert r.returncode == 0, r.stderr
+        assert '"max_steps": 5' in r.stdout
+
+
+def test_help_config_lists_every_key_with_its_default(capsys):
+    assert train.main(["--help-config"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    listed = {line.split(" = ")[0]: line.split(" = ")[1].split()[0] for line in out}
+    assert set(listed) == set(_flat(Config().to_dict()))
+    assert listed["train.lr"] == "0.0006" and listed["overwrite_out_dir"] == "False"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--version"])
+    assert e.value.code == 0
+    assert re.fullmatch(r"distgpt \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
 
 
 def test_bad_yaml_names_file_and_line(tmp_path, capsys):

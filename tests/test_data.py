@@ -243,7 +243,7 @@ def test_windows_cross_shard_boundaries(shard_dir):
     # window 31 covers tokens [496, 513): the first shard ends at 500
     boundary_window = stream[31 * SEQ_LEN : 31 * SEQ_LEN + SEQ_LEN]
     n_windows = loader.n_windows
-    seen = np.concatenate([loader.next()[0][0] for _ in range(-(-n_windows // BATCH))])
+    seen = np.concatenate([loader.micro_batches(step)[0][0] for step in range(-(-n_windows // BATCH))])
     assert any(np.array_equal(row, boundary_window) for row in seen)
 
 
@@ -253,9 +253,11 @@ def test_each_epoch_is_a_permutation(shard_dir):
     loader = TrainLoader(shards, SEQ_LEN, BATCH, 4, 0, 1, seed=7)
     n = loader.n_windows
     rows = []
+    step = 0
     while len(rows) < 3 * n:
-        for x, _, _ in loader.next():
+        for x, _, _ in loader.micro_batches(step):
             rows.extend(tuple(r) for r in x)
+        step += 1
     every_window = sorted(tuple(stream[w * SEQ_LEN : (w + 1) * SEQ_LEN]) for w in range(n))
     epochs = [rows[e * n : (e + 1) * n] for e in range(3)]
     for epoch in epochs:
@@ -271,33 +273,35 @@ def test_different_seeds_give_different_orders(shard_dir):
     assert not np.array_equal(a, b)
 
 
-def test_state_round_trip_resumes_exactly(shard_dir):
+def test_loader_identity_survives_json_and_a_new_loader_serves_the_same_rows(shard_dir):
+    """The loader keeps no position: step s's rows are a function of (seed, step, rank layout), so a
+    resumed run that passes the checkpoint's step gets exactly the rows the first run would have."""
     directory, _ = shard_dir
     shards = open_shards(str(directory / "*.bin"), VOCAB)
     first = TrainLoader(shards, SEQ_LEN, BATCH, 2, 1, 3, seed=5)
-    for _ in range(9):
-        first.next()
     state = json.loads(json.dumps(first.state_dict()))  # must survive JSON
-    assert state["step"] == 9 and state["n_windows"] == 95 and state["total_tokens"] == sum(SHARD_SIZES)
-
+    assert state == {"seed": 5, "seq_len": SEQ_LEN, "batch_size": BATCH, "n_windows": 95,
+                     "total_tokens": sum(SHARD_SIZES)}
     resumed = TrainLoader(shards, SEQ_LEN, BATCH, 2, 1, 3, seed=5)
-    resumed.load_state_dict(state)
-    assert resumed.step == 9
-    for _ in range(10):
-        for (x1, y1, r1), (x2, y2, r2) in zip(first.next(), resumed.next(), strict=True):
+    resumed.check_resumable(state)
+    for step in range(9, 19):
+        for (x1, y1, r1), (x2, y2, r2) in zip(first.micro_batches(step), resumed.micro_batches(step),
+                                              strict=True):
             assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and r1 == r2
 
 
-def test_state_mismatch_is_an_error(shard_dir):
+def test_resuming_another_data_order_is_an_error(shard_dir):
     directory, _ = shard_dir
     shards = open_shards(str(directory / "*.bin"), VOCAB)
     state = TrainLoader(shards, SEQ_LEN, BATCH, BATCH, 0, 1, seed=5).state_dict()
-    with pytest.raises(DataError, match="batch_size=12.*batch_size=24"):
-        TrainLoader(shards, SEQ_LEN, 24, 24, 0, 1, seed=5).load_state_dict(state)
-    with pytest.raises(DataError, match="seq_len"):
-        TrainLoader(shards, 8, BATCH, BATCH, 0, 1, seed=5).load_state_dict(state)
+    with pytest.raises(DataError, match="train.batch_size=12, this run has 24"):
+        TrainLoader(shards, SEQ_LEN, 24, 24, 0, 1, seed=5).check_resumable(state)
+    with pytest.raises(DataError, match="train.seq_len"):
+        TrainLoader(shards, 8, BATCH, BATCH, 0, 1, seed=5).check_resumable(state)
+    with pytest.raises(DataError, match="train.seed=5, this run has 6"):
+        TrainLoader(shards, SEQ_LEN, BATCH, BATCH, 0, 1, seed=6).check_resumable(state)
     with pytest.raises(DataError, match="n_windows"):
-        TrainLoader(shards, SEQ_LEN, BATCH, BATCH, 0, 1, seed=5).load_state_dict({**state, "n_windows": 3})
+        TrainLoader(shards, SEQ_LEN, BATCH, BATCH, 0, 1, seed=5).check_resumable({**state, "n_windows": 3})
 
 
 def test_batch_size_must_divide_by_micro_times_world():

@@ -20,6 +20,7 @@ from distgpt.model import Layout, ModelConfig
 from distgpt.partition import Partition
 
 from conftest import MPIRUN, bf16_env, read_metrics, run_cli, tiny_config
+from snapshot import tree_digest
 
 
 def _state(ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,12 +146,20 @@ def test_sigterm_to_one_rank_checkpoints_and_exits_zero(tmp_path, shakespeare_by
     assert steps[-2:] == [step + 1, step + 2] and steps == sorted(steps)
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_bytes):
+@pytest.mark.parametrize("change, named", [
+    ("model.n_embd=64", "model.n_embd=32 (this run: 64)"),
+    ("model.n_layer=3", "model.n_layer=2 (this run: 3)"),
+    ("model.n_head=4", "model.n_head=2 (this run: 4)"),      # the same tensor shapes: only the config tells
+])
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path, shakespeare_bytes, change, named):
     cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
     assert run_cli("train", "--config", str(cfg)).returncode == 0
-    r = run_cli("train", "--config", str(cfg), "model.n_embd=64", "resume=auto")
+    before = tree_digest(out)
+    r = run_cli("train", "--config", str(cfg), change, "train.max_steps=6", "resume=auto")
     assert r.returncode == 2
-    assert "layout differs at tensor wte" in r.stderr and "manifest.json" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest.json: saved for another model: " + named in lines[0], r.stderr
+    assert tree_digest(out) == before
 
 
 def test_resume_from_a_corrupt_checkpoint_names_the_file(tmp_path, shakespeare_bytes):
@@ -172,3 +181,40 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, shakespeare_byte
     r = run_cli("train", "--config", str(cfg), "resume=auto")
     assert r.returncode == 0, r.stderr
     assert [row["step"] for row in read_metrics(out)] == [0, 1, 2]      # step 0: the initial val loss
+
+
+def test_resume_keeps_its_seed_and_has_steps_left_to_train(tmp_path, shakespeare_bytes):
+    """A resumed run cannot silently change its data order (train.seed) nor resume a run that is
+    already at train.max_steps: one line each, exit 2, the run's files untouched."""
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    before = tree_digest(out)
+    r = run_cli("train", "--config", str(cfg), "train.seed=7", "train.max_steps=8", "--resume", "auto")
+    assert r.returncode == 2
+    assert r.stderr.strip().endswith("saved with train.seed=1337, this run has train.seed=7: a resumed run "
+                                     "keeps its seed (it fixes the data order); drop the override or start "
+                                     "a new run")
+    r = run_cli("train", "--config", str(cfg), "--resume", "auto")
+    assert r.returncode == 2
+    assert r.stderr.strip().endswith("the run is already at step 5, train.max_steps is 5: nothing to train "
+                                     "(raise train.max_steps to continue it)")
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert tree_digest(out) == before
+
+
+def test_resume_auto_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=2)
+    r = run_cli("train", "--config", str(cfg), "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert f"resume=auto: no checkpoint in {out / 'ckpt'}: starting from scratch" in r.stdout
+
+
+def test_time_s_continues_across_a_resume(tmp_path, shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    first = read_metrics(out)
+    assert run_cli("train", "--config", str(cfg), "train.max_steps=8", "--resume", "auto").returncode == 0
+    rows = read_metrics(out)
+    assert rows[:len(first)] == first
+    times = [row["time_s"] for row in rows]
+    assert times == sorted(times) and rows[len(first)]["time_s"] > first[-1]["time_s"]

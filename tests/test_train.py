@@ -136,4 +136,17 @@ def test_matmul_library_is_chosen_by_distgpt_blas(tmp_path, shakespeare_bytes):
     r = run_cli("train", "--config", str(cfg), env={"DISTGPT_BLAS": "cuda"})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
-        "distgpt.train: error: DISTGPT_BLAS='cuda': expected auto, mkl or numpy")
+        "distgpt.train: error: environment variable DISTGPT_BLAS='cuda': expected one of auto, numpy, mkl "
+        "(library of the fp32 matmuls: auto takes MKL on Intel CPUs where it is installed)")
+
+
+def test_a_warmup_longer_than_the_run_is_said_in_the_header(tmp_path, shakespeare_bytes):
+    """Legal (a quick look at a long config, as the quickstart's train.max_steps=40 with its 50 warmup
+    steps), but the learning rate then never reaches train.lr: one warning line says so."""
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 2, "warmup_steps": 4, "lr": 1e-3})
+    r = run_cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert ("warning: train.warmup_steps (4) > train.max_steps (2): the learning rate stops at 5.00e-04, "
+            "below train.lr (0.001), and never decays") in r.stdout
+    r = run_cli("train", "--config", str(cfg), "train.warmup_steps=2", "out_dir=" + str(tmp_path / "o2"))
+    assert "warning: train.warmup_steps" not in r.stdout

@@ -1,0 +1,193 @@
+"""One optimizer step on every rank, and the state a run carries from step to step.
+
+    Trainer.step: for each of this rank's micro-batches of the global batch (fixed by seed and step):
+        forward + backward, gradients accumulate in the flat buffer (the first one overwrites it)
+    sum the gradients across ranks (the reducer: shared memory on one node, MPI buckets reduced
+        while the last backward runs, or both, hierarchically); clip by the global norm; AdamW on
+        this rank's slice (the whole vector when replicated); ZeRO-1 then gathers the updated
+        parameters (on one node they are a single shared copy, and gathering is a barrier).
+
+TrainingState is the run's position (steps done, tokens seen, seconds trained): the one record a
+checkpoint saves and a resume restores. AdamW's step count and the loader's position are not kept
+apart from it: both are this step.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from distgpt import bf16, dist
+from distgpt.config import Config
+from distgpt.model import GPT, Layout
+from distgpt.optim import AdamW, clip_coefficient, lr_at
+from distgpt.partition import Partition
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands. `step` optimizer steps are done: AdamW has taken `step` steps and the next
+    global batch the loader serves is batch `step`. `elapsed_s` is the training time of the run so
+    far, across resumes (metrics.jsonl's time_s continues from it)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> TrainingState:
+        """From a checkpoint's meta: its "state", or the separate keys that checkpoints written before
+        TrainingState existed hold (their AdamW count, "opt_t", always equalled "step")."""
+        state = meta.get("state") or {"step": meta["step"], "tokens_seen": meta["tokens_seen"]}
+        return cls(int(state["step"]), int(state["tokens_seen"]), float(state.get("elapsed_s", 0.0)))
+
+
+@dataclass
+class StepResult:
+    loss: float              # mean over the global batch
+    grad_norm: float         # before clipping
+    lr: float
+    stop_requested: bool     # some rank was signalled: every rank checkpoints and exits
+    interrupted: bool        # ... and one of those signals was Ctrl-C (SIGINT): the job exits 130
+
+
+def params_checksum(params: np.ndarray) -> int:
+    return zlib.crc32(params.view(np.uint8))
+
+
+def check_params_agree(comm: dist.Comm, params: np.ndarray, step: int) -> None:
+    with comm.watch(dist.Phase.PARAMETER_CHECK, step):
+        sums = comm.allgather_obj(params_checksum(params))
+    if len(set(sums)) > 1:
+        bad = [r for r, s in enumerate(sums) if s != sums[0]]
+        raise RuntimeError(f"parameters differ across ranks at step {step}: ranks {bad} disagree with rank 0")
+
+
+class Trainer:
+    """One optimizer step on this rank: the rank's micro-batches forward and backward, the gradient
+    reduction (overlapped with the last backward where the reducer can), clipping, AdamW on this
+    rank's slice, and the ZeRO-1 gather. The training loop and the benchmark both drive it.
+
+    The reducer decides where the flat buffers live (shared memory on one node), so the model is
+    built on its buffers; the partition says which slice this rank sums, updates and checkpoints.
+    In bf16 the model's Bf16Weights owns the bf16 copy of the weights: the trainer only tells it
+    which slice this rank has just updated."""
+
+    def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
+        t, layout = cfg.train, Layout(cfg.model)
+        self.cfg, self.comm = cfg, comm
+        self.precision = bf16.resolve(t.precision)        # "auto" -> bf16 where it is fast, else fp32
+        zero = cfg.parallel.zero and comm.size > 1
+        self.partition = Partition(layout.size, comm.size, comm.rank, zero)
+        self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
+                                         int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
+                                         cfg.parallel.grad_wire, cfg.parallel.comm_thread,
+                                         (cfg.model.padded_vocab, cfg.model.n_embd))
+        # bf16: the copy of the matmul weights (bf16.Bf16Weights). With the parameters shared on one
+        # node (ZeRO-1) it is shared too, each rank converting the slice it updates: the node
+        # converts it once per step, not once per rank. Otherwise each rank's own, remade by its
+        # next pass after a change.
+        self.weights16 = None
+        if self.precision == "bf16":
+            shared = None
+            if self.reducer.shares_params:
+                bufs, _ = comm.shared_buffers(layout.size, np.uint16, per_rank=False)
+                shared = None if bufs is None else bufs[0]
+            self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
+                                              shared=shared, rank_slice=self.partition.updated)
+        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
+                         precision=self.precision, weights16=self.weights16)
+        lo, hi = self.partition.updated
+        self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
+        self.hooks = self.reducer.hooks if cfg.parallel.overlap else None
+        self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
+
+    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0,
+             interrupt: bool = False) -> StepResult:
+        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`);
+        `stop` is this rank's stop signal (0: none) and `interrupt` whether it was Ctrl-C, shared
+        with the others in the step's small allreduce."""
+        cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
+        t = cfg.train
+        scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
+        dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
+        model.zero_grad()
+        loss_sum = 0.0
+        for i, (x, y, row0) in enumerate(micro):
+            last = i == len(micro) - 1              # reduce while the last backward runs
+            ta = time.perf_counter()
+            fwd = model.forward(x, y, grad_scale=scale, dropout_seed=dropout_seed, row0=row0)
+            tb = time.perf_counter()
+            model.backward(fwd, hooks=self.hooks if last else None)
+            loss_sum += fwd.loss
+            timing["forward"] += tb - ta
+            timing["backward"] += time.perf_counter() - tb
+        tc = time.perf_counter()
+        with comm.watch(dist.Phase.GRADIENT_SUM, step):
+            reducer.finish()
+        # waiting for the slowest rank to finish backward is load imbalance, not communication
+        timing["wait"] += reducer.waited
+        timing["comm"] += time.perf_counter() - tc - reducer.waited
+        # one small allreduce carries the loss, the norm pieces and any rank's stop signal
+        stats = np.array([loss_sum, reducer.norm_sq_contribution(), float(stop != 0), float(interrupt)])
+        with comm.watch(dist.Phase.STEP_STATISTICS, step):
+            comm.allreduce_(stats)
+        grad_norm = float(np.sqrt(reducer.norm_sq(float(stats[1]))))
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
+        td = time.perf_counter()
+        lo, hi = self.partition.updated
+        clip = clip_coefficient(grad_norm, t.grad_clip)
+        self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
+        if self.weights16 is not None:
+            self.weights16.changed(lo, hi)          # shared: this rank's slice of the copy, now
+        if self.partition.zero:
+            with comm.watch(dist.Phase.PARAMETER_GATHER, step):
+                reducer.allgather_params()          # (shared: the barrier after which all is converted)
+        if self.weights16 is not None:
+            self.weights16.current()                # (a private copy: remade by its next pass)
+        timing["optim"] += time.perf_counter() - td
+        return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]), bool(stats[3]))
+
+    def broadcast_params(self) -> None:
+        """Rank 0's parameters on every rank (the start of a run)."""
+        self.reducer.broadcast_params()
+        self._weights_updated()
+
+    def _weights_updated(self) -> None:
+        """Every parameter changed (a broadcast, a checkpoint load): the bf16 copy follows. A shared
+        copy is converted here, a slice per rank, then a barrier; a rank's own copy by its next pass."""
+        w16 = self.weights16
+        if w16 is None:
+            return
+        w16.changed_all()
+        if w16.shared:
+            self.comm.shared_barrier()
+        w16.current()
+
+    def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, state: TrainingState) -> None:
+        """This rank's owned slices from a checkpoint -> full parameters, and moments where kept."""
+        a, b = self.partition.owned
+        self.model.params[a:b] = params
+        self.reducer.allgather_params()
+        self._weights_updated()
+        opt = self.opt
+        if self.partition.zero:
+            opt.m[:], opt.v[:] = m, v
+        else:
+            opt.m[a:b], opt.v[a:b] = m, v
+            self.comm.allgatherv_(opt.m, self.partition.ranges)
+            self.comm.allgatherv_(opt.v, self.partition.ranges)
+        opt.t = state.step
+
+    def state_slices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """params, m, v of this rank's owned slice (its checkpoint shard)."""
+        a, b = self.partition.owned
+        if self.partition.zero:
+            return self.model.params[a:b], self.opt.m, self.opt.v
+        return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
