@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from distgpt.cli import add_version, prog_name
 from distgpt.fileio import DiskFullError, atomic_write
 
 
@@ -72,7 +73,8 @@ def plot(out_dirs: list[Path], out: Path, width: int = 1200, height: int = 900) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distgpt.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog_name("plot"), description=__doc__.splitlines()[0])
+    add_version(parser)
     parser.add_argument("out_dirs", nargs="+", type=Path, help="training output folders (with metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="PNG to write (default: FIRST_OUT_DIR/loss.png)")
     args = parser.parse_args(argv)

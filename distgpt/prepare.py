@@ -10,10 +10,13 @@ Sources, in the order they are recognised:
   tinyshakespeare    downloaded once into $DISTGPT_CACHE (or ~/.cache/distgpt); $DISTGPT_TINYSHAKESPEARE
                      may name a local copy instead
   an existing path   a .txt/.jsonl/.parquet file, a directory of them (recursive), or a glob
-  a path-like name   (starts with / . ~, has a glob character or a data-file suffix, has more than one
-                     '/', or its first component exists here) that does not exist: an error, never a
-                     download
-  anything else      a Hugging Face hub dataset, e.g. roneneldan/TinyStories
+  a path-like name   that does not exist: an error at once, never a download. Path-like: starts with
+                     / . ~, has a glob character or a data-file suffix, has no '/' (a single word) or
+                     more than one, or its first component exists here
+  owner/name         anything else: a Hugging Face hub dataset, e.g. roneneldan/TinyStories. Hub
+                     dataset ids have exactly one '/' (the Hub keeps every dataset under an owner,
+                     its former top-level ones included, e.g. Salesforce/wikitext), which is what
+                     tells a hub id from a local name such as a mistyped `mycorpus`
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt.cli import Parser
+from distgpt import switches
+from distgpt.cli import Parser, make_dirs, remove_new_dirs
 from distgpt.data import MANIFEST_NAME, DataError, Tokenizer, get_tokenizer, write_shard
 from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
 from distgpt.progress import Progress
@@ -101,16 +105,15 @@ def tinyshakespeare_corpus() -> Corpus:
 
 
 def _tinyshakespeare_path() -> Path:
-    local = os.environ.get("DISTGPT_TINYSHAKESPEARE")
+    local = switches.get("DISTGPT_TINYSHAKESPEARE")
     if local:
         # an explicit local copy that is missing is a mistake to report, not a reason to download
         if not Path(local).is_file():
             raise PrepareError(f"DISTGPT_TINYSHAKESPEARE={local} is not a file")
         return Path(local)
-    cache = Path(os.environ.get("DISTGPT_CACHE") or Path.home() / ".cache" / "distgpt")
+    cache = Path(switches.get("DISTGPT_CACHE") or Path.home() / ".cache" / "distgpt")
     path = cache / "tinyshakespeare" / "input.txt"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         print(f"prepare: downloading {TINYSHAKESPEARE_URL} -> {path}", file=sys.stderr)
         try:
             with urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60) as response:
@@ -120,8 +123,13 @@ def _tinyshakespeare_path() -> Path:
                 f"could not download tinyshakespeare from {TINYSHAKESPEARE_URL}: {e} "
                 "(set DISTGPT_TINYSHAKESPEARE to a local copy)"
             ) from e
-        with atomic_write(path) as f:
-            f.write(data)
+        created = make_dirs(path.parent)  # only once there is something to keep in it
+        try:
+            with atomic_write(path) as f:
+                f.write(data)
+        except BaseException:
+            remove_new_dirs(created)
+            raise
     return path
 
 
@@ -292,12 +300,15 @@ def hub_corpus(name: str, config: str | None, split: str, streaming: bool, field
 
 
 def looks_like_path(source: str) -> bool:
+    """Whether a source that does not exist is a local name (a mistake to report at once) rather than
+    a hub dataset id, which is always owner/name: exactly one '/', neither part a path of its own."""
     return (
         source.startswith(("/", ".", "~"))
         or glob.has_magic(source)
         or Path(source).suffix.lower() in DATAFILE_SUFFIXES
-        or source.count("/") > 1
-        or ("/" in source and Path(source.split("/")[0]).exists())
+        or source.count("/") != 1
+        or Path(source.split("/")[0]).exists()
+        or not all(source.split("/"))  # "owner/" or "/name"
     )
 
 
@@ -311,7 +322,9 @@ def open_corpus(args: argparse.Namespace) -> Corpus:
     if os.path.exists(expanded) or (glob.has_magic(source) and glob.glob(expanded, recursive=True)):
         return local_corpus(source, args.doc_per, args.text_field)
     if looks_like_path(source):
-        raise PrepareError(f"source {source} does not exist (no such file, directory or glob match)")
+        hint = "" if "/" in source else (
+            "; hub datasets are named owner/name, e.g. roneneldan/TinyStories")
+        raise PrepareError(f"source {source} does not exist (no such file, directory or glob match{hint})")
     return hub_corpus(source, args.hf_config, args.split, args.streaming, args.text_field)
 
 
@@ -404,7 +417,21 @@ def split_counts(n_docs: int, val_fraction: float) -> int:
     return min(max(1, round(n_docs * val_fraction)), n_docs - 1)
 
 
+def check_out(out: Path) -> None:
+    """Before any work: --out must be a folder (or not exist yet) without files prepare would replace
+    or remove that it did not write."""
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} exists and is not a directory")
+    foreign = foreign_outputs(out)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise PrepareError(f"--out {out} holds {', '.join(foreign[:3])}{more}, which prepare did not write "
+                           "(no manifest.json of its own lists them) and would replace or remove: move "
+                           "them away or pick another --out")
+
+
 def prepare(args: argparse.Namespace) -> dict:
+    check_out(Path(args.out))
     tok = get_tokenizer(args.tokenizer)
     corpus = open_corpus(args)
     n_docs = corpus.count(args.max_docs)
@@ -414,25 +441,27 @@ def prepare(args: argparse.Namespace) -> dict:
         raise PrepareError(f"empty corpus: source {args.source} has no documents")
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    created = make_dirs(out)
     # the new shards and manifest are built in a hidden folder inside `out` (same file system, so
     # they can be renamed in) and only published once all of them are on disk: a failure on the way,
     # a full disk included, leaves an earlier output in `out` untouched and valid. The price: room
     # for the old and the new output at once.
     staging = out / STAGING
     shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier run left
+    done = False
     try:
         staging.mkdir()
         manifest = _write_staged(args, tok, corpus, n_docs, staging)
-        _publish(staging, out, manifest)
+        _publish(staging, out, manifest, _listed_shards(out) or set())
+        done = True
     except DiskFullError as e:
         if e.path.parent != staging:
             raise
         raise DiskFullError(out / e.path.name, e.errno) from None  # the name the user knows
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not done:
+            remove_new_dirs(created)  # a failed run leaves no empty --out folder behind
     return manifest
 
 
@@ -477,7 +506,7 @@ def _write_staged(args: argparse.Namespace, tok: Tokenizer, corpus: Corpus, n_do
     return manifest
 
 
-def _publish(staging: Path, out: Path, manifest: dict) -> None:
+def _publish(staging: Path, out: Path, manifest: dict, earlier: set[str]) -> None:
     """Move the staged shards, then the manifest, into `out`, then drop shards the manifest does not
     list. Renames and deletions only: they need no free space, so a full disk cannot stop this half
     way (only a crash within these few renames could leave the old manifest beside new shards, which
@@ -486,7 +515,7 @@ def _publish(staging: Path, out: Path, manifest: dict) -> None:
         os.replace(staging / entry["file"], out / entry["file"])
     os.replace(staging / MANIFEST_NAME, out / MANIFEST_NAME)
     fsync_dir(out)
-    _remove_stale_shards(out, manifest)
+    _remove_stale_shards(out, manifest, earlier)
 
 
 def _tokens_written(writers: dict[str, ShardWriter]) -> int:
@@ -510,12 +539,43 @@ def _split_single_doc(ids: np.ndarray, val_fraction: float, writers: dict, eot: 
     writers["val"].add(np.concatenate([np.array([eot], dtype=np.uint16), text[cut:]]))
 
 
-def _remove_stale_shards(out: Path, manifest: dict) -> None:
-    # shards of an earlier, longer run would otherwise be picked up by a train_*.bin glob
+def _listed_shards(out: Path) -> set[str] | None:
+    """The shard files the manifest in `out` lists (an earlier prepare's output), or None when there
+    is a manifest.json that prepare did not write."""
+    path = out / MANIFEST_NAME
+    if not path.exists():
+        return set()
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != "distgpt-shards":
+        return None
+    entries = manifest.get("shards")
+    if not isinstance(entries, list):
+        return None
+    return {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)}
+
+
+def foreign_outputs(out: Path) -> list[str]:
+    """Files in `out` that prepare would replace or remove but did not write: manifest.json when it
+    is not prepare's, and train_NNNNNN.bin / val_NNNNNN.bin shards its manifest does not list (llm.c's
+    and other tools' shards share the format and the names). Other files (the raw corpus, notes)
+    are never touched, so they do not count."""
+    if not out.is_dir():
+        return []
+    listed = _listed_shards(out)
+    ours = listed or set()
+    found = sorted(p.name for p in out.iterdir() if SHARD_NAME.match(p.name) and p.name not in ours)
+    return ([MANIFEST_NAME] if listed is None else []) + found
+
+
+def _remove_stale_shards(out: Path, manifest: dict, earlier: set[str]) -> None:
+    # shards of an earlier, longer run would otherwise be picked up by a train_*.bin glob; only those
+    # the earlier manifest listed go: nothing prepare did not write is removed
     keep = {entry["file"] for entry in manifest["shards"]}
-    for path in out.iterdir():
-        if SHARD_NAME.match(path.name) and path.name not in keep:
-            path.unlink()
+    for name in sorted(earlier - keep):
+        (out / name).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -583,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         manifest = prepare(args)
-    except (PrepareError, DataError, DiskFullError) as e:
+    except (PrepareError, DataError, OSError) as e:  # OSError: DiskFullError, an unwritable --out
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     splits = {s: [e["n_tokens"] for e in manifest["shards"] if e["split"] == s] for s in ("train", "val")}

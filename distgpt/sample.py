@@ -72,22 +72,14 @@ def _choose(
     return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
 
 
-def _prompt_room(
-    model: GPT, prompt: list[int], max_new_tokens: int, eot: int | None
-) -> tuple[list[int], int]:
-    """The prompt to feed (an empty one becomes [eot], GPT-2's document start) and how many tokens
-    fit after it within block_size."""
+def _start(prompt: list[int], eot: int | None) -> list[int]:
+    """The tokens to start from: an empty prompt becomes [eot], GPT-2's document start."""
     prompt = [int(t) for t in prompt]
     if not prompt:
         if eot is None:
             raise ValueError("an empty prompt needs eot to start from")
         prompt = [eot]
-    block = model.cfg.block_size
-    if len(prompt) >= block:
-        raise ValueError(
-            f"the prompt has {len(prompt)} tokens; the model's block_size {block} leaves no room"
-        )
-    return prompt, max(0, min(max_new_tokens, block - len(prompt)))
+    return prompt
 
 
 def generate(
@@ -104,33 +96,47 @@ def generate(
     use_cache: bool = True,
     vocab_limit: int | None = None,
 ) -> list[int]:
-    """New tokens after `prompt` (eot itself is not returned). Stops at eot, max_new_tokens or the
-    model's block_size. on_token(id) is called as each token is chosen (streaming).
-    use_cache=False recomputes the whole context every token (a benchmark baseline);
-    vocab_limit restricts choices to ids below it (a tokenizer smaller than the model's vocab)."""
+    """New tokens after `prompt` (eot itself is not returned). Stops at eot or max_new_tokens.
+    on_token(id) is called as each token is chosen (streaming). temperature 0 is greedy.
+
+    The model sees the last block_size tokens, as nanoGPT crops its context: a longer prompt is
+    cropped, and so is the context once prompt and output outgrow block_size. With the KV cache each
+    new token costs one position until the cache holds block_size of them; after that the window
+    slides, and since GPT-2's learned positions are absolute, the cached keys of the shifted window
+    are not reusable: each token then re-prefills the cropped window (one forward pass over it, as
+    nanoGPT and use_cache=False do every token). use_cache=False recomputes the whole window every
+    token (a benchmark baseline); vocab_limit restricts choices to ids below it (a tokenizer smaller
+    than the model's vocab)."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     rng = np.random.default_rng() if rng is None else rng
-    prompt, n = _prompt_room(model, prompt, max_new_tokens, eot)
+    tokens = _start(prompt, eot)
     out: list[int] = []
-    if n == 0:
+    if max_new_tokens <= 0:
         return out
-    if use_cache:
-        cache = model.new_cache(1, len(prompt) + n)
-        logits = model.logits(np.asarray([prompt]), cache)[0, -1]  # the prompt in one pass
-    else:
-        logits = model.logits(np.asarray([prompt]))[0, -1]
+    block = model.cfg.block_size
+    cache = model.new_cache(1, block) if use_cache else None
+
+    def window_logits() -> np.ndarray:
+        if cache is not None:
+            cache.reset()     # overwritten from position 0: the window's positions start there
+        return model.logits(np.asarray([tokens[-block:]]), cache)[0, -1]
+
+    logits = window_logits()
     while True:
         tok = _choose(logits[:vocab_limit], temperature, top_k, top_p, greedy, rng)
         if tok == eot:
             break
         out.append(tok)
+        tokens.append(tok)
         if on_token is not None:
             on_token(tok)
-        if len(out) == n:
+        if len(out) == max_new_tokens:
             break
-        if use_cache:
+        if cache is not None and cache.length < block:
             logits = model.logits(np.asarray([[tok]]), cache)[0, -1]
         else:
-            logits = model.logits(np.asarray([prompt + out]))[0, -1]
+            logits = window_logits()
     return out
 
 
@@ -145,6 +151,7 @@ def beam_search(
 ) -> list[int]:
     """The best continuation by beam search, as Hugging Face's generate(num_beams=beams,
     do_sample=False) with its default early_stopping=False computes it (eot not returned).
+    Beyond block_size the context is cropped as in generate() (each beam's window re-prefilled).
 
     Each step keeps the 2 x beams best (beam, token) extensions; those among the best `beams` that
     end in eot (or reach the length limit) become finished hypotheses scored
@@ -154,11 +161,13 @@ def beam_search(
     """
     if beams < 1:
         raise ValueError(f"beams must be >= 1, got {beams}")
-    prompt, n = _prompt_room(model, prompt, max_new_tokens, eot)
-    if n == 0:
+    prompt = _start(prompt, eot)
+    n = max_new_tokens
+    if n <= 0:
         return []
-    cache = model.new_cache(1, len(prompt) + n)
-    logits = model.logits(np.asarray([prompt]), cache)[:, -1]  # prefill once, then copy it
+    block = model.cfg.block_size
+    cache = model.new_cache(1, block)
+    logits = model.logits(np.asarray([prompt[-block:]]), cache)[:, -1]  # prefill once, then copy it
     cache.reorder(np.zeros(beams, dtype=np.intp))
     logits = np.repeat(logits, beams, axis=0)
     seqs = np.zeros((beams, 0), dtype=np.int64)
@@ -189,8 +198,13 @@ def beam_search(
         scores = cand[live]
         if len(finished) == beams and scores[0] / length**length_penalty <= finished[-1][0]:
             break  # HF's early-stop heuristic: the live beams can no longer improve the finished set
-        cache.reorder(src[live])
-        logits = model.logits(tok[live, None], cache)[:, -1]
+        if cache.length < block:
+            cache.reorder(src[live])
+            logits = model.logits(tok[live, None], cache)[:, -1]
+        else:  # the window slides: every beam's last block_size tokens from position 0
+            windows = np.concatenate([np.tile(np.asarray(prompt), (len(live), 1)), seqs], axis=1)[:, -block:]
+            cache = model.new_cache(len(live), block)
+            logits = model.logits(windows, cache)[:, -1]
     best = finished[0][1]
     return best[:-1] if eot is not None and best and best[-1] == eot else best
 
@@ -234,9 +248,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser("sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder, out_dir, HF folder / hub id, llm.c .bin")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="tokens to generate; beyond the model's block_size the context is cropped to its "
+                        "last block_size tokens, as nanoGPT does (default 100)")
     p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="divides the logits before sampling; 0 means greedy (the most probable token, "
+                        "as --greedy); must be >= 0 (default 1.0)")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--greedy", action="store_true", help="always the most probable token")
@@ -246,8 +264,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default=None, help="default: the checkpoint's")
     p.add_argument("--no-cache", action="store_true", help="recompute the full context every token")
     args = p.parse_args(argv)
+    if not args.ckpt.strip():
+        p.error("--ckpt is empty: name a checkpoint folder, out_dir, Hugging Face folder or hub id, or .bin")
     if args.max_new_tokens < 0 or args.num_samples < 1:
         p.error("--max-new-tokens must be >= 0 and --num-samples >= 1")
+    if not 0.0 <= args.temperature < float("inf"):
+        p.error(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         p.error(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
@@ -260,8 +282,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _prompt_problem(prompt: str) -> str | None:
+    """Why the prompt is not text. Python decodes the command line with surrogateescape, so bytes
+    that are not UTF-8 arrive as lone surrogates U+DC80..U+DCFF, which no tokenizer can encode."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = prompt[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        return (f"--prompt is not valid UTF-8: {byte} at character {e.start} (is the terminal or the "
+                "shell's locale in another encoding?)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    problem = _prompt_problem(args.prompt)
+    if problem:
+        _fail(problem)
     from distgpt.data import get_tokenizer
     from distgpt.weights import load_for_inference
 

@@ -9,18 +9,18 @@ mapping is a transpose per layer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from distgpt.config import SHAPE_KEYS
-from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
+from distgpt.fileio import atomic_write, fsync_dir, write_json_atomic
 from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
 
 
@@ -31,6 +31,10 @@ class WeightsError(ValueError):
 LLMC_MAGIC = 20240326
 LLMC_VERSIONS = {3: "float32", 5: "bfloat16"}  # llm.c's train_gpt2.py write_model: both pad the vocab
 LLMC_HEADER_INTS = 256
+# save_llmc's signature in the header's last int, which llm.c neither reads nor writes (its header
+# uses ints 0-7, the rest are zeros): it tells export that a file at --out is its own earlier output,
+# which it may replace, and not an llm.c checkpoint trained elsewhere
+LLMC_WRITER_TAG = int.from_bytes(b"dgpt", "little")
 
 # what the file's config must say for our forward pass to compute the same function
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -143,7 +147,7 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
         meta = manifest.get("meta", {})
         saved = meta.get("config", {}).get("model", {})
         model = {k: v for k, v in saved.items() if k in ModelConfig.model_fields}
-        cfg = ModelConfig(**model)
+        cfg = _model_config(model, f"{spec}: the checkpoint's model config")
         return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
     cfg, params = load_init(spec)
     return cfg, params, None
@@ -199,10 +203,28 @@ def _snapshot(repo_id: str) -> Path:
     return Path(folder)
 
 
+def _model_config(fields: dict, source: str) -> ModelConfig:
+    """ModelConfig(**fields), its validation errors as one WeightsError line naming `source`."""
+    from pydantic import ValidationError
+
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as e:
+        reasons = "; ".join(str(err.get("msg", err)).removeprefix("Value error, ") for err in e.errors())
+        raise WeightsError(f"{source}: {reasons}") from None
+
+
 def _file_config(raw: dict, source: str) -> ModelConfig:
     """ModelConfig from a GPT-2 config.json, refusing variants our forward pass does not compute."""
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{source}: config.json holds a {type(raw).__name__}, expected a JSON object")
     if raw.get("model_type", "gpt2") != "gpt2":
         raise WeightsError(f"{source}: model_type is {raw.get('model_type')!r}, only 'gpt2' is supported")
+    missing = [k for k in ("n_embd", "n_head", "n_layer", "vocab_size") if k not in raw]
+    if "n_positions" not in raw and "n_ctx" not in raw:
+        missing.append("n_positions")
+    if missing:
+        raise WeightsError(f"{source}: config.json has no {', '.join(missing)} (not a GPT-2 config?)")
     unsupported = {
         "activation_function": (raw.get("activation_function", "gelu_new"), GELU_TANH),
         "scale_attn_weights": (raw.get("scale_attn_weights", True), (True,)),
@@ -222,18 +244,17 @@ def _file_config(raw: dict, source: str) -> ModelConfig:
         raise WeightsError(
             f"{source}: config.json layer_norm_epsilon = {raw['layer_norm_epsilon']} (need 1e-5)"
         )
-    return ModelConfig(
-        n_layer=raw["n_layer"],
-        n_head=raw["n_head"],
-        n_embd=C,
-        block_size=raw.get("n_positions", raw.get("n_ctx")),
-        vocab_size=raw["vocab_size"],
-    )
+    fields = dict(n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=C,
+                  block_size=raw.get("n_positions", raw.get("n_ctx")), vocab_size=raw["vocab_size"])
+    return _model_config(fields, f"{source}/config.json")
 
 
 def _read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    with open(folder / "config.json") as f:
-        file_cfg = _file_config(json.load(f), str(folder))
+    try:
+        raw = json.loads((folder / "config.json").read_bytes())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    file_cfg = _file_config(raw, str(folder))
     index = folder / "model.safetensors.index.json"
     if (folder / "model.safetensors").exists():
         files = [folder / "model.safetensors"]
@@ -275,12 +296,25 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     read from the raw bytes (the format: u64 header length, JSON header, then data)."""
     from safetensors import safe_open
 
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:  # checked first: garbage would ask for a header of exabytes
+                raise ValueError(f"header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise WeightsError(f"{path}: not a safetensors file ({e})") from None
     out = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            names = list(f.keys())
+    except Exception as e:  # safetensors' own error type varies by version
+        raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
     with safe_open(str(path), framework="np") as f:
-        for name in f.keys():
+        for name in names:
             info = header[name]
             if info["dtype"] == "BF16":
                 lo, hi = info["data_offsets"]
@@ -351,6 +385,7 @@ def save_llmc(path: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> 
     L, C = cfg.n_layer, cfg.n_embd
     header = np.zeros(LLMC_HEADER_INTS, "<i4")
     header[:8] = [LLMC_MAGIC, 3, cfg.block_size, cfg.vocab_size, L, cfg.n_head, C, cfg.padded_vocab]
+    header[-1] = LLMC_WRITER_TAG
     with atomic_write(path) as f:
         f.write(header.tobytes())
         for name, _ in _llmc_tensors(L, C, cfg.padded_vocab, cfg.block_size):
@@ -360,6 +395,15 @@ def save_llmc(path: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> 
             for layer in range(L):
                 t = p[f"h.{layer}.{name}"]
                 f.write(np.ascontiguousarray(t.T if t.ndim == 2 else t, "<f4").tobytes())
+
+
+def written_by_save_llmc(path: str | os.PathLike) -> bool:
+    """Whether `path` is an llm.c checkpoint that save_llmc wrote (its header carries our tag)."""
+    try:
+        header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
+    except (OSError, ValueError):
+        return False
+    return header.size == LLMC_HEADER_INTS and header[0] == LLMC_MAGIC and header[-1] == LLMC_WRITER_TAG
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -396,37 +440,147 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray) -> None:
+HF_EXPORT_MARKER = ".distgpt-export.json"
+HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+HF_EXPORT_FILES = ("config.json", "model.safetensors", *HF_TOKENIZER_FILES)
+_MARKER_FORMAT = "distgpt-hf-export"
+
+
+def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
+    """GPT-2's tokenizer as a Hugging Face folder holds it: vocab.json and merges.txt are the bytes
+    of GPT-2's encoder.json and vocab.bpe, the files tiktoken's "gpt2" encoding is built from.
+
+    They are fetched through tiktoken's own loader, so they come from its cache (TIKTOKEN_CACHE_DIR)
+    or its download, checked against the sha256 it pins: the constructor tiktoken registers for
+    "gpt2" is run with its BPE-building step replaced by one that records which files it would read,
+    and tiktoken.load.read_file_cached then reads them. No URL or hash is copied here, and nothing
+    global is patched (a copy of the constructor gets its own globals)."""
+    import types
+
+    import tiktoken.load
+    from tiktoken_ext import openai_public
+
+    wanted: dict = {}
+
+    def record(*args, **kwargs) -> dict:
+        wanted.update(kwargs)
+        return {}
+
+    constructor = openai_public.gpt2
+    copy = types.FunctionType(constructor.__code__, {**constructor.__globals__,
+                                                      "data_gym_to_mergeable_bpe_ranks": record})
+    copy()
+    keys = ("vocab_bpe_file", "encoder_json_file")
+    if not all(k in wanted for k in keys):  # a tiktoken whose gpt2 encoding is built differently
+        raise WeightsError(f"tiktoken {getattr(tiktoken, '__version__', '?')}: cannot locate GPT-2's "
+                           "encoder.json and vocab.bpe through its gpt2 constructor")
+    try:
+        merges = tiktoken.load.read_file_cached(wanted["vocab_bpe_file"], wanted.get("vocab_bpe_hash"))
+        vocab = tiktoken.load.read_file_cached(wanted["encoder_json_file"], wanted.get("encoder_json_hash"))
+    except Exception as e:  # offline without a cache fails deep inside requests
+        raise WeightsError(
+            "gpt2 tokenizer files: tiktoken could not load GPT-2's encoder.json / vocab.bpe (offline? point "
+            f"TIKTOKEN_CACHE_DIR at a folder holding them): {type(e).__name__}"
+        ) from None
+    special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": block_size, "add_prefix_space": False,
+              **special}
+    return {"vocab.json": vocab, "merges.txt": merges,
+            "tokenizer_config.json": _json_bytes(config), "special_tokens_map.json": _json_bytes(special)}
+
+
+def _json_bytes(obj: object) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_export_marker(folder: Path) -> dict[str, list[str]] | None:
+    """{file name: sha256 values export wrote under that name} from the folder's marker, or None when
+    there is none or it is not ours (then nothing in the folder counts as written by export)."""
+    try:
+        marker = json.loads((folder / HF_EXPORT_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ours = isinstance(marker, dict) and marker.get("format") == _MARKER_FORMAT
+    files = marker.get("files") if ours else None
+    if not isinstance(files, dict):
+        return None
+    return {name: [h for h in hashes if isinstance(h, str)] for name, hashes in files.items()
+            if name in HF_EXPORT_FILES and isinstance(hashes, list)}
+
+
+def _written_by_export(folder: Path, name: str, marker: dict[str, list[str]] | None) -> bool:
+    path = folder / name
+    return (marker is not None and name in marker and path.is_file() and not path.is_symlink()
+            and _sha256_file(path) in marker[name])
+
+
+def hf_export_conflicts(folder: str | os.PathLike) -> list[str]:
+    """What in `folder` export did not write (names, sorted); [] for a missing or empty folder or
+    an earlier export.
+
+    An earlier export is recognised by its marker, HF_EXPORT_MARKER, which save_hf writes with the
+    sha256 of every file it wrote: a folder is one when everything in it is the marker or a file the
+    marker lists, with the contents export gave it. Recognising the file names alone would take a
+    folder someone else saved (save_pretrained writes a config.json and model.safetensors too) or an
+    exported file the user edited since for ours, and replacing either would lose their work. Folders
+    exported before the marker existed are therefore not recognised: `--force` replaces them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    marker = _read_export_marker(folder)
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name != HF_EXPORT_MARKER and not _written_by_export(folder, p.name, marker))
+
+
+def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray,
+            extra_files: dict[str, bytes] | None = None) -> None:
     """Write config.json + model.safetensors as GPT2LMHeadModel.save_pretrained does (lm_head is
-    tied, so, like save_pretrained, it is not stored). Built in a temporary folder, then renamed."""
+    tied, so, like save_pretrained, it is not stored), plus `extra_files` (the tokenizer's files,
+    names from HF_TOKENIZER_FILES), into `folder` (made if missing).
+
+    Each file is written to a temporary name and renamed over its own name; nothing else in the
+    folder is touched, except files of an earlier export (listed in its marker, unchanged) that this
+    export does not write, e.g. the tokenizer files of a GPT-2-tokenizer model replaced by a
+    bytes-tokenizer one, which would otherwise describe the wrong vocabulary. The marker is written
+    first listing the old and the new contents, and last listing only the new: a crash in between
+    leaves a folder that is still recognised as an export (hf_export_conflicts)."""
     if cfg.attention != "dense":
         raise WeightsError(f"model.attention = {cfg.attention!r} has no Hugging Face GPT-2 equivalent")
     from safetensors.numpy import save
 
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        state = to_hf_state_dict(Layout(cfg), np.asarray(params, dtype=np.float32))
-        # safetensors' save() returns the bytes, so atomic_write can fsync them and report a full disk
-        # (save_file writes from Rust, unsynced, and fails with a SafetensorError that hides the errno)
-        try:
-            with atomic_write(tmp / "model.safetensors") as f:
-                f.write(save(state, metadata={"format": "pt"}))
-            write_json_atomic(tmp / "config.json", hf_config(cfg))
-        except DiskFullError as e:
-            raise DiskFullError(folder / e.path.name, e.errno) from None  # the name the user asked for
-        if folder.exists():  # a directory cannot be os.replace'd over a non-empty one: swap it aside
-            os.replace(folder, old)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if old.exists():  # put the previous export back rather than delete it below
-                os.replace(old, folder)
-            raise
-        fsync_dir(folder.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
+    extra_files = dict(extra_files or {})
+    unknown = sorted(set(extra_files) - set(HF_TOKENIZER_FILES))
+    if unknown:
+        raise ValueError(f"save_hf: extra files {unknown} are not tokenizer files {HF_TOKENIZER_FILES}")
+    state = to_hf_state_dict(Layout(cfg), np.asarray(params, dtype=np.float32))
+    # safetensors' save() returns the bytes, so atomic_write can fsync them and report a full disk
+    # (save_file writes from Rust, unsynced, and fails with a SafetensorError that hides the errno)
+    files = {"model.safetensors": save(state, metadata={"format": "pt"}), **extra_files,
+             "config.json": _json_bytes(hf_config(cfg))}  # config.json last, as save_pretrained
+    new = {name: [hashlib.sha256(data).hexdigest()] for name, data in files.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    old = _read_export_marker(folder) or {}
+    stale = [name for name in old if name not in files and _written_by_export(folder, name, old)]
+    both = {name: sorted(set(old.get(name, [])) | set(new.get(name, []))) for name in {*old, *new}}
+    _write_marker(folder, both)
+    for name, data in files.items():
+        with atomic_write(folder / name) as f:
+            f.write(data)
+    for name in stale:
+        (folder / name).unlink()
+    _write_marker(folder, new)
+    fsync_dir(folder)
+
+
+def _write_marker(folder: Path, files: dict[str, list[str]]) -> None:
+    write_json_atomic(folder / HF_EXPORT_MARKER,
+                      {"format": _MARKER_FORMAT, "version": 1, "files": dict(sorted(files.items()))})

@@ -1,8 +1,10 @@
 """python -m distgpt.prepare end to end, run as a subprocess like a user would."""
 
+import hashlib
 import io
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -206,6 +208,37 @@ def test_rerun_replaces_output_and_removes_stale_shards(tmp_path):
 # named sources
 
 
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, and every folder, by relative path."""
+    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*"))}
+
+
+def test_files_prepare_did_not_write_are_refused_and_kept(tmp_path):
+    """Shards with prepare's names that no manifest of its own lists (llm.c's tools write the same
+    names and format), or a manifest.json of something else: before, the shards were overwritten or
+    deleted as stale; now prepare refuses before any work and everything stays byte-identical."""
+    (tmp_path / "a.txt").write_text("x" * 1000)
+    args = ("--source", "a.txt", "--tokenizer", "bytes", "--out", "out")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "input.txt").write_text("the raw corpus may live here")  # names prepare never writes: fine
+    (out / "train_000007.bin").write_bytes(b"someone else's shard")
+    (out / "val_000000.bin").write_bytes(b"someone else's val shard")
+    before = tree_digest(tmp_path)
+    assert_error(run_prepare(*args, cwd=tmp_path), "train_000007.bin", "val_000000.bin", "did not write")
+    assert tree_digest(tmp_path) == before
+    (out / "train_000007.bin").unlink()
+    (out / "val_000000.bin").unlink()
+    (out / "manifest.json").write_text('{"format": "something else"}')
+    before = tree_digest(tmp_path)
+    assert_error(run_prepare(*args, cwd=tmp_path), "manifest.json")
+    assert tree_digest(tmp_path) == before
+    (out / "manifest.json").unlink()
+    ok(run_prepare(*args, cwd=tmp_path))  # the corpus file beside the output is no obstacle
+    assert (out / "input.txt").read_text() == "the raw corpus may live here"
+
+
 def test_tinyshakespeare_gpt2(tmp_path):
     out = tmp_path / "ts"
     result = ok(
@@ -248,11 +281,48 @@ def test_builtin_bytes(tmp_path):
 # errors
 
 
-@pytest.mark.parametrize("source", ["missing.txt", "./missing_dir", "no/such/dir", "data/*.jsonl"])
+@pytest.mark.parametrize("source", ["missing.txt", "./missing_dir", "no/such/dir", "data/*.jsonl", "mycorpus",
+                                    "my-corpus_v2", "owner/"])
 def test_nonexistent_source(tmp_path, source):
-    result = run_prepare("--source", source, "--tokenizer", "bytes", "--out", "out", cwd=tmp_path)
+    """A name that cannot be a hub dataset id (owner/name) and does not exist fails at once, without
+    asking the hub (before: `mycorpus` waited 24 s on hub retries, then failed)."""
+    (tmp_path / "notes.txt").write_text("mine\n")
+    t0 = time.perf_counter()
+    result = run_prepare("--source", source, "--tokenizer", "bytes", "--out", "a/out", cwd=tmp_path,
+                         HF_HUB_OFFLINE="0")  # a hub lookup would retry for 24 s here (no network)
+    assert time.perf_counter() - t0 < 15  # the tool's start-up alone; the retries would take 24 s more
     assert_error(result, source, "does not exist")
-    assert not (tmp_path / "out").exists()
+    if "/" not in source and "." not in source:
+        assert "owner/name" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_hub_ids_are_owner_slash_name(tmp_path, monkeypatch):
+    from distgpt.prepare import looks_like_path
+
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("roneneldan/TinyStories")
+    assert not looks_like_path("HuggingFaceFW/fineweb-edu")
+    for local in ("mycorpus", "wikitext", "a/b/c", "./x", "x.txt", "owner/", "/name"):
+        assert looks_like_path(local), local
+    (tmp_path / "roneneldan").mkdir()  # a local folder of that name makes it a path
+    assert looks_like_path("roneneldan/TinyStories")
+
+
+def test_failed_prepare_leaves_no_new_folders(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for source in ("empty.txt", "blank.jsonl"):  # fails before, and after, --out is made
+        result = run_prepare("--source", source, "--tokenizer", "bytes", "--out", "a/b/out", cwd=tmp_path)
+        assert_error(result, "empty corpus")
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # before: a/b/out stayed, empty
+    # an existing --out stays, with what is in it
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "x.txt").write_text("x")
+    result = run_prepare("--source", "blank.jsonl", "--tokenizer", "bytes", "--out", "keep", cwd=tmp_path)
+    assert_error(result, "empty corpus")
+    assert [p.name for p in (tmp_path / "keep").iterdir()] == ["x.txt"]
 
 
 def test_empty_corpus(tmp_path):
@@ -262,7 +332,7 @@ def test_empty_corpus(tmp_path):
     write_jsonl(tmp_path / "blank.jsonl", [{"text": ""}, {"text": ""}])
     result = run_prepare("--source", "blank.jsonl", "--tokenizer", "bytes", "--out", "out", cwd=tmp_path)
     assert_error(result, "empty corpus", "0 tokens")
-    assert not list((tmp_path / "out").glob("*"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_tokenizer(tmp_path):

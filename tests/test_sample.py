@@ -3,8 +3,10 @@ transformers' generate, top-k / top-p filtering, seeded sampling and the command
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it: never the network
 
@@ -120,13 +122,41 @@ def test_beam_search_matches_hf(tiny, length_penalty):
         assert got == ref, (eot, got, ref)
 
 
-def test_stops_at_block_size(tiny):
+def nanogpt_greedy(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """nanoGPT's generate, greedy: a full forward over the last block_size tokens for every token."""
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(int(np.argmax(model.logits(np.asarray([tokens[-model.cfg.block_size:]]))[0, -1])))
+    return tokens[len(prompt):]
+
+
+def test_generates_beyond_block_size_by_cropping_the_context(tiny):
+    """200 new tokens with block_size 64 gives 200 tokens (before: 64 - len(prompt), silently), the
+    context cropped to the last 64 tokens as nanoGPT does; the KV cache path re-prefills the cropped
+    window once it is full and chooses the same tokens as the cache-free path and nanoGPT's loop."""
     _, _, model = tiny
-    prompt = list(range(1, 61))  # block_size 64
-    assert len(generate(model, prompt, 100, greedy=True)) == 4
-    assert len(beam_search(model, prompt, 100, beams=2)) == 4
-    with pytest.raises(ValueError, match="block_size"):
-        generate(model, list(range(64)), 5)
+    assert model.cfg.block_size == 64
+    ref = nanogpt_greedy(model, PROMPT, 200)
+    assert generate(model, PROMPT, 200, greedy=True) == ref
+    assert generate(model, PROMPT, 200, greedy=True, use_cache=False) == ref
+    assert generate(model, PROMPT, 200, temperature=0.0) == ref
+    # a prompt longer than the window is cropped too (before: a ValueError)
+    long_prompt = list(range(1, 101))
+    assert generate(model, long_prompt, 20, greedy=True) == nanogpt_greedy(model, long_prompt, 20)
+    # beam search: one beam is greedy decoding, also past the window; more beams fill the length asked
+    assert beam_search(model, PROMPT, 120, beams=1) == ref[:120]
+    assert len(beam_search(model, PROMPT, 120, beams=3)) == 120
+    # sampling past the window: reproducible, and the cache does not change the draws
+    draw = dict(rng=None, top_k=20, temperature=0.8)
+    a = generate(model, PROMPT, 150, **{**draw, "rng": np.random.default_rng(7)})
+    b = generate(model, PROMPT, 150, use_cache=False, **{**draw, "rng": np.random.default_rng(7)})
+    assert a == b and len(a) == 150
+
+
+def test_negative_temperature_is_an_error(tiny):
+    _, _, model = tiny
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        generate(model, PROMPT, 5, temperature=-1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,6 +268,79 @@ def test_cli_end_to_end(tiny):
     )
     r = run_sample(*base, "--beams", "3")
     assert r.returncode == 0 and r.stdout.startswith("Hi"), r.stderr
+
+
+@pytest.mark.slow
+def test_cli_gives_all_the_tokens_asked_beyond_block_size(tiny):
+    folder, _, model = tiny
+    r = run_sample("--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", "Hi", "--max-new-tokens", "200",
+                   "--greedy")
+    assert r.returncode == 0, r.stderr
+    ids = nanogpt_greedy(model, list(b"Hi"), 200)
+    assert 256 not in ids  # no end-of-text on this path, so all 200 are printed
+    assert r.stdout == "Hi" + get_tokenizer("bytes").decode(ids) + "\n"
+    assert r.stderr.startswith("[200 tokens in ")  # before: [62 tokens ...]
+
+
+def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    # a skipped corrupt checkpoint is reported on its own warning line before the error
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("distgpt: warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("sample: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def test_cli_negative_temperature_is_refused_and_help_says_zero_is_greedy():
+    one_line_error(run_sample("--ckpt", "x", "--temperature", "-1"), "--temperature must be >= 0", "greedy")
+    one_line_error(run_sample("--ckpt", "x", "--temperature", "nan"), "--temperature")
+    r = run_sample("--help")
+    assert r.returncode == 0 and "0 means greedy" in " ".join(r.stdout.split())
+
+
+def test_cli_invalid_utf8_prompt_names_the_problem(tiny):
+    folder, _, _ = tiny
+    prompt = b"ab\xffcd".decode("utf-8", "surrogateescape")  # how Python hands such argv bytes over
+    r = run_sample("--ckpt", str(folder), "--tokenizer", "bytes", "--prompt", prompt)
+    one_line_error(r, "--prompt is not valid UTF-8", "0xff", "character 2")  # before: "sample: error: utf-8"
+
+
+def bad_sources(root: Path) -> dict[str, Path | str]:
+    """Inputs for --ckpt that are not model weights, each made on disk."""
+    made = {}
+    for name, files in {
+        "empty folder": {},
+        "config.json not JSON": {"config.json": b"{"},
+        "config.json a list": {"config.json": b"[1]"},
+        "config.json without shape": {"config.json": b'{"model_type": "gpt2"}'},
+        "config.json inconsistent": {"config.json": json.dumps(dict(
+            model_type="gpt2", n_embd=33, n_head=2, n_layer=1, n_positions=8, vocab_size=10)).encode()},
+        "safetensors garbage": {"config.json": json.dumps(dict(
+            model_type="gpt2", n_embd=32, n_head=2, n_layer=1, n_positions=8, vocab_size=10)).encode(),
+            "model.safetensors": b"garbage!" * 4},
+        "corrupt checkpoint": {"ckpt/step_0000001/manifest.json": b"{"},
+    }.items():
+        folder = root / name.replace(" ", "_")
+        folder.mkdir()
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        made[name] = folder
+    (root / "text.txt").write_text("hello\n")
+    made["a text file"] = root / "text.txt"
+    made["empty string"] = ""
+    return made
+
+
+def test_cli_bad_ckpt_inputs_are_one_line(tmp_path):
+    """Before: a MemoryError traceback (safetensors garbage), an AttributeError (a list), pydantic's
+    three-line error (inconsistent), "sample: error: n_embd" (no shape keys)."""
+    for name, source in bad_sources(tmp_path).items():
+        line = one_line_error(run_sample("--ckpt", str(source), "--prompt", "x"))
+        assert "Traceback" not in line and len(line) < 400, (name, line)
+        if name == "config.json inconsistent":
+            assert "n_embd = 33" in line and "n_head" in line
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers / huggingface_hub read it: never the network
 
@@ -15,6 +16,7 @@ import transformers
 
 from distgpt.model import GPT, Layout, ModelConfig
 from distgpt.weights import (
+    HF_EXPORT_MARKER,
     check_shape,
     load_init,
     save_hf,
@@ -84,9 +86,11 @@ def test_save_hf_loads_in_transformers(hf, idx, tmp_path):
     cfg, params = load_init(str(folder))
     out = tmp_path / "exported"
     out.mkdir()
-    (out / "stale.txt").write_text("replaced")  # an existing folder is replaced as a whole
+    (out / "notes.txt").write_text("mine")  # save_hf writes its own files only: the rest stays
     save_hf(out, cfg, params)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [HF_EXPORT_MARKER, "config.json", "model.safetensors",
+                                                     "notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
     model, info = transformers.GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
@@ -238,3 +242,32 @@ def test_export_cli_error_is_one_line(tmp_path):
     assert r.stderr.startswith("export: error: ") and r.stderr.count("\n") == 1, r.stderr
     r = run_export("--ckpt", "x", "--format", "onnx", "--out", "y")
     assert r.returncode == 2 and r.stderr.startswith("export: error: ") and r.stderr.count("\n") == 1
+
+
+def test_save_hf_interrupted_leaves_a_recognised_export(hf, tmp_path, monkeypatch):
+    """save_hf writes file by file (temp name, then rename), never moving the folder aside. A failure
+    after some files are new and some old still leaves a folder export recognises as its own (the
+    marker lists both contents while files are replaced), so the next export replaces it."""
+    from distgpt import weights
+
+    cfg, params = load_init(str(hf[0]))
+    out = tmp_path / "exported"
+    out.mkdir()
+    save_hf(out, cfg, params)
+    assert weights.hf_export_conflicts(out) == []
+    real = weights.atomic_write
+
+    def fail_on_config(path, *args):
+        if Path(path).name == "config.json":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(weights, "atomic_write", fail_on_config)
+    with pytest.raises(OSError):
+        save_hf(out, cfg, params * 2)  # the new model.safetensors lands, config.json does not
+    assert weights.hf_export_conflicts(out) == []
+    monkeypatch.undo()
+    (out / "notes.txt").write_text("mine")
+    assert weights.hf_export_conflicts(out) == ["notes.txt"]
+    (out / "config.json").write_text("{}")  # an exported file changed by someone else is theirs
+    assert weights.hf_export_conflicts(out) == ["config.json", "notes.txt"]
