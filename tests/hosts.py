@@ -14,6 +14,10 @@ UCX would still use shared memory and CMA between namespaces of one kernel (meas
 8 MB allreduce put 16 kB on the veth); UCX_TLS=tcp,self forces its traffic onto the veths. UCX
 also leaves out interfaces that have no carrier yet when MPI starts (and then fails with
 "incompatible loopback flags"), so creating the hosts waits until every link is up.
+
+A job that does not end can be read before it is killed: Hosts.evidence gives the launcher log
+(which remote proxies started and ended), each namespace's TCP sockets and every process in the
+hosts with its kernel wait and, through gdb, its threads' stacks (marking those in MPI_Init).
 """
 
 from __future__ import annotations
@@ -123,16 +127,60 @@ class Hosts:
         """SIGABRT to every Python process in the hosts: with PYTHONFAULTHANDLER set, each prints
         its threads' stacks to stderr (for a test that found a job hung). Returns what ran where."""
         seen = []
-        for name in self.names:
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-                    seen.append(f"{name} {pid} {cmd}")
-                    if "python" in Path(f"/proc/{pid}/comm").read_text():
-                        os.kill(int(pid), signal.SIGABRT)
-                except (OSError, ValueError):
-                    pass
+        for name, pid in self.processes():
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+                seen.append(f"{name} {pid} {cmd}")
+                if "python" in Path(f"/proc/{pid}/comm").read_text():
+                    os.kill(pid, signal.SIGABRT)
+            except OSError:
+                pass
         return "\n".join(seen)
+
+    def processes(self) -> list[tuple[str, int]]:
+        """(namespace, pid) of every process in the hosts and the switch: only our jobs run there."""
+        return [(name, int(pid)) for name in self.names + ([self.switch] if self.switch else [])
+                for pid in _ip("netns", "pids", name, check=False).stdout.split()]
+
+    def kill_all(self) -> None:
+        """SIGKILL every process in the hosts (what a job left behind, or a whole job that hung)."""
+        for name, pid in self.processes():
+            _kill_in(name, pid)
+
+    def evidence(self, native: bool = False) -> str:
+        """What a job that does not end shows, gathered while it still runs: the launcher log (which
+        remote proxies started, and which ended with what), each namespace's TCP sockets with their
+        processes (a connect that never completes stays SYN-SENT; a peer that never answers leaves
+        bytes queued), and every process in the hosts with its state and the kernel function it
+        sleeps in; with native=True also gdb's backtrace of each thread (where in MPI_Init or
+        hydra's proxy it waits), when gdb is installed."""
+        parts = [f"launcher log:\n{self.launcher_log() or '(empty: no remote proxy was started)'}"]
+        for name in self.names:
+            ss = subprocess.run(["ss", "-N", name, "-tanp"], capture_output=True, text=True)
+            parts.append(f"TCP sockets in {name}:\n{ss.stdout}{ss.stderr}")
+        gdb = shutil.which("gdb") if native else None
+        for name, pid in self.processes():
+            proc = Path(f"/proc/{pid}")
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                wchan = (proc / "wchan").read_text()
+                threads = len(os.listdir(proc / "task"))
+            except OSError:
+                continue                                    # it ended meanwhile
+            bt = ""
+            if gdb and any(word in cmd for word in ("python", "hydra", "mpiexec", "mpirun")):
+                try:
+                    bt = subprocess.run([gdb, "-p", str(pid), "-batch", "-nx", "-ex",
+                                         "thread apply all bt 30"], capture_output=True, text=True,
+                                        timeout=60).stdout
+                except subprocess.TimeoutExpired:
+                    bt = "(gdb did not finish in 60 s)\n"
+                bt = "".join(line + "\n" for line in bt.splitlines() if line.startswith(("#", "Thread", "(")))
+            where = " (in MPI_Init)" if "PMPI_Init" in bt else ""
+            parts.append(f"{name} pid {pid}{where} state {state} wchan {wchan or '-'} threads {threads}: "
+                         f"{cmd}\n{bt}")
+        return "\n".join(parts)
 
     def tx_bytes(self, host: int) -> int:
         """Bytes host has sent on its interface (what crossed the simulated network)."""
@@ -195,11 +243,23 @@ def destroy(hosts: Hosts) -> None:
 
 
 def _unwire(hosts: Hosts) -> None:
+    hosts.kill_all()
     for name in hosts.names + ([hosts.switch] if hosts.switch else []):
-        pids = _ip("netns", "pids", name, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
         _ip("netns", "del", name, check=False)
+
+
+def _kill_in(name: str, pid: int) -> None:
+    """SIGKILL pid if it still runs in namespace `name`. Through a pidfd, and only after checking
+    the namespace of the process the pidfd holds: pids are reused quickly on a busy machine (here
+    they wrap in under half an hour), and one listed by `ip netns pids` may be another's by now."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return                                              # it ended
+    try:
+        if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(f"/run/netns/{name}").st_ino:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
