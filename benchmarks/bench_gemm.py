@@ -106,7 +106,7 @@ def measure(name: str, a: np.ndarray, b: np.ndarray, acts: tuple[bool, bool], re
     t16 = []
     for choice16 in bf16s.values():
         gemm16.use(choice16)
-        t16.append(best_time(lambda: split_rows(blas.gemm_bf16, a16, b16, out), repeats))
+        t16.append(best_time(lambda: split_rows(gemm16.gemm_bf16, a16, b16, out), repeats))
     act = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if is_act]
     weight = [(x, x16) for x, x16, is_act in ((a, a16, acts[0]), (b, b16, acts[1])) if not is_act]
     t_act = best_time(lambda: [to_bf16_like(x, x16) for x, x16 in act], repeats) if act else 0.0

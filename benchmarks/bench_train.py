@@ -47,8 +47,7 @@ from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
 from distgpt.threads import ThreadSetup, n_threads, set_threads
 from distgpt.threads import setup as setup_threads
-from distgpt.train import flops_per_token, initial_params
-from distgpt.trainer import Trainer
+from distgpt.trainer import Trainer, flops_per_token, initial_params
 
 SEED = 1337
 TORCH_MODES = ("eager-fp32", "eager-bf16", "compile-fp32", "compile-bf16")

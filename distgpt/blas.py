@@ -24,7 +24,6 @@ rounding: the tests hold both to PyTorch.
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,11 +31,17 @@ from typing import Literal
 
 import numpy as np
 
-from distgpt import gemm16
-from distgpt.cpu import INTEL, Cpu, this_cpu
-from distgpt.cpu import flags as cpu_flags
-from distgpt.gemm16 import BF16_LIBRARIES, FAST_BF16_FLAGS, gemm_bf16  # noqa: F401 (re-exported)
-from distgpt.native import NO_TRANS, ROW_MAJOR, BlasError, layout, load_mkl, mkl_library_path, switch
+from distgpt.cpu import Cpu, this_cpu
+from distgpt.native import (
+    NO_TRANS,
+    ROW_MAJOR,
+    BlasError,
+    ProcessChoice,
+    layout,
+    load_mkl,
+    mkl_library_path,
+    switch,
+)
 
 BACKENDS = ("auto", "mkl", "numpy")
 SMALL_M = 16     # at most this many rows: NumPy's BLAS (see gemm)
@@ -87,30 +92,18 @@ def load(name: str | None = None, *, cpu: Cpu | None = None,
     return Choice(name, "numpy", {}, NUMPY_NAME)
 
 
-_current: Choice | None = None
-_choosing = threading.Lock()                   # the first gemm may come from several threads at once
+_choice = ProcessChoice(load)
 
 
 def use(choice: Choice | str | None) -> Choice | None:
-    """Make `choice` the process's fp32 gemm (a DISTGPT_BLAS value is load()ed first; None leaves the
-    choice to configure()); returns the one it replaces, for a test to put back."""
-    global _current
-    new = load(choice) if isinstance(choice, str) else choice
-    with _choosing:
-        previous, _current = _current, new
-    return previous
+    """Make `choice` the process's fp32 gemm (a DISTGPT_BLAS value is load()ed first; None leaves the choice
+    to configure()); returns the one it replaces, for a test to put back."""
+    return _choice.use(choice)
 
 
 def configure() -> Choice:
     """The process's fp32 gemm: the one use() set, else chosen now from DISTGPT_BLAS, once."""
-    global _current
-    choice = _current
-    if choice is None:
-        with _choosing:
-            if _current is None:
-                _current = load()
-            choice = _current
-    return choice
+    return _choice.configure()
 
 
 def using_mkl() -> bool:
@@ -144,32 +137,3 @@ def gemm(a: np.ndarray, b: np.ndarray, out: np.ndarray, accumulate: bool = False
     else:
         np.matmul(a, b, out=out)
     return out
-
-
-# ----------------------------------------------------------------------------- names from before the split
-#
-# The bf16 gemm and the CPU check lived here; these keep their callers working. New code calls
-# gemm16 (configure, describe, unavailable_reason, use, load) and cpu.this_cpu() directly.
-
-_mkl_library_path = mkl_library_path
-_load_bf16 = gemm16.load_library
-describe_bf16 = gemm16.describe
-bf16_unavailable_reason = gemm16.unavailable_reason
-bf16_emulation_allowed = gemm16.emulation_allowed
-
-
-def _intel_cpu() -> bool:
-    return this_cpu().intel
-
-
-def fast_bf16_flags() -> list[str]:
-    """The CPU features that make bf16 matmuls fast, of those this CPU has."""
-    return gemm16.fast_flags(cpu_flags())
-
-
-def use_bf16(name: str) -> None:
-    """gemm16.use(name). The CPU and the libraries are looked up through this module's cpu_flags,
-    _intel_cpu and _load_bf16, so that tests pretending a CPU by replacing those (tests/test_bf16.py's
-    `cpu` fixture) keep working until they pass gemm16.load a Cpu."""
-    pretended = Cpu(vendor=INTEL if _intel_cpu() else "", flags=cpu_flags())
-    gemm16.use(gemm16.load(name, cpu=pretended, loader=_load_bf16))

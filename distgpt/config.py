@@ -100,7 +100,8 @@ class TrainConfig(_Section):
     sample_every: NonNegative = 0  # 0: never print samples while training
     sample_tokens: NonNegative = 64
     # matmul precision: bf16 (float32 master weights and accumulation), fp32, or auto (bf16 where
-    # the CPU has AVX512-BF16/AMX-BF16 and MKL's bf16 gemm loads; see distgpt/bf16.py)
+    # the CPU has AVX512-BF16/AMX-BF16 and a bf16 gemm that uses them loads: oneDNN's or MKL's, see
+    # distgpt/gemm16.py)
     precision: Literal["fp32", "bf16", "auto"] = "auto"
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ import numpy as np
 
 from distgpt import native
 from distgpt.cpu import Cpu, this_cpu
-from distgpt.native import NO_TRANS, ROW_MAJOR, TRANS, BlasError, layout, switch
+from distgpt.native import NO_TRANS, ROW_MAJOR, TRANS, BlasError, ProcessChoice, layout, switch
 
 BF16_LIBRARIES = ("auto", "onednn", "mkl")
 FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -218,30 +218,18 @@ def load(name: str | None = None, *, cpu: Cpu | None = None, emulated: bool | No
     return choose(name, cpu, {lib: loader(lib) for lib in wanted}, emulated)
 
 
-_current: Choice | None = None
-_choosing = threading.Lock()                   # the first bf16 gemm may come from several threads at once
+_choice = ProcessChoice(load)
 
 
 def use(choice: Choice | str | None) -> Choice | None:
-    """Make `choice` the process's bf16 gemm (a DISTGPT_BF16_GEMM value is load()ed first; None leaves
-    the choice to configure()); returns the one it replaces, for a test to put back."""
-    global _current
-    new = load(choice) if isinstance(choice, str) else choice
-    with _choosing:
-        previous, _current = _current, new
-    return previous
+    """Make `choice` the process's bf16 gemm (a DISTGPT_BF16_GEMM value is load()ed first; None
+    leaves the choice to configure()); returns the one it replaces, for a test to put back."""
+    return _choice.use(choice)
 
 
 def configure() -> Choice:
-    """The process's bf16 gemm: the one use() set, else chosen now from the switches, once."""
-    global _current
-    choice = _current
-    if choice is None:
-        with _choosing:
-            if _current is None:
-                _current = load()
-            choice = _current
-    return choice
+    """The process's bf16 gemm: the one use() set, else chosen now from DISTGPT_BF16_GEMM, once."""
+    return _choice.configure()
 
 
 def unavailable_reason() -> str | None:

@@ -8,10 +8,15 @@ from __future__ import annotations
 import ctypes
 import functools
 import importlib.metadata
+import threading
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from distgpt import switches
+
+T = TypeVar("T")
 
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112
 _SEQUENTIAL = 1                                # MKL_THREADING_SEQUENTIAL
@@ -109,3 +114,29 @@ def layout(a: np.ndarray) -> tuple[int, int] | None:
     if (s0 == e or rows == 1) and s1 % e == 0 and s1 // e >= max(1, rows):
         return TRANS, s1 // e
     return None
+
+
+class ProcessChoice(Generic[T]):
+    """A library choice made once per process: set explicitly (`use`, which returns the choice it
+    replaces, for a test to put back), or made by `load()` on first need (`configure`). The first
+    need may come from several threads at once, hence the lock."""
+
+    def __init__(self, load: Callable[..., T]):
+        self._load = load
+        self._current: T | None = None
+        self._lock = threading.Lock()
+
+    def use(self, choice: T | str | None) -> T | None:
+        new = self._load(choice) if isinstance(choice, str) else choice
+        with self._lock:
+            previous, self._current = self._current, new
+        return previous
+
+    def configure(self) -> T:
+        choice = self._current
+        if choice is None:
+            with self._lock:
+                if self._current is None:
+                    self._current = self._load()
+                choice = self._current
+        return choice

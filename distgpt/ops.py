@@ -19,7 +19,7 @@ Mixed precision (distgpt/bf16.py): the layers that multiply matrices come in two
 and bf16 (`linear_forward` and `linear_forward_bf16`, ...), and a model picks one table of them
 once, from its precision (`kernels`: Fp32Kernels or Bf16Kernels). The bf16 ones take the bf16 copy
 of a weight (`w16`, uint16 bits), round their other matmul inputs to bf16 into the buffers of a
-bf16.Workspace their caller owns, and multiply through the bf16 gemm (blas.gemm_bf16),
+bf16.Workspace their caller owns, and multiply through the bf16 gemm (gemm16.gemm_bf16),
 accumulating in float32; bf16 attention takes q/k/v as bf16 bits. Everything else (bias, norms,
 softmax, the loss) stays float32.
 """
@@ -31,7 +31,7 @@ import threading
 
 import numpy as np
 
-from distgpt import bf16, blas, jit
+from distgpt import bf16, blas, gemm16, jit
 from distgpt.threads import n_threads, parallel_for
 
 GELU_C = math.sqrt(2.0 / math.pi)
@@ -63,8 +63,8 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def matmul_bf16(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """out = a @ b for bf16 bits (uint16) a and b, float32 out, rows of `a` split over the threads
-    (blas.gemm_bf16)."""
-    return _row_split(blas.gemm_bf16, a, b, out)
+    (gemm16.gemm_bf16)."""
+    return _row_split(gemm16.gemm_bf16, a, b, out)
 
 
 def _bf16_input(x: np.ndarray) -> bool:
@@ -160,7 +160,7 @@ def linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.n
         # each thread converts the rows it multiplies: no pass over x16 between the two
         if not stored:
             bf16.to_bf16(x[lo:hi], x16[lo:hi])
-        blas.gemm_bf16(x16[lo:hi], w16, out[lo:hi])
+        gemm16.gemm_bf16(x16[lo:hi], w16, out[lo:hi])
         out[lo:hi] += b
     parallel_for(x.shape[0], work, grain=64)
     return out
@@ -188,7 +188,7 @@ def linear_backward_bf16(dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: n
             bf16.to_bf16(x[lo:hi], x16[lo:hi])
         bf16.to_bf16(dout[lo:hi], dout16[lo:hi])
     parallel_for(x.shape[0], convert, grain=64)
-    _linear_backward(blas.gemm_bf16, x16, dout16, w16.T, dout, dw, db, dx, accumulate)
+    _linear_backward(gemm16.gemm_bf16, x16, dout16, w16.T, dout, dw, db, dx, accumulate)
 
 
 def _linear_backward(gemm, a: np.ndarray, d: np.ndarray, wt: np.ndarray, dout: np.ndarray, dw: np.ndarray,
@@ -407,7 +407,7 @@ def _score_blocks_bf16(q: np.ndarray, k: np.ndarray, window: int | None, mask: n
     scale = 1.0 / math.sqrt(hs)
     for q0, q1, p0, p1, k0 in _query_blocks(Tq, ATTN_BLOCK_BF16, window, q_offset):
         qs = q[q0:q1]
-        s = blas.gemm_bf16(qs, k[k0:p1].T, np.empty((q1 - q0, p1 - k0), np.float32), alpha=scale)
+        s = gemm16.gemm_bf16(qs, k[k0:p1].T, np.empty((q1 - q0, p1 - k0), np.float32), alpha=scale)
         _mask_(s, mask, window, p0, p1, k0)
         yield q0, q1, k0, s, qs
 
@@ -438,7 +438,7 @@ def attention_forward_bf16(q: np.ndarray, k: np.ndarray, v: np.ndarray, window: 
     _require_bits("attention_forward_bf16", q, k, v)
 
     def weigh(p: np.ndarray, vk: np.ndarray, yq: np.ndarray) -> None:
-        blas.gemm_bf16(bf16.to_bf16(p), vk, yq)
+        gemm16.gemm_bf16(bf16.to_bf16(p), vk, yq)
     _attention_forward(q, k, v, window, y, lse, keep, keep_scale, q_offset, _score_blocks_bf16, weigh,
                        one_head=True, mask_dtype=np.float32)
 
@@ -542,14 +542,14 @@ def attention_backward_bf16(dy: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.
                 p -= lb[q0:q1, None]                   # recompute the probabilities
                 np.exp(p, out=p)
                 dyq = dy16[q0:q1]
-                dp = blas.gemm_bf16(dyq, vb[k0:q1].T, np.empty(p.shape, np.float32))
+                dp = gemm16.gemm_bf16(dyq, vb[k0:q1].T, np.empty(p.shape, np.float32))
                 kept = _dropped(p, dp, None if keep is None else keep[b, hd, q0:q1, k0:q1], keep_scale)
-                blas.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
+                gemm16.gemm_bf16(bf16.to_bf16(kept).T, dyq, dvb[k0:q1], accumulate=True)
                 dp -= np.einsum("td,td->t", dp, p)[:, None]
                 dp *= p                                # dp is now the score gradient
                 ds = bf16.to_bf16(dp)                  # scores = scale q k^T: the gemms apply the scale
-                blas.gemm_bf16(ds, kb[k0:q1], dqb[q0:q1], alpha=scale)
-                blas.gemm_bf16(ds.T, qs, dkb[k0:q1], accumulate=True, alpha=scale)
+                gemm16.gemm_bf16(ds, kb[k0:q1], dqb[q0:q1], alpha=scale)
+                gemm16.gemm_bf16(ds.T, qs, dkb[k0:q1], accumulate=True, alpha=scale)
     parallel_for(B * nh, work)
 
 
@@ -580,7 +580,7 @@ def head_loss_bf16(x: np.ndarray, wte16: np.ndarray, targets: np.ndarray, grad_s
     """head_loss with wte's bf16 copy wte16: the three matmuls take bf16 roundings of x and of the
     logits' gradient (made in `ws`); softmax and the loss stay float32."""
     x16 = bf16.to_bf16(x, ws.get("head_x", x.shape), parallel=True)
-    return _head_loss(blas.gemm_bf16, x16, wte16, ws, x.dtype, targets, grad_scale, dx, dwte, chunk_rows,
+    return _head_loss(gemm16.gemm_bf16, x16, wte16, ws, x.dtype, targets, grad_scale, dx, dwte, chunk_rows,
                       logits_out, accumulate, scratch)
 
 

@@ -29,16 +29,21 @@ from distgpt.cli import add_version, prog_name
 from distgpt.config import (
     Config,
     ConfigError,
-    ModelConfig,
     check_batch_layout,
     describe_keys,
     load_config,
-    user_model_keys,
 )
-from distgpt.model import GPT, Layout, activation_bytes, init_params
+from distgpt.model import GPT, Layout, activation_bytes
 from distgpt.optim import lr_at
 from distgpt.progress import Progress
-from distgpt.trainer import StepResult, Trainer, TrainingState, check_params_agree
+from distgpt.trainer import (
+    StepResult,
+    Trainer,
+    TrainingState,
+    check_params_agree,
+    flops_per_token,
+    initial_params,
+)
 
 TOOL = "distgpt.train"
 INTERRUPTED_EXIT = dist.INTERRUPT_EXIT      # 130: as a shell reports a Ctrl-C'd command
@@ -59,11 +64,6 @@ class OutDirError(ValueError):
 
 
 # ----------------------------------------------------------------------------- summary
-
-def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
-    """Training FLOPs per token: 6N for the matmuls (forward + backward) + 12 L T C for attention."""
-    return 6 * n_params + 12 * mcfg.n_layer * seq_len * mcfg.n_embd
-
 
 def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> list[str]:
     m, t = cfg.model, cfg.train
@@ -187,20 +187,6 @@ def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int, step: int 
     with comm.watch(dist.Phase.EVALUATION, step):
         comm.allreduce_(acc)
     return float(acc[0] / acc[1])
-
-
-def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
-    """The starting parameters (GPT-2 init, or pretrained weights) and the config they imply."""
-    if cfg.init_from == "scratch":
-        layout = Layout(cfg.model)
-        params = np.zeros(layout.size, np.float32)
-        init_params(layout, params, cfg.train.seed)
-        return cfg, params
-    from distgpt import weights
-
-    mcfg, params = weights.load_init(cfg.init_from, cfg.model)
-    weights.check_shape(user_model_keys(cfg), mcfg, cfg.init_from)
-    return cfg.model_copy(update={"model": mcfg}), params
 
 
 def sample_text(model: GPT, tokenizer, cfg: Config, step: int) -> str:

@@ -21,10 +21,29 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from distgpt import bf16, dist
-from distgpt.config import Config
-from distgpt.model import GPT, Layout
+from distgpt.config import Config, ModelConfig, user_model_keys
+from distgpt.model import GPT, Layout, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
 from distgpt.partition import Partition
+
+
+def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) + 12 L T C for attention."""
+    return 6 * n_params + 12 * mcfg.n_layer * seq_len * mcfg.n_embd
+
+
+def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
+    """The starting parameters (GPT-2 init, or pretrained weights) and the config they imply."""
+    if cfg.init_from == "scratch":
+        layout = Layout(cfg.model)
+        params = np.zeros(layout.size, np.float32)
+        init_params(layout, params, cfg.train.seed)
+        return cfg, params
+    from distgpt import weights
+
+    mcfg, params = weights.load_init(cfg.init_from, cfg.model)
+    weights.check_shape(user_model_keys(cfg), mcfg, cfg.init_from)
+    return cfg.model_copy(update={"model": mcfg}), params
 
 
 @dataclass

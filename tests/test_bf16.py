@@ -99,11 +99,11 @@ def test_auto_and_forced_bf16_on_a_cpu_without_bf16(cpu):
 def test_auto_picks_onednn_on_avx512_bf16_and_mkl_on_amx(cpu):
     require_mkl()
     cpu(False, "avx512_bf16")                               # an AMD Zen 4/5
-    assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
+    assert bf16.resolve("auto") == "bf16" and gemm16.describe().startswith("oneDNN ")
     cpu(True, "avx512_bf16", "amx_bf16")                    # a Sapphire Rapids Xeon
-    assert bf16.resolve("auto") == "bf16" and blas.describe_bf16().startswith("MKL ")
+    assert bf16.resolve("auto") == "bf16" and gemm16.describe().startswith("MKL ")
     cpu(True, "avx512_bf16", "amx_bf16", library="onednn")  # named: taken, and fast there too
-    assert bf16.resolve("bf16") == "bf16" and blas.describe_bf16().startswith("oneDNN ")
+    assert bf16.resolve("bf16") == "bf16" and gemm16.describe().startswith("oneDNN ")
 
 
 def test_mkl_bf16_on_an_amd_cpu_is_not_fast_and_says_why(cpu):
@@ -349,7 +349,7 @@ def test_bf16_training_follows_fp32_and_says_so(tmp_path, shakespeare_bytes):
     assert "precision: fp32\n" in runs["fp32"][0]
     header = next(line for line in runs["bf16"][0].splitlines() if line.startswith("precision:"))
     assert "bf16" in header and "gemm_bf16bf16f32" in header and ("oneDNN" in header or "MKL" in header)
-    assert any(flag in header for flag in blas.FAST_BF16_FLAGS) or "not fast on this CPU" in header
+    assert any(flag in header for flag in gemm16.FAST_BF16_FLAGS) or "not fast on this CPU" in header
     l32, l16 = np.array(runs["fp32"][1]), np.array(runs["bf16"][1])
     assert len(l32) == len(l16) == 8
     assert not np.array_equal(l32, l16)

@@ -312,7 +312,7 @@ def test_the_bf16_choice_is_made_once_and_put_back():
         assert gemm16.configure() is mine
         assert gemm16.unavailable_reason() == mine.why_not and gemm16.describe() == "no bf16 gemm"
         # the names from before the split answer from the same choice
-        assert blas.bf16_unavailable_reason() == mine.why_not and blas.describe_bf16() == "no bf16 gemm"
+        assert gemm16.unavailable_reason() == mine.why_not and gemm16.describe() == "no bf16 gemm"
     finally:
         assert gemm16.use(previous) is mine
     assert gemm16.configure() is not mine
@@ -367,7 +367,7 @@ def test_bf16_gemm_equals_float64_product_of_the_rounded_inputs(bf16_library, a_
     out = base[:, 1:1 + N]
     expect = (out.astype(np.float64) if accumulate else 0) + alpha * (a64 @ b64)
     before = base.copy()
-    blas.gemm_bf16(a, b, out, accumulate=accumulate, alpha=alpha)
+    gemm16.gemm_bf16(a, b, out, accumulate=accumulate, alpha=alpha)
     assert bf16_library == [(a_how.startswith("transposed"), b_how.startswith("transposed"))]
     # products of bf16 numbers are exact in float32: only the float32 sums round
     assert np.abs(out - expect).max() <= 1e-6 * K * np.abs(expect).max()
@@ -379,19 +379,19 @@ def test_bf16_gemm_odd_operands_and_empty_dimensions(bf16_library):
     a, a64 = bf16_operand(rng, (6, 8), "contiguous")
     b, b64 = bf16_operand(rng, (8, 5), "contiguous")
     out = np.empty((5, 6), np.float32).T                     # a transposed output: via a temporary
-    blas.gemm_bf16(a[::2].repeat(2, axis=0), b, out)
+    gemm16.gemm_bf16(a[::2].repeat(2, axis=0), b, out)
     assert np.allclose(out, a64[::2].repeat(2, axis=0) @ b64, rtol=1e-5, atol=1e-5)
-    blas.gemm_bf16(a[::2], b, out[:3])                        # a row stride the gemm cannot take: a copy
+    gemm16.gemm_bf16(a[::2], b, out[:3])                        # a row stride the gemm cannot take: a copy
     assert np.allclose(out[:3], a64[::2] @ b64, rtol=1e-5, atol=1e-5)
     out = np.full((6, 5), 7.0, np.float32)
-    blas.gemm_bf16(a[:, :0], b[:0], out, accumulate=True)     # K = 0: nothing added
+    gemm16.gemm_bf16(a[:, :0], b[:0], out, accumulate=True)     # K = 0: nothing added
     assert np.all(out == 7.0)
-    blas.gemm_bf16(a[:, :0], b[:0], out)
+    gemm16.gemm_bf16(a[:, :0], b[:0], out)
     assert np.all(out == 0.0)
     with pytest.raises(TypeError, match="uint16"):
-        blas.gemm_bf16(a.astype(np.float32), b, out)
+        gemm16.gemm_bf16(a.astype(np.float32), b, out)
     with pytest.raises(ValueError, match="gemm_bf16"):
-        blas.gemm_bf16(a, b[:5], out)
+        gemm16.gemm_bf16(a, b[:5], out)
 
 
 def test_onednn_without_avx512_is_a_clear_error():
@@ -412,7 +412,7 @@ def test_bf16_gemm_without_a_library_is_a_clear_error():
     try:
         with pytest.raises(blas.BlasError, match="^no bf16 gemm: bf16 matmuls need oneDNN or MKL: onednn is "
                                                  "missing; mkl is missing$"):
-            blas.gemm_bf16(a, b, out)
+            gemm16.gemm_bf16(a, b, out)
     finally:
         gemm16.use(previous)
 
