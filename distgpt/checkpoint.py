@@ -473,37 +473,131 @@ METRICS = "metrics.jsonl"
 WATCHDOG_BOARD = ".watchdog"
 
 
-def existing_run(out_dir: str | Path) -> str | None:
+def step_of(path: Path) -> int:
+    """The step a checkpoint folder's name says."""
+    return int(STEP_RE.fullmatch(path.name).group(1))
+
+
+def _ours(path: Path) -> bool:
+    """A checkpoint folder distgpt published: a folder gets its step name only after its manifest is
+    on disk, so one without a manifest was not made by a save."""
+    return (path / MANIFEST).is_file()
+
+
+def existing_run(out_dir: str | Path, after_step: int | None = None) -> str | None:
     """What an earlier run left in out_dir (its checkpoints, its metrics.jsonl), described in a few
-    words, or None when out_dir holds no run."""
+    words, or None when out_dir holds no run. With `after_step`: only its checkpoints newer than that
+    step (a run resumed from an older checkpoint of its own would mix two histories)."""
     out_dir = Path(out_dir)
     found = []
-    ckpts = list_checkpoints(out_dir)
+    ckpts = [p for p in list_checkpoints(out_dir)
+             if _ours(p) and (after_step is None or step_of(p) > after_step)]
     if ckpts:
-        newest = STEP_RE.fullmatch(ckpts[0].name)
-        found.append(f"{len(ckpts)} checkpoint(s), the newest at step {int(newest.group(1))}")
+        found.append(f"{len(ckpts)} checkpoint(s), the newest at step {step_of(ckpts[0])}")
     metrics = out_dir / METRICS
-    if metrics.is_file() and metrics.stat().st_size > 0:
+    if after_step is None and metrics.is_file() and metrics.stat().st_size > 0:
         found.append(METRICS)
     return " and ".join(found) or None
 
 
-def remove_run(out_dir: str | Path) -> None:
-    """Start over in out_dir: remove what an earlier run wrote there (checkpoint folders, `latest`,
+def remove_run(out_dir: str | Path, after_step: int | None = None) -> None:
+    """Start over in out_dir: remove what an earlier run wrote there (its checkpoint folders, `latest`,
     leftovers of interrupted saves, metrics.jsonl, the watchdog's board) and nothing else, so a
-    user's own files in out_dir or out_dir/ckpt survive."""
+    user's own files in out_dir or out_dir/ckpt survive. With `after_step`: only the checkpoints
+    newer than that step (the metrics past it are dropped by the resumed run itself)."""
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "ckpt"
     for path in list_checkpoints(out_dir):
-        _remove_tree(path)
+        if _ours(path) and (after_step is None or step_of(path) > after_step):
+            _remove_tree(path)
     if ckpt_dir.is_dir():
         _clear_leftovers(ckpt_dir)
-        (ckpt_dir / LATEST).unlink(missing_ok=True)
-    (out_dir / METRICS).unlink(missing_ok=True)
-    board = out_dir / WATCHDOG_BOARD
-    if board.is_dir():
-        for f in board.glob("rank_*.json"):
-            f.unlink(missing_ok=True)
+        if after_step is None:
+            (ckpt_dir / LATEST).unlink(missing_ok=True)
+    if after_step is None:
+        (out_dir / METRICS).unlink(missing_ok=True)
+        board = out_dir / WATCHDOG_BOARD
+        if board.is_dir():
+            for f in board.glob("rank_*.json"):
+                f.unlink(missing_ok=True)
+
+
+def explicit_resume_step(out_dir: str | Path, spec: str | None) -> int | None:
+    """For `resume` naming a checkpoint folder inside out_dir/ckpt: its step (the checkpoints newer
+    than it belong to a history the resumed run would leave). None for auto, for no resume, and for
+    anything else (an output directory means its newest checkpoint)."""
+    if not spec or spec == "auto":
+        return None
+    path = Path(spec)
+    ckpt_dir = Path(out_dir) / "ckpt"
+    if STEP_RE.fullmatch(path.name) and ckpt_dir.is_dir() and path.resolve().parent == ckpt_dir.resolve():
+        return step_of(path)
+    return None
+
+
+def resumes_elsewhere(out_dir: str | Path, spec: str | None) -> bool:
+    """`resume` names a checkpoint (or a run) outside out_dir: the run continues someone else's
+    history into out_dir, which must then hold no run of its own."""
+    if not spec or spec == "auto":
+        return False
+    path = Path(spec).resolve()
+    out = Path(out_dir).resolve()
+    return path != out and out not in path.parents
+
+
+class ResumeRefused(CheckpointError):
+    """The checkpoint does not fit this run (another model, seed, data order, no steps left). Decided
+    on rank 0 from the manifest alone and raised on every rank alike."""
+
+
+class RunComplete(Exception):
+    """resume=auto found the run already at train.max_steps: nothing to do (a requeued job whose run
+    finished; not an error)."""
+
+
+def plan_resume(cfg, comm, layout, loader, tokenizer: str | None):
+    """Collective: (checkpoint folder, its TrainingState) that `cfg.resume` names, or None to start
+    from scratch. Everything that makes the checkpoint unfit is found here, from the manifest, before
+    any shard is read and before the model is built (--dry-run calls this too): ResumeRefused, or
+    RunComplete when resume=auto finds the run already finished."""
+    from distgpt.trainer import TrainingState
+
+    if not cfg.resume:
+        return None
+    path = resolve_resume(cfg.out_dir, cfg.resume, comm)
+    if path is None:
+        return None
+
+    def verdict() -> tuple[str, object]:
+        mf = path / MANIFEST
+        try:
+            manifest = _read_manifest(path)
+            _check_model(mf, manifest, layout)
+            meta = manifest["meta"]
+            saved_tok = meta.get("tokenizer")
+            if saved_tok and tokenizer and saved_tok != tokenizer:
+                return "refused", f"{mf}: saved with tokenizer {saved_tok}, the data uses {tokenizer}"
+            state = TrainingState.from_meta(meta)
+            loader.check_resumable(meta["loader"])
+        except CheckpointError as e:
+            return "refused", str(e)
+        except Exception as e:      # DataError (another data order), a malformed meta
+            return "refused", f"{mf}: {e}"
+        steps = cfg.train.max_steps
+        if state.step == steps and cfg.resume == "auto":
+            return "complete", f"the run in {cfg.out_dir} is complete: its newest checkpoint is at step " \
+                               f"{state.step} = train.max_steps (raise train.max_steps to continue it)"
+        if state.step >= steps:
+            return "refused", (f"{mf}: the run is already at step {state.step}, train.max_steps is {steps}: "
+                               "nothing to train (raise train.max_steps to continue it)")
+        return "ok", state.to_dict()
+
+    status, value = comm.bcast_obj(verdict() if comm.rank == 0 else None)
+    if status == "refused":
+        raise ResumeRefused(value)
+    if status == "complete":
+        raise RunComplete(value)
+    return path, TrainingState(**value)
 
 
 class Checkpointer:
@@ -516,35 +610,15 @@ class Checkpointer:
         self.out_dir = Path(cfg.out_dir)
         self.saved_step = -1         # the step of the newest checkpoint this run wrote or resumed
 
-    def resume(self):
-        """Load the checkpoint `resume` names: its TrainingState, or None to start fresh."""
-        from distgpt.trainer import TrainingState
-
-        cfg = self.cfg
-        if not cfg.resume:
+    def resume(self, plan):
+        """Load the checkpoint plan_resume chose: its TrainingState, or None to start fresh."""
+        if plan is None:
+            if self.cfg.resume:
+                self.log(f"resume={self.cfg.resume}: no checkpoint in {self.out_dir / 'ckpt'}: "
+                         "starting from scratch")
             return None
-        path = resolve_resume(self.out_dir, cfg.resume, self.comm)
-        if path is None:
-            self.log(f"resume=auto: no checkpoint in {self.out_dir / 'ckpt'}: starting from scratch")
-            return None
-        layout = self.trainer.model.layout
-        params, m, v, manifest = load_checkpoint(path, self.comm, layout, self.trainer.partition)
-        meta = manifest["meta"]
-        mf = path / MANIFEST
-        saved_tok = meta.get("tokenizer")
-        if saved_tok and self.tokenizer and saved_tok != self.tokenizer:
-            raise CheckpointError(f"{mf}: saved with tokenizer {saved_tok}, the data uses {self.tokenizer}")
-        state = TrainingState.from_meta(meta)
-        saved_seed = meta.get("loader", {}).get("seed")
-        if saved_seed is not None and saved_seed != cfg.train.seed:
-            raise CheckpointError(
-                f"{mf}: saved with train.seed={saved_seed}, this run has train.seed={cfg.train.seed}: a "
-                "resumed run keeps its seed (it fixes the data order); drop the override or start a new run")
-        if state.step >= cfg.train.max_steps:
-            raise CheckpointError(
-                f"{mf}: the run is already at step {state.step}, train.max_steps is {cfg.train.max_steps}: "
-                "nothing to train (raise train.max_steps to continue it)")
-        self.loader.check_resumable(meta["loader"])
+        path, state = plan
+        params, m, v, _ = load_checkpoint(path, self.comm, self.trainer.model.layout, self.trainer.partition)
         self.trainer.load_state(params, m, v, state)
         self.saved_step = state.step
         self.log(f"resumed from {path} at step {state.step}")
@@ -552,9 +626,8 @@ class Checkpointer:
 
     def save(self, state) -> None:
         t = self.cfg.train
-        meta = {"config": self.cfg.to_dict(), "step": state.step, "tokens_seen": state.tokens_seen,
-                "state": state.to_dict(), "loader": self.loader.state_dict(), "tokenizer": self.tokenizer,
-                "precision": self.trainer.precision,
+        meta = {"config": self.cfg.to_dict(), "state": state.to_dict(), "loader": self.loader.state_dict(),
+                "tokenizer": self.tokenizer, "precision": self.trainer.precision,
                 "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
         from distgpt import dist
 

@@ -15,6 +15,17 @@ from pathlib import Path
 from typing import NoReturn
 
 
+def check_switches(tool: str) -> None:
+    """The DISTGPT_* environment switches are valid (distgpt/switches.py), else one line and exit 2:
+    a typo is found before any work, not as a traceback from inside a gemm."""
+    from distgpt import switches
+
+    try:
+        switches.check()
+    except switches.SwitchError as e:
+        fail(tool, str(e))
+
+
 def fail(tool: str, message: str) -> NoReturn:
     # one line even when a library's message has several (pydantic, JSON decoders)
     message = " ".join(line.strip() for line in message.splitlines() if line.strip())

@@ -371,9 +371,11 @@ class TrainLoader:
                 raise DataError(f"loader state is missing key {key!r}")
             current = getattr(self, key)
             if state[key] != current:
+                why = ("a resumed run keeps its seed (drop the override, or start a new run)" if key == "seed"
+                       else "the saved step would not mean the same samples")
                 raise DataError(
                     f"the checkpoint's data order has {names.get(key, key)}={state[key]}, this run has "
-                    f"{current}: the saved step would not mean the same samples"
+                    f"{current}: {why}"
                 )
 
 

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import NoReturn
 
-from distgpt.cli import Parser, fail, make_dirs, remove_new_dirs
+from distgpt.cli import Parser, check_switches, fail, make_dirs, remove_new_dirs
 from distgpt.model import Layout, ModelConfig
 
 GPT2_VOCAB = 50257
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", choices=["gpt2", "bytes"], default=None,
                    help="hf: the model's tokenizer (default: the checkpoint's; gpt2 for a 50257 vocab)")
     args = p.parse_args(argv)
+    check_switches("export")
     if not args.ckpt.strip():
         _fail("--ckpt is empty: name a checkpoint folder, out_dir, Hugging Face folder or hub id, or .bin")
     if not args.out.strip():

@@ -232,11 +232,6 @@ def configure() -> Choice:
     return _choice.configure()
 
 
-def unavailable_reason() -> str | None:
-    """Why bf16 matmuls would not be fast here, or None when they would be (or may be emulated)."""
-    return configure().why_not
-
-
 def describe() -> str:
     """The bf16 gemm library for the run header, and whether it is emulated."""
     return configure().describe()

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from distgpt import switches
-from distgpt.cli import Parser, make_dirs, remove_new_dirs
+from distgpt.cli import Parser, check_switches, make_dirs, remove_new_dirs
 from distgpt.data import MANIFEST_NAME, DataError, Tokenizer, get_tokenizer, write_shard
 from distgpt.fileio import DiskFullError, atomic_write, fsync_dir, write_json_atomic
 from distgpt.progress import Progress
@@ -554,7 +554,10 @@ def _listed_shards(out: Path) -> set[str] | None:
     entries = manifest.get("shards")
     if not isinstance(entries, list):
         return None
-    return {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)}
+    # only names of shards in this folder: a manifest (edited, or not ours after all) that lists
+    # "../x" or "notes.txt" must not make prepare delete them as stale shards
+    return {e["file"] for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)
+            and SHARD_NAME.match(e["file"])}
 
 
 def foreign_outputs(out: Path) -> list[str]:
@@ -640,6 +643,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_switches("prepare")
     try:
         check_args(args)
         manifest = prepare(args)

@@ -17,7 +17,8 @@ from typing import NoReturn
 
 import numpy as np
 
-from distgpt.cli import Parser, fail
+from distgpt import blas
+from distgpt.cli import Parser, check_switches, fail
 from distgpt.model import GPT
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,6 +298,7 @@ def _prompt_problem(prompt: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    check_switches("sample")
     problem = _prompt_problem(args.prompt)
     if problem:
         _fail(problem)
@@ -314,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         prompt = tok.encode(args.prompt)
     except (ValueError, OSError, KeyError) as e:
         _fail(str(e) if isinstance(e, OSError) or not e.args else str(e.args[0]))  # KeyError quotes str()
+    try:
+        blas.configure()        # DISTGPT_BLAS=mkl without MKL: one line here, not a traceback mid-gemm
+    except blas.BlasError as e:
+        _fail(str(e))
     model = GPT(cfg, params=params, trainable=False)
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")  # a non-UTF-8 terminal must not end the run

@@ -24,7 +24,17 @@ import numpy as np
 
 from distgpt import bf16, blas, dist, fileio, jit, switches
 from distgpt import threads as kernel_threads
-from distgpt.checkpoint import METRICS, Checkpointer, existing_run, remove_run
+from distgpt.checkpoint import (
+    METRICS,
+    Checkpointer,
+    ResumeRefused,
+    RunComplete,
+    existing_run,
+    explicit_resume_step,
+    plan_resume,
+    remove_run,
+    resumes_elsewhere,
+)
 from distgpt.cli import add_version, prog_name
 from distgpt.config import (
     Config,
@@ -109,17 +119,17 @@ class StopFlag:
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (*dist.STOP_SIGNALS, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
+        # os.write, not print: a handler that lands inside a print to the same stream would make
+        # Python's buffered writer raise instead of exiting
         if signum == signal.SIGINT:
             if self.interrupted:
                 if self.rank0:
-                    print(f"{TOOL}: interrupted again: exiting now without a checkpoint", file=sys.stderr,
-                          flush=True)
-                sys.stdout.flush()
+                    os.write(2, f"{TOOL}: interrupted again: exiting now without a checkpoint\n".encode())
                 os._exit(INTERRUPTED_EXIT)
             self.interrupted = True
             if self.rank0:
-                print(f"{TOOL}: interrupted: stopping at the end of this step with a checkpoint "
-                      "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+                os.write(2, f"{TOOL}: interrupted: stopping at the end of this step with a checkpoint "
+                            "(Ctrl-C again to exit at once)\n".encode())
         self.signum = signum
 
     def restore(self) -> None:
@@ -236,13 +246,17 @@ def open_data(cfg: Config, comm: dist.Comm):
 def check_out_dir(cfg: Config) -> None:
     """Everything about out_dir that can be known before training (raises OutDirError): it is, or
     can become, a writable folder; its checkpoint folder and metrics file are not something else;
-    and a fresh run does not land on another run's files unless overwrite_out_dir asks to start over.
-    Creates nothing."""
+    and the run does not land on another history's files unless overwrite_out_dir asks to start
+    over: a fresh run (or one resumed from a checkpoint elsewhere) into an out_dir holding a run, or
+    a run resumed from an older checkpoint of its own while newer ones exist. Creates nothing."""
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise OutDirError(f"out_dir {out}: exists and is not a folder")
-    if (out / "ckpt").exists() and not (out / "ckpt").is_dir():
-        raise OutDirError(f"out_dir {out}: {out / 'ckpt'} is a file, where the checkpoint folder goes")
+    ckpt = out / "ckpt"
+    if ckpt.is_symlink() and not ckpt.exists():
+        raise OutDirError(f"out_dir {out}: {ckpt} is a broken link, where the checkpoint folder goes")
+    if ckpt.exists() and not ckpt.is_dir():
+        raise OutDirError(f"out_dir {out}: {ckpt} is a file, where the checkpoint folder goes")
     if (out / METRICS).is_dir():
         raise OutDirError(f"out_dir {out}: {out / METRICS} is a folder, where the metrics file goes")
     parent = out
@@ -251,31 +265,51 @@ def check_out_dir(cfg: Config) -> None:
     what = "out_dir" if parent == out else f"out_dir {out} cannot be created:"
     if not parent.is_dir():
         raise OutDirError(f"{what} {parent} is not a folder")
-    try:        # a real write: as root, os.access says yes to /proc and to read-only mounts
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        raise OutDirError(f"{what} {parent} is not a writable folder ({e.strerror or e})") from None
-    if cfg.resume or cfg.overwrite_out_dir:
+    for folder in (parent, ckpt) if ckpt.is_dir() else (parent,):
+        try:    # a real write: as root, os.access says yes to /proc and to read-only mounts
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as e:
+            where = what if folder == parent else f"out_dir {out}:"
+            raise OutDirError(f"{where} {folder} is not a writable folder ({e.strerror or e})") from None
+    if cfg.overwrite_out_dir or cfg.resume == "auto":
         return
+    rewind = explicit_resume_step(out, cfg.resume)
+    if rewind is not None:
+        newer = existing_run(out, after_step=rewind)
+        if newer:
+            raise OutDirError(
+                f"out_dir {out} holds {newer} after the resumed step {rewind}: resuming there would leave "
+                "them as a second history that resume=auto would later pick up; resume the newest "
+                "(--resume auto), choose another out_dir, or --overwrite to remove the newer ones")
+        return
+    if cfg.resume and not resumes_elsewhere(out, cfg.resume):
+        return                      # out_dir itself: its newest checkpoint, as auto
     found = existing_run(out)
     if found:
+        how = "a run resumed from elsewhere" if cfg.resume else "a fresh run"
         raise OutDirError(
-            f"out_dir {out} holds another run ({found}): continue it with --resume auto, choose another "
-            "out_dir, or start over with --overwrite (removes that run's checkpoints and metrics)")
+            f"out_dir {out} holds another run ({found}), where {how} would overwrite it: continue it with "
+            "--resume auto, choose another out_dir, or start over with --overwrite (removes that run's "
+            "checkpoints and metrics)")
 
 
 def make_out_dir(cfg: Config) -> bool:
     """Rank 0: create out_dir (True when this run created it), and with overwrite_out_dir remove
-    the earlier run's files first. (check_out_dir has made sure that it can.)"""
+    what check_out_dir would have refused: the earlier run's files, or the checkpoints newer than
+    the resumed one. (check_out_dir has made sure that it can.)"""
     out = Path(cfg.out_dir)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutDirError(f"out_dir {out}: cannot write there: {e.strerror or e}") from None
-    if cfg.overwrite_out_dir and not cfg.resume:
-        remove_run(out)
+    if cfg.overwrite_out_dir and cfg.resume != "auto":
+        rewind = explicit_resume_step(out, cfg.resume)
+        if rewind is not None:
+            remove_run(out, after_step=rewind)
+        elif not cfg.resume or resumes_elsewhere(out, cfg.resume):
+            remove_run(out)
     return created
 
 
@@ -323,47 +357,66 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
     t = cfg.train
     log = Log(comm.rank == 0)
 
-    # check what can be checked before any work: the switches, the batch layout, the data, out_dir
+    # check what can be checked before any work: the switches, the batch layout, the data, out_dir,
+    # the checkpoint to resume (from its manifest)
     switches.check()
     threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
     blas.configure()                   # the fp32 gemm, chosen once from DISTGPT_BLAS (every rank alike)
     accum = check_batch_layout(cfg, comm.size)
     if dry_run:    # the plan first, then the same checks a real run makes before its first step
         log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision)), json.dumps(cfg.to_dict(), indent=2))
+        checked = ["out_dir"]
         if cfg.data.train is None:
             log("data: data.train is not set (a real run needs it): not checked")
         else:
-            open_data(cfg, comm)
+            loader, _, tokenizer_name = open_data(cfg, comm)
+            checked.insert(0, "data")
+            if cfg.resume and cfg.init_from == "scratch":   # (pretrained weights set the model)
+                plan_resume(cfg, comm, Layout(cfg.model), loader, tokenizer_name)
+                checked.append("the checkpoint to resume")
         agree(comm, lambda: check_out_dir(cfg))
-        log(f"checks passed: {'data, ' if cfg.data.train else ''}out_dir {cfg.out_dir}")
+        log(f"checks passed: {', '.join(checked)} ({cfg.out_dir})")
         return 0
     loader, val, tokenizer_name = open_data(cfg, comm)
     agree(comm, lambda: check_out_dir(cfg))
 
-    # set up: weights, the trainer on this rank's buffers, out_dir
+    # set up: weights, the checkpoint to resume, the trainer on this rank's buffers, out_dir
     cfg, params = initial_params(cfg)
+    plan = plan_resume(cfg, comm, Layout(cfg.model), loader, tokenizer_name)
     trainer = Trainer(cfg, comm, params)
     del params
     out_dir = Path(cfg.out_dir)
     created = agree(comm, lambda: make_out_dir(cfg))
     try:
-        return _train(cfg, comm, trainer, loader, val, tokenizer_name, log, accum, threads)
+        return _train(cfg, comm, trainer, plan, loader, val, tokenizer_name, log, accum, threads)
     finally:
         # a run that failed before writing anything leaves no empty folder behind
         if comm.rank == 0 and created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
 
 
-def _train(cfg: Config, comm: dist.Comm, trainer: Trainer, loader, val, tokenizer_name: str | None,
+def _train(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tokenizer_name: str | None,
            log: Log, accum: int, threads) -> int:
-    t, model, out_dir = cfg.train, trainer.model, Path(cfg.out_dir)
     log(*header(cfg, comm, trainer, accum, threads))
+    # from here to the final checkpoint a stop signal or Ctrl-C stops at a step boundary, with a
+    # checkpoint (a signal during the final save lets it finish)
+    stop = StopFlag(comm.rank == 0)
+    try:
+        code = _loop(cfg, comm, trainer, plan, loader, val, tokenizer_name, log, stop)
+    finally:
+        stop.restore()
+    return code
+
+
+def _loop(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tokenizer_name: str | None,
+          log: Log, stop: StopFlag) -> int:
+    t, model, out_dir = cfg.train, trainer.model, Path(cfg.out_dir)
 
     # resume, or start every rank from rank 0's parameters
     checkpoints = Checkpointer(cfg, comm, trainer, loader, tokenizer_name, log)
     comm.start_watchdog(cfg.parallel.timeout_s, out_dir / ".watchdog", prefix=TOOL)   # from here on
     with comm.watch(dist.Phase.CHECKPOINT_LOAD, None):
-        resumed = checkpoints.resume()
+        resumed = checkpoints.resume(plan)
     state = resumed or TrainingState()
     if resumed is None:
         with comm.watch(dist.Phase.PARAMETER_BROADCAST, 0):
@@ -384,55 +437,53 @@ def _train(cfg: Config, comm: dist.Comm, trainer: Trainer, loader, val, tokenize
         if metrics is not None:
             metrics.write({"step": 0, "val_loss": val_loss, "tokens": 0, "time_s": 0.0})
     log.start_bar(t.max_steps, state.step)
-    stop = StopFlag(comm.rank == 0)
     t_run, elapsed0, first_step = time.perf_counter(), state.elapsed_s, state.step
     w16 = trainer.weights16
     converted0 = w16.converted if w16 is not None else 0
-    try:
-        while state.step < t.max_steps:
-            t0 = time.perf_counter()
-            result = train_step(state.step, loader.micro_batches(state.step), stop.signum, stop.interrupted)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            state.elapsed_s = elapsed0 + time.perf_counter() - t_run
-            step, dt = state.step, time.perf_counter() - t0
-            if not np.isfinite(result.loss):
-                raise FloatingPointError(f"loss is {result.loss} at step {step}: "
-                                         "lower train.lr or check the data")
+    while state.step < t.max_steps:
+        t0 = time.perf_counter()
+        result = train_step(state.step, loader.micro_batches(state.step), stop.signum, stop.interrupted)
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        state.elapsed_s = elapsed0 + time.perf_counter() - t_run
+        step, dt = state.step, time.perf_counter() - t0
+        if not np.isfinite(result.loss):
+            raise FloatingPointError(f"loss is {result.loss} at step {step}: "
+                                     "lower train.lr or check the data")
 
-            record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                      "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000,
-                      "tokens": state.tokens_seen, "time_s": state.elapsed_s}
-            logged = step % t.log_every == 0 or step == t.max_steps or step == 1
-            if logged:
-                log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
-                    f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
-                    f"{tokens_per_step / dt:9.0f} tok/s")
-            evaluated = val is not None and (step == t.max_steps
-                                             or (t.eval_every > 0 and step % t.eval_every == 0))
-            if evaluated:
-                record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
-                log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
-            log.advance(result.loss, tokens_per_step / dt)
-            if (logged or evaluated) and metrics is not None:
-                metrics.write(record)
-            if sampler is not None and step % t.sample_every == 0:
-                log(sample_text(model, sampler, cfg, step))
-            if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
-                check_params_agree(comm, model.params, step)
-            if result.stop_requested:
-                log.close()
-                why = "interrupted (Ctrl-C)" if result.interrupted else "stop signal received"
-                log(f"{why}: checkpointing at step {step} and exiting; continue with --resume auto")
-                checkpoints.save(state)
-                return INTERRUPTED_EXIT if result.interrupted else 0
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                checkpoints.save(state)
-    finally:
-        stop.restore()
+        record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                  "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000,
+                  "tokens": state.tokens_seen, "time_s": state.elapsed_s}
+        logged = step % t.log_every == 0 or step == t.max_steps or step == 1
+        if logged:
+            log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+                f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
+                f"{tokens_per_step / dt:9.0f} tok/s")
+        evaluated = val is not None and (step == t.max_steps
+                                         or (t.eval_every > 0 and step % t.eval_every == 0))
+        if evaluated:
+            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
+            log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
+        log.advance(result.loss, tokens_per_step / dt)
+        if (logged or evaluated) and metrics is not None:
+            metrics.write(record)
+        if sampler is not None and step % t.sample_every == 0:
+            log(sample_text(model, sampler, cfg, step))
+        if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
+            check_params_agree(comm, model.params, step)
+        if result.stop_requested:
+            log.close()
+            why = "interrupted (Ctrl-C)" if result.interrupted else "stop signal received"
+            log(f"{why}: checkpointing at step {step} and exiting; continue with --resume auto")
+            checkpoints.save(state)
+            return INTERRUPTED_EXIT if result.interrupted else 0
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            checkpoints.save(state)
     log.close()
     if checkpoints.saved_step != state.step:
         checkpoints.save(state)
+    if stop.interrupted:    # after the last step (or during the final save, which went on)
+        log(f"interrupted (Ctrl-C) at the end of the run: the final checkpoint (step {state.step}) is in")
     if w16 is not None and state.step > first_step:
         per_step = (w16.converted - converted0) / (state.step - first_step)
         log(f"bf16 weight copy: rank 0 converted {per_step:,.0f} elements per step, the copy holds "
@@ -440,7 +491,7 @@ def _train(cfg: Config, comm: dist.Comm, trainer: Trainer, loader, val, tokenize
     total = sum(trainer.timing.values())
     if total > 0:
         log("time split: " + ", ".join(f"{k} {v / total:.1%}" for k, v in trainer.timing.items()))
-    return 0
+    return INTERRUPTED_EXIT if stop.interrupted else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,20 +513,32 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (list(args.overrides) + ([f"resume={args.resume}"] if args.resume else [])
                  + (["overwrite_out_dir=true"] if args.overwrite else []))
 
+    try:        # before MPI starts: DISTGPT_NO_MPI decides whether it does
+        switches.check()
+    except switches.SwitchError as exc:
+        if dist.launch_rank() == 0:
+            print(f"{TOOL}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     comm = dist.init()
     try:
         return run(load_config(args.config, overrides), comm, args.dry_run)
-    except KeyboardInterrupt:
-        # Ctrl-C before the training loop (or after it): nothing to save yet
+    except RunComplete as done:   # resume=auto on a finished run (a requeued job): nothing to do
         if comm.rank == 0:
-            print(f"{TOOL}: interrupted before training started: nothing saved", file=sys.stderr, flush=True)
+            print(f"{TOOL}: {done}", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop's stop handling: during set-up, before anything is trained
+        if comm.rank == 0:
+            print(f"{TOOL}: interrupted during set-up: nothing trained, nothing saved", file=sys.stderr,
+                  flush=True)
         if comm.size > 1:
             comm.abort(INTERRUPTED_EXIT)
         return INTERRUPTED_EXIT
     except Exception as exc:  # every failure ends the whole job, never leaves ranks waiting
         user = isinstance(exc, _user_errors())
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
-        same_everywhere = isinstance(exc, (ConfigError, switches.SwitchError, OutDirError))
+        # decided alike on every rank (rank 0's verdict is broadcast where files are read): one line
+        same_everywhere = isinstance(exc, (ConfigError, switches.SwitchError, OutDirError, ResumeRefused))
         if same_everywhere:
             if comm.rank == 0:
                 print(f"{TOOL}: error: {exc}", file=sys.stderr, flush=True)

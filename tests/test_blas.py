@@ -310,9 +310,9 @@ def test_the_bf16_choice_is_made_once_and_put_back():
     previous = gemm16.use(mine)
     try:
         assert gemm16.configure() is mine
-        assert gemm16.unavailable_reason() == mine.why_not and gemm16.describe() == "no bf16 gemm"
+        assert gemm16.configure().why_not == mine.why_not and gemm16.describe() == "no bf16 gemm"
         # the names from before the split answer from the same choice
-        assert gemm16.unavailable_reason() == mine.why_not and gemm16.describe() == "no bf16 gemm"
+        assert gemm16.configure().why_not == mine.why_not and gemm16.describe() == "no bf16 gemm"
     finally:
         assert gemm16.use(previous) is mine
     assert gemm16.configure() is not mine

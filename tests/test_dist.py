@@ -148,7 +148,6 @@ def test_world_size_invariance_in_bf16(tmp_path, shakespeare_bytes):
         assert rel(got["params1"], ref["params1"]) <= 1e-6, name
         distance = rel(got["params"], ref["params"])
         assert distance <= yardstick, f"{name}: {distance:.3g} from 1 rank, a 1-ulp start: {yardstick:.3g}"
-        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-4)
     shared = (tmp_path / "2-2-zero" / "stdout.txt").read_text()     # ZeRO-1 on one node
     assert "bf16 weights: one copy per node, each rank converting its slice" in shared
     private = (tmp_path / "3-4" / "stdout.txt").read_text()

@@ -5,6 +5,7 @@ which forwards a Ctrl-C (SIGINT to mpiexec, as a terminal sends it) to every ran
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -136,3 +137,29 @@ def test_a_second_ctrl_c_exits_at_once_without_a_checkpoint(tmp_path, shakespear
     # nothing half-written is taken for a checkpoint: whatever is listed validates in full
     for path in list_checkpoints(out):
         validate(path)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGUSR1, 0)])
+def test_a_signal_during_the_final_checkpoint_lets_it_finish(tmp_path, shakespeare_bytes, monkeypatch, capsys,
+                                                            sig, code):
+    """With checkpoint.every 0 the final save is a run's only checkpoint: a Ctrl-C or SLURM's
+    SIGUSR1 arriving during it must not lose the run (it finishes, then the exit code says so)."""
+    from threadpoolctl import threadpool_limits
+
+    from distgpt import checkpoint, train
+
+    real_save = checkpoint.save_checkpoint
+
+    def signalled_save(*args, **kwargs):
+        os.kill(os.getpid(), sig)           # handled between bytecodes, i.e. right here
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", signalled_save)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 3}, parallel={"threads_per_rank": 1})
+    with threadpool_limits(limits=None):
+        assert train.main(["--config", str(cfg)]) == code
+    saved = list_checkpoints(tmp_path / "out")
+    assert [p.name for p in saved] == ["step_0000003"]
+    validate(saved[0])
+    assert "Traceback" not in capsys.readouterr().err

@@ -359,3 +359,20 @@ def test_progress_plain_lines_and_summary():
     with Progress(10, "x", stream=quiet, interval=3600) as p:
         p.update(5)
     assert len(quiet.getvalue().splitlines()) == 1  # only the summary within the interval
+
+
+def test_a_manifest_listing_other_files_does_not_make_prepare_delete_them(tmp_path):
+    """Only shard names in the output folder count as an earlier prepare's shards: a manifest that
+    lists "../victim.txt" or "notes.txt" (edited, or copied from elsewhere) deletes neither."""
+    (tmp_path / "a.txt").write_text("x" * 1000)
+    args = ("--source", "a.txt", "--tokenizer", "bytes", "--out", "out")
+    ok(run_prepare(*args, cwd=tmp_path))
+    out = tmp_path / "out"
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"] += [{"file": "../victim.txt"}, {"file": "notes.txt"}]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "victim.txt").write_text("keep me")
+    (out / "notes.txt").write_text("keep me too")
+    ok(run_prepare(*args, cwd=tmp_path))
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+    assert (out / "notes.txt").read_text() == "keep me too"

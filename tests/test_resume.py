@@ -31,12 +31,12 @@ def _state(ckpt: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return p, m, v
 
 
-def _config(tmp_path, data, name, **train):
+def _config(tmp_path, data, name, every=5, **train):
     out = tmp_path / name
     out.mkdir()
     return tiny_config(out, data, model={"dropout": 0.1},
                        train={"max_steps": 10, "micro_batch_size": 2, **train},
-                       checkpoint={"every": 5, "keep": 5}), out / "out"
+                       checkpoint={"every": every, "keep": 5}), out / "out"
 
 
 def _continue_from(src_out: Path, step: int, dst_out: Path) -> None:
@@ -184,22 +184,49 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path, shakespeare_byte
 
 
 def test_resume_keeps_its_seed_and_has_steps_left_to_train(tmp_path, shakespeare_bytes):
-    """A resumed run cannot silently change its data order (train.seed) nor resume a run that is
-    already at train.max_steps: one line each, exit 2, the run's files untouched."""
+    """A resumed run cannot silently change its data order (train.seed) nor train backwards: one line
+    each, exit 2, the run's files untouched; --dry-run finds the same. resume=auto on a run that is
+    complete (a requeued job) says so and exits 0."""
     cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
     assert run_cli("train", "--config", str(cfg)).returncode == 0
     before = tree_digest(out)
-    r = run_cli("train", "--config", str(cfg), "train.seed=7", "train.max_steps=8", "--resume", "auto")
+    seed = ("train.seed=1337, this run has 7: a resumed run keeps its seed (drop the override, or start "
+            "a new run)")
+    for extra in ([], ["--dry-run"]):
+        r = run_cli("train", "--config", str(cfg), "train.seed=7", "train.max_steps=8", "--resume", "auto",
+                    *extra)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.strip().endswith(seed), r.stderr
+    r = run_cli("train", "--config", str(cfg), "train.max_steps=4", "--resume", "auto")
     assert r.returncode == 2
-    assert r.stderr.strip().endswith("saved with train.seed=1337, this run has train.seed=7: a resumed run "
-                                     "keeps its seed (it fixes the data order); drop the override or start "
-                                     "a new run")
-    r = run_cli("train", "--config", str(cfg), "--resume", "auto")
-    assert r.returncode == 2
-    assert r.stderr.strip().endswith("the run is already at step 5, train.max_steps is 5: nothing to train "
+    assert r.stderr.strip().endswith("the run is already at step 5, train.max_steps is 4: nothing to train "
                                      "(raise train.max_steps to continue it)")
-    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("train", "--config", str(cfg), "--resume", "auto")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.strip() == (f"distgpt.train: the run in {out} is complete: its newest checkpoint is at "
+                                "step 5 = train.max_steps (raise train.max_steps to continue it)")
     assert tree_digest(out) == before
+
+
+def test_resuming_another_history_into_an_out_dir_is_refused(tmp_path, shakespeare_bytes):
+    """--resume with a checkpoint from elsewhere into an out_dir holding a run, or from an older
+    checkpoint of the out_dir's own run while newer ones exist, would leave two histories that
+    resume=auto later mixes: refused unless --overwrite, which removes only what is in the way."""
+    cfg_a, out_a = _config(tmp_path, shakespeare_bytes, "a", max_steps=4, every=2)
+    cfg_c, out_c = _config(tmp_path, shakespeare_bytes, "c", max_steps=8, every=2)
+    assert run_cli("train", "--config", str(cfg_a), "checkpoint.every=2").returncode == 0
+    assert run_cli("train", "--config", str(cfg_c), "checkpoint.every=2").returncode == 0
+    before = tree_digest(out_c)
+    r = run_cli("train", "--config", str(cfg_c), "--resume", str(out_a / "ckpt" / "step_0000002"))
+    assert r.returncode == 2 and "holds another run (4 checkpoint(s), the newest at step 8" in r.stderr
+    r = run_cli("train", "--config", str(cfg_c), "--resume", str(out_c / "ckpt" / "step_0000004"))
+    assert r.returncode == 2 and "holds 2 checkpoint(s), the newest at step 8 after the resumed step 4" \
+        in r.stderr, r.stderr
+    assert tree_digest(out_c) == before
+    r = run_cli("train", "--config", str(cfg_c), "--resume", str(out_c / "ckpt" / "step_0000004"),
+                "train.max_steps=6", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in list_checkpoints(out_c)] == ["step_0000006", "step_0000004", "step_0000002"]
 
 
 def test_resume_auto_without_a_checkpoint_says_it_starts_from_scratch(tmp_path, shakespeare_bytes):

@@ -11,6 +11,8 @@ import pytest
 from distgpt import switches
 from distgpt.switches import SwitchError
 
+from conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,3 +68,19 @@ def test_no_module_reads_a_distgpt_variable_outside_the_table():
             assert name in switches.BY_NAME, f"{path.name}: {name}"
         if path.name != "switches.py":
             assert not re.search(r"environ(\.get)?[\[(]\s*[\"']DISTGPT_", text), path.name
+
+
+@pytest.mark.parametrize("tool, args", [
+    ("train", ["--dry-run"]), ("sample", ["--ckpt", "x"]),
+    ("export", ["--ckpt", "x", "--format", "hf", "--out", "y"]),
+    ("prepare", ["--source", "builtin", "--tokenizer", "bytes", "--out", "y"])])
+@pytest.mark.parametrize("variable", ["DISTGPT_NO_MPI", "DISTGPT_BLAS", "DISTGPT_BF16_GEMM"])
+def test_every_tool_refuses_a_bad_switch_with_one_line(tmp_path, tool, args, variable):
+    """Checked first, before MPI starts (DISTGPT_NO_MPI decides whether it does) and before any work."""
+    r = run_cli(tool, *args, cwd=tmp_path, env={variable: "bogus"})
+    assert r.returncode == 2, r.stderr
+    switch = switches.BY_NAME[variable]
+    assert r.stderr.strip().splitlines() == [
+        f"{'distgpt.train' if tool == 'train' else tool}: error: environment variable {variable}='bogus': "
+        f"expected one of {', '.join(switch.choices)} ({switch.meaning})"]
+    assert list(tmp_path.iterdir()) == []

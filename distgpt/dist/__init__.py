@@ -15,7 +15,7 @@
 """
 
 from distgpt.dist.buckets import BucketSpan, bucket_bounds, bucket_parts
-from distgpt.dist.comm import Column, Comm, MPIComm, init, launched_by_mpi
+from distgpt.dist.comm import launch_rank, Column, Comm, MPIComm, init, launched_by_mpi
 from distgpt.dist.policy import make_reducer
 from distgpt.dist.reducers import GradReducer, HierarchicalReducer, Reducer, SharedMemoryReducer
 from distgpt.dist.watchdog import INTERRUPT_EXIT, STOP_SIGNALS, TIMEOUT_EXIT, Phase, Watchdog
@@ -23,5 +23,5 @@ from distgpt.dist.watchdog import INTERRUPT_EXIT, STOP_SIGNALS, TIMEOUT_EXIT, Ph
 __all__ = [
     "INTERRUPT_EXIT", "STOP_SIGNALS", "TIMEOUT_EXIT", "BucketSpan", "Column", "Comm", "GradReducer",
     "HierarchicalReducer", "MPIComm", "Phase", "Reducer", "SharedMemoryReducer", "Watchdog", "bucket_bounds", "bucket_parts",
-    "init", "launched_by_mpi", "make_reducer",
+    "init", "launch_rank", "launched_by_mpi", "make_reducer",
 ]

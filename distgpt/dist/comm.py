@@ -33,6 +33,15 @@ def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _LAUNCHER_VARS)
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher numbered it (0 when none did), readable before MPI starts:
+    for a message that only one rank of a job should print."""
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def init() -> Comm:
     """MPI when launched by an MPI launcher and mpi4py imports; otherwise a single process."""
     if not launched_by_mpi():
