@@ -15,6 +15,16 @@ uint16 bits in the same layout), remade once after each optimizer step by their 
 model, which only reads them; the linears and the head multiply with them, attention multiplies
 bf16 q/k/v, everything else reads the float32 parameters. The precision is chosen once, at
 construction: it picks the kernel table (ops.Fp32Kernels or ops.Bf16Kernels) the passes call.
+
+recompute="block" (train.recompute): what block_forward keeps for block_backward is the block's
+input alone, the residual stream entering it; block_backward first re-runs that block's forward
+into one shared set of block activations (up to the GELU's input: the rest of the block is not
+part of that state). The re-run is the same arithmetic on the same inputs
+(the weights, the bf16 copy and the dropout masks do not change between a forward and its
+backward), so it reproduces the saved activations bit for bit: losses and gradients are those of
+recompute="none". In fp32 a block's saved state is 12 (B*T, C) floats, its input one: the
+blocks keep 12 + (L - 1) of them instead of 12 L, for 2/3 of the matmuls of another forward of
+L - 1 blocks (GPT-2 small, T 1024, B 1, 2 cores of a Zen 4: ~1.17x the step time, fp32 and bf16).
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from distgpt import bf16, ops
-from distgpt.config import ModelConfig
+from distgpt.config import RECOMPUTE_MODES, ModelConfig
 
 __all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes"]
 
@@ -217,9 +227,32 @@ class Scratch:
         self.d_qkv = np.empty((BT, 3 * C), dtype) if backward else None
 
 
+def saved_state(recompute: str, n_layer: int) -> tuple[int, int]:
+    """(sets of block activations, block inputs) a training pass keeps for its backward.
+    none: every block's activations. block: one set, which the forward leaves holding the last
+    block's (so its backward re-runs nothing) and each earlier block's backward re-fills from that
+    block's saved input: the inputs of every block but the last."""
+    if recompute not in RECOMPUTE_MODES:
+        raise ValueError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
+    return (n_layer, 0) if recompute == "none" else (1, n_layer - 1)
+
+
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """np.empty on a 64-byte boundary. A block's forward re-run under recompute writes other
+    buffers than the saved pass did; with each one aligned alike, a gemm whose kernels depend on
+    the alignment (MKL's, without its CNR mode) takes the same path, and sums in the same order."""
+    dtype = np.dtype(dtype)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + 64, np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + n].view(dtype).reshape(shape)
+
+
 class Activations:
     """Every buffer of a forward (and backward) pass for one (B, T), allocated once and reused.
-    Training keeps each block's activations (`saved_blocks` = L); inference reuses one set.
+    Training keeps each block's activations (`saved_blocks` = L), or under recompute one set and
+    the input of each block but the last (`saved_inputs` = L - 1: saved_state); inference reuses
+    one set.
     A bf16 model (`precision`) stores the activations that only feed matmuls as bf16 bits (the ln_1
     and ln_2 outputs, q/k/v, the attention output), the rounding those matmuls take anyway: half
     their memory, and no rounding per call. The GELU input stays float32, as GELU computes in
@@ -227,19 +260,17 @@ class Activations:
     split over ranks: see benchmarks/README.md)."""
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
-                 saved_blocks: int, backward: bool, precision: str = "fp32"):
+                 saved_blocks: int, backward: bool, precision: str = "fp32", saved_inputs: int = 0):
         C, nh, BT = cfg.n_embd, cfg.n_head, B * T
-        z = lambda *s: np.empty(s, dtype=dtype)  # noqa: E731
-        m = (lambda *s: np.empty(s, dtype=np.uint16)) if precision == "bf16" else z  # noqa: E731
+        z = lambda *s: _aligned(s, dtype)  # noqa: E731
+        m = (lambda *s: _aligned(s, np.uint16)) if precision == "bf16" else z  # noqa: E731
         self.B, self.T = B, T
         self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
-        L = saved_blocks
-        ln1_xhat, ln1_out, ln1_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
-        qkv, lse, attn_y = m(L, BT, 3 * C), z(L, B, nh, T), m(L, BT, C)
-        ln2_xhat, ln2_out, ln2_rstd = z(L, BT, C), m(L, BT, C), z(L, BT)
-        fc_pre = z(L, BT, 4 * C)
-        self.blocks = [BlockActs(ln1_xhat[i], ln1_out[i], ln1_rstd[i], qkv[i], lse[i], attn_y[i],
-                                 ln2_xhat[i], ln2_out[i], ln2_rstd[i], fc_pre[i]) for i in range(L)]
+        # one allocation per block and buffer (each on a 64-byte boundary, see _aligned)
+        self.blocks = [BlockActs(z(BT, C), m(BT, C), z(BT), m(BT, 3 * C), z(B, nh, T), m(BT, C),
+                                 z(BT, C), m(BT, C), z(BT), z(BT, 4 * C)) for _ in range(saved_blocks)]
+        # recompute: the residual stream entering block i (a re-run of the block overwrites it)
+        self.inputs = [z(BT, C) for _ in range(saved_inputs)]
         self.lnf_xhat, self.lnf_out, self.lnf_rstd = z(BT, C), z(BT, C), z(BT)
         self.dlnf_out = z(BT, C) if backward else None
         self.scratch = Scratch(BT, C, dtype, backward)
@@ -252,16 +283,18 @@ class Activations:
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
-                     precision: str = "fp32") -> int:
+                     precision: str = "fp32", recompute: str = "none") -> int:
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
-    chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16."""
+    chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16. Under recompute="block"
+    one block's set and L - 1 block inputs (BT x C each) instead of L sets."""
     low = precision == "bf16"
-    C, L, BT = cfg.n_embd, cfg.n_layer, B * T
+    C, BT = cfg.n_embd, B * T
+    sets, inputs = saved_state(recompute, cfg.n_layer)
     stored = 6 * BT * C + (6 * BT * C * 2 // itemsize if low else 6 * BT * C)
     per_layer = stored + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
-    return itemsize * (L * per_layer + scratch + head)
+    return itemsize * (sets * per_layer + inputs * BT * C + scratch + head)
 
 
 class Dropout:
@@ -322,11 +355,14 @@ def split_heads(buf: np.ndarray, B: int, n_head: int, n_embd: int) -> tuple[np.n
 # ----------------------------------------------------------------------------- the block pair
 
 def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
-                  drop: Dropout, kern: ops.Kernels, mw: BlockParams, cache: KVCache | None = None) -> None:
+                  drop: Dropout, kern: ops.Kernels, mw: BlockParams, cache: KVCache | None = None,
+                  state_only: bool = False) -> None:
     """x += attn(ln_1(x)); x += mlp(ln_2(x)), in place on the residual stream x (B*T, C). With a
     KV cache, x holds the new positions only and attention also sees the cached ones. kern: the
     model's kernels (its precision); mw: the weights their matmuls take (w itself in fp32, the bf16
-    copies in bf16; only the four matmul weights are read from it)."""
+    copies in bf16; only the four matmul weights are read from it). state_only (recompute's re-run
+    before block_backward): stop once `a` is complete, at the GELU's input; the MLP's output, a
+    third of the block's matmul work, is not part of the state, and x is not needed after."""
     B = a.lse.shape[0]
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # a bf16 model stores the ln_1 and ln_2 outputs, q/k/v and the attention output as bf16: each
@@ -359,6 +395,8 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, made(a.ln2_out), a.ln2_xhat)  # (BT, C)
     store(a.ln2_out)
     kern.linear_forward(a.ln2_out, mw.fc_w, w.fc_b, a.fc_pre)                           # (BT, 4C)
+    if state_only:
+        return
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
     kern.linear_forward(s.hidden, mw.mlp_proj_w, w.mlp_proj_b, s.branch)                # (BT, C)
     drop.apply_(s.branch, "res2", layer)
@@ -434,11 +472,13 @@ class GPT:
     precision: "fp32", or "bf16" (float32 model, bf16 matmuls): chosen here, once. A bf16 model reads
     the bf16 copy of its matmul weights from `weights16` (a bf16.Bf16Weights on these parameters:
     a node-shared one from the trainer), or from a private one it makes; whoever changes the
-    parameters tells that copy (weights_changed(), or the trainer through the copy itself)."""
+    parameters tells that copy (weights_changed(), or the trainer through the copy itself).
+    recompute: "none" or "block" (saved_state; the module's docstring), also chosen here, once."""
 
     def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
                  grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True,
-                 precision: str = "fp32", weights16: bf16.Bf16Weights | None = None):
+                 precision: str = "fp32", weights16: bf16.Bf16Weights | None = None,
+                 recompute: str = "none"):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         if precision not in ("fp32", "bf16"):
@@ -447,6 +487,8 @@ class GPT:
             raise ValueError(f"bf16 matmuls need a float32 model, not {np.dtype(dtype)}")
         self.cfg = cfg
         self.precision = precision
+        self.recompute = recompute
+        self._saved = saved_state(recompute, cfg.n_layer)    # (block sets, block inputs); checks the name
         self.kernels = ops.kernels(precision)
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)
@@ -502,9 +544,9 @@ class GPT:
         if key not in self._acts:
             if len(self._acts) >= 3:  # training, eval and one more shape; drop the oldest
                 self._acts.pop(next(iter(self._acts)))
-            saved = self.cfg.n_layer if training else 1
-            self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, saved, training,
-                                          self.precision)
+            sets, inputs = self._saved if training else (1, 0)
+            self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, sets, training,
+                                          self.precision, inputs)
         return self._acts[key]
 
     def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:
@@ -527,6 +569,8 @@ class GPT:
         x.reshape(B, T, -1)[...] += w.wpe[t0 : t0 + T]
         drop.apply_(x, "emb")
         for layer, block in enumerate(w.blocks):
+            if layer < len(a.inputs):
+                a.inputs[layer][...] = x                # recompute: what this block's backward re-runs from
             block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, kern, mw.blocks[layer],
                           cache)
         if cache is not None:
@@ -570,9 +614,13 @@ class GPT:
         if hooks is not None:
             hooks.head_done()                      # the forward's fused head wrote wte's gradient
         ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
+        kern = self.kernels
         for layer in reversed(range(cfg.n_layer)):
+            if layer < len(a.inputs):       # recompute: re-fill the shared set (it holds the last block's)
+                block_forward(a.inputs[layer], w.blocks[layer], a.block(layer), a.scratch, cfg, layer, drop,
+                              kern, mw.blocks[layer], state_only=True)
             block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
-                           drop, acc, self.kernels, mw.blocks[layer])
+                           drop, acc, kern, mw.blocks[layer])
             if hooks is not None:
                 hooks.block_done(layer)
         drop.apply_(dx, "emb")

@@ -83,7 +83,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     moments = 2 * 4 * (shard if cfg.parallel.zero else layout.size)
     low = precision == "bf16"
-    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision)
+    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute)
     copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
     total = 2 * 4 * layout.size + moments + acts + copy16
     return [
@@ -100,6 +100,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
         f"matmuls: {blas.describe()}",
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}"
+        + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
         + (f", bf16 weights {mb(copy16)}" if low else "") + f"; total {mb(total)}",
     ]
 
@@ -131,6 +132,10 @@ class StopFlag:
                 os.write(2, f"{TOOL}: interrupted: stopping at the end of this step with a checkpoint "
                             "(Ctrl-C again to exit at once)\n".encode())
         self.signum = signum
+
+    def pending(self) -> tuple[bool, bool]:
+        """(asked to stop, by Ctrl-C): what this rank brings to the step's allreduce."""
+        return self.signum != 0, self.interrupted
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -442,7 +447,7 @@ def _loop(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tok
     converted0 = w16.converted if w16 is not None else 0
     while state.step < t.max_steps:
         t0 = time.perf_counter()
-        result = train_step(state.step, loader.micro_batches(state.step), stop.signum, stop.interrupted)
+        result = train_step(state.step, loader.micro_batches(state.step), stop.pending)
         state.step += 1
         state.tokens_seen += tokens_per_step
         state.elapsed_s = elapsed0 + time.perf_counter() - t_run

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -121,17 +122,18 @@ class Trainer:
             self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
                                               shared=shared, rank_slice=self.partition.updated)
         self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
-                         precision=self.precision, weights16=self.weights16)
+                         precision=self.precision, weights16=self.weights16, recompute=t.recompute)
         lo, hi = self.partition.updated
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.hooks = self.reducer.hooks if cfg.parallel.overlap else None
         self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
 
-    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]], stop: int = 0,
-             interrupt: bool = False) -> StepResult:
-        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`);
-        `stop` is this rank's stop signal (0: none) and `interrupt` whether it was Ctrl-C, shared
-        with the others in the step's small allreduce."""
+    def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]],
+             stop: Callable[[], tuple[bool, bool]] | None = None) -> StepResult:
+        """Train on `micro` (this rank's (x, y, first row) micro-batches of global step `step`).
+        `stop()` says whether this rank was asked to stop and whether by Ctrl-C; it is read just
+        before the step's small allreduce, so a signal that arrives during this step stops the run
+        at its end, on every rank alike."""
         cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
         t = cfg.train
         scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
@@ -154,7 +156,8 @@ class Trainer:
         timing["wait"] += reducer.waited
         timing["comm"] += time.perf_counter() - tc - reducer.waited
         # one small allreduce carries the loss, the norm pieces and any rank's stop signal
-        stats = np.array([loss_sum, reducer.norm_sq_contribution(), float(stop != 0), float(interrupt)])
+        requested, interrupted = stop() if stop is not None else (False, False)
+        stats = np.array([loss_sum, reducer.norm_sq_contribution(), float(requested), float(interrupted)])
         with comm.watch(dist.Phase.STEP_STATISTICS, step):
             comm.allreduce_(stats)
         grad_norm = float(np.sqrt(reducer.norm_sq(float(stats[1]))))

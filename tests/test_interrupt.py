@@ -163,3 +163,27 @@ def test_a_signal_during_the_final_checkpoint_lets_it_finish(tmp_path, shakespea
     assert [p.name for p in saved] == ["step_0000003"]
     validate(saved[0])
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_a_step_stops_at_the_end_of_that_step(tmp_path, shakespeare_bytes, monkeypatch):
+    """The stop is read just before the step's small allreduce: a Ctrl-C during the third step's
+    forward checkpoints at step 3, not one step later."""
+    from threadpoolctl import threadpool_limits
+
+    from distgpt import model, train
+
+    real_forward = model.GPT.forward
+    calls = []
+
+    def forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 * 3:                 # 3 micro-batches a step: the third step's last
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model.GPT, "forward", forward)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 50}, parallel={"threads_per_rank": 1})
+    with threadpool_limits(limits=None):
+        assert train.main(["--config", str(cfg)]) == 130
+    assert [p.name for p in list_checkpoints(tmp_path / "out")] == ["step_0000003"]

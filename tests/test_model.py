@@ -324,18 +324,25 @@ def test_kv_cache_over_the_whole_sequence_equals_the_full_forward(attention):
     assert rel(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("recompute", ["none", "block"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_activation_bytes_counts_every_training_buffer(precision):
-    """The run header's activation memory (model.activation_bytes) is what Activations allocates:
-    in a bf16 model 6 of each block's 12 (B*T, C) floats are bf16 (ln_1, q/k/v, attention, ln_2)."""
-    from distgpt.model import Activations, activation_bytes
+def test_activation_bytes_counts_every_training_buffer(precision, recompute):
+    """The run header's activation memory (model.activation_bytes) is what a training model's
+    Activations allocates: in a bf16 model 6 of each block's 12 (B*T, C) floats are bf16 (ln_1,
+    q/k/v, attention, ln_2); under recompute one block's set and L - 1 block inputs."""
+    from distgpt.model import activation_bytes
 
     cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=32, vocab_size=97)
     B, T, chunk = 3, 20, 25
-    a = Activations(cfg, B, T, np.dtype(np.float32), chunk, cfg.n_layer, backward=True, precision=precision)
-    arrays = [a.x, a.lnf_xhat, a.lnf_out, a.lnf_rstd, a.dlnf_out, a.logits, *vars(a.scratch).values()]
+    m = GPT(cfg, head_chunk_rows=chunk, precision=precision, recompute=recompute)
+    a = m._activations(B, T, training=True)
+    arrays = [a.x, a.lnf_xhat, a.lnf_out, a.lnf_rstd, a.dlnf_out, a.logits, *vars(a.scratch).values(),
+              *a.inputs]
     blocks = {name: np.stack([getattr(blk, name) for blk in a.blocks]) for name in vars(a.blocks[0])}
+    assert len(a.blocks) == (cfg.n_layer if recompute == "none" else 1)
+    assert len(a.inputs) == (0 if recompute == "none" else cfg.n_layer - 1)
     assert (blocks["qkv"].dtype == np.uint16) == (precision == "bf16")
     assert blocks["fc_pre"].dtype == np.float32
     total = sum(x.nbytes for x in arrays) + sum(x.nbytes for x in blocks.values())
-    assert activation_bytes(cfg, B, T, head_chunk_rows=chunk, precision=precision) == total
+    estimate = activation_bytes(cfg, B, T, head_chunk_rows=chunk, precision=precision, recompute=recompute)
+    assert estimate == total
