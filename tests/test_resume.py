@@ -245,3 +245,17 @@ def test_time_s_continues_across_a_resume(tmp_path, shakespeare_bytes):
     assert rows[:len(first)] == first
     times = [row["time_s"] for row in rows]
     assert times == sorted(times) and rows[len(first)]["time_s"] > first[-1]["time_s"]
+
+
+@pytest.mark.mpi
+def test_a_refused_resume_is_one_line_under_mpirun(tmp_path, shakespeare_bytes):
+    """Rank 0 decides from the manifest and every rank raises alike: one line for the job, exit 2,
+    no MPI abort."""
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=5)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    r = run_cli("train", "--config", str(cfg), "model.n_layer=3", "train.max_steps=8", "--resume", "auto",
+                ranks=2, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "saved for another model: model.n_layer=2 (this run: 3)" in lines[0], r.stderr
+    assert "Abort" not in r.stdout + r.stderr
