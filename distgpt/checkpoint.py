@@ -231,7 +231,7 @@ def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, l
     # all ranks, and a bad hash is still caught at resume time, which then falls back further.
     kept = 1
     for path in list_checkpoints(ckpt_dir.parent):
-        if path == final:
+        if path == final or not _ours(path):      # a step_* folder without a manifest is not ours
             continue
         if kept < keep and _is_complete(path):
             kept += 1
@@ -490,8 +490,7 @@ def existing_run(out_dir: str | Path, after_step: int | None = None) -> str | No
     step (a run resumed from an older checkpoint of its own would mix two histories)."""
     out_dir = Path(out_dir)
     found = []
-    ckpts = [p for p in list_checkpoints(out_dir)
-             if _ours(p) and (after_step is None or step_of(p) > after_step)]
+    ckpts = [p for p in list_checkpoints(out_dir) if after_step is None or step_of(p) > after_step]
     if ckpts:
         found.append(f"{len(ckpts)} checkpoint(s), the newest at step {step_of(ckpts[0])}")
     metrics = out_dir / METRICS
@@ -522,27 +521,24 @@ def remove_run(out_dir: str | Path, after_step: int | None = None) -> None:
                 f.unlink(missing_ok=True)
 
 
-def explicit_resume_step(out_dir: str | Path, spec: str | None) -> int | None:
-    """For `resume` naming a checkpoint folder inside out_dir/ckpt: its step (the checkpoints newer
-    than it belong to a history the resumed run would leave). None for auto, for no resume, and for
-    anything else (an output directory means its newest checkpoint)."""
+def resume_source(out_dir: str | Path, spec: str | None) -> tuple[str, int | None]:
+    """Where `resume` takes the run from, seen from out_dir, decided on the resolved path (a link or
+    another spelling of the same folder counts as that folder):
+    ("none", None) no resume, or auto (out_dir's own newest checkpoint);
+    ("own", None) out_dir itself (its newest checkpoint, as auto);
+    ("rewind", step) a checkpoint folder in out_dir/ckpt: the ones newer than `step` belong to a
+    history the resumed run would leave;
+    ("elsewhere", None) anything else (another run, a copy kept anywhere, even under out_dir): the
+    run continues that history into out_dir, which must then hold no run of its own."""
     if not spec or spec == "auto":
-        return None
-    path = Path(spec)
-    ckpt_dir = Path(out_dir) / "ckpt"
-    if STEP_RE.fullmatch(path.name) and ckpt_dir.is_dir() and path.resolve().parent == ckpt_dir.resolve():
-        return step_of(path)
-    return None
-
-
-def resumes_elsewhere(out_dir: str | Path, spec: str | None) -> bool:
-    """`resume` names a checkpoint (or a run) outside out_dir: the run continues someone else's
-    history into out_dir, which must then hold no run of its own."""
-    if not spec or spec == "auto":
-        return False
+        return "none", None
     path = Path(spec).resolve()
     out = Path(out_dir).resolve()
-    return path != out and out not in path.parents
+    if path == out:
+        return "own", None
+    if STEP_RE.fullmatch(path.name) and path.parent == (out / "ckpt").resolve():
+        return "rewind", step_of(path)
+    return "elsewhere", None
 
 
 class ResumeRefused(CheckpointError):
@@ -564,8 +560,18 @@ def plan_resume(cfg, comm, layout, loader, tokenizer: str | None):
 
     if not cfg.resume:
         return None
-    path = resolve_resume(cfg.out_dir, cfg.resume, comm)
+    try:    # rank 0's verdict, broadcast: every rank raises alike
+        path = resolve_resume(cfg.out_dir, cfg.resume, comm)
+    except CheckpointError as e:
+        raise ResumeRefused(str(e)) from None
     if path is None:
+        # auto found no valid checkpoint: starting over is right only where there is none at all
+        found = comm.bcast_obj(existing_run(cfg.out_dir) if comm.rank == 0 else None)
+        if found and "checkpoint" in found:
+            raise ResumeRefused(
+                f"resume=auto: {Path(cfg.out_dir) / 'ckpt'} holds {found.split(' and ')[0]}, none of them "
+                "valid (see the warnings above): repair or move them, or start over without --resume and "
+                "with --overwrite")
         return None
 
     def verdict() -> tuple[str, object]:

@@ -40,7 +40,7 @@ import numpy as np
 from distgpt import bf16, ops
 from distgpt.config import RECOMPUTE_MODES, ModelConfig
 
-__all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes"]
+__all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes", "dropout_mask_bytes"]
 
 
 # ----------------------------------------------------------------------------- the parameter table
@@ -280,6 +280,16 @@ class Activations:
 
     def block(self, layer: int) -> BlockActs:
         return self.blocks[layer % len(self.blocks)]
+
+
+def dropout_mask_bytes(cfg: ModelConfig, B: int, T: int) -> int:
+    """Bytes of the keep masks a training forward draws with dropout on (Dropout.draw: one bool per
+    embedding, attention probability and residual element of every layer), held until its backward;
+    0 without dropout. Recompute does not shrink them: a re-run must reuse the same masks."""
+    if cfg.dropout == 0.0:
+        return 0
+    C, L, nh = cfg.n_embd, cfg.n_layer, cfg.n_head
+    return B * T * C + L * B * nh * T * T + 2 * L * B * T * C
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,

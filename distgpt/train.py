@@ -30,10 +30,9 @@ from distgpt.checkpoint import (
     ResumeRefused,
     RunComplete,
     existing_run,
-    explicit_resume_step,
     plan_resume,
     remove_run,
-    resumes_elsewhere,
+    resume_source,
 )
 from distgpt.cli import add_version, prog_name
 from distgpt.config import (
@@ -43,7 +42,7 @@ from distgpt.config import (
     describe_keys,
     load_config,
 )
-from distgpt.model import GPT, Layout, activation_bytes
+from distgpt.model import GPT, Layout, activation_bytes, dropout_mask_bytes
 from distgpt.optim import lr_at
 from distgpt.progress import Progress
 from distgpt.trainer import (
@@ -85,7 +84,8 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
     low = precision == "bf16"
     acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute)
     copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
-    total = 2 * 4 * layout.size + moments + acts + copy16
+    masks = dropout_mask_bytes(m, t.micro_batch_size, t.seq_len)
+    total = 2 * 4 * layout.size + moments + acts + masks + copy16
     return [
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
@@ -101,6 +101,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}"
         + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
+        + (f", dropout masks {mb(masks)}" if masks else "")
         + (f", bf16 weights {mb(copy16)}" if low else "") + f"; total {mb(total)}",
     ]
 
@@ -277,10 +278,13 @@ def check_out_dir(cfg: Config) -> None:
         except OSError as e:
             where = what if folder == parent else f"out_dir {out}:"
             raise OutDirError(f"{where} {folder} is not a writable folder ({e.strerror or e})") from None
-    if cfg.overwrite_out_dir or cfg.resume == "auto":
-        return
-    rewind = explicit_resume_step(out, cfg.resume)
-    if rewind is not None:
+    if cfg.overwrite_out_dir and cfg.resume == "auto":
+        raise OutDirError("--overwrite (overwrite_out_dir) starts over and --resume auto continues the run "
+                          f"in {out}: choose one")
+    source, rewind = resume_source(out, cfg.resume)
+    if cfg.overwrite_out_dir or (source in ("none", "own") and cfg.resume):
+        return                      # starting over, or continuing out_dir's own newest checkpoint
+    if source == "rewind":
         newer = existing_run(out, after_step=rewind)
         if newer:
             raise OutDirError(
@@ -288,8 +292,6 @@ def check_out_dir(cfg: Config) -> None:
                 "them as a second history that resume=auto would later pick up; resume the newest "
                 "(--resume auto), choose another out_dir, or --overwrite to remove the newer ones")
         return
-    if cfg.resume and not resumes_elsewhere(out, cfg.resume):
-        return                      # out_dir itself: its newest checkpoint, as auto
     found = existing_run(out)
     if found:
         how = "a run resumed from elsewhere" if cfg.resume else "a fresh run"
@@ -309,11 +311,11 @@ def make_out_dir(cfg: Config) -> bool:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutDirError(f"out_dir {out}: cannot write there: {e.strerror or e}") from None
-    if cfg.overwrite_out_dir and cfg.resume != "auto":
-        rewind = explicit_resume_step(out, cfg.resume)
-        if rewind is not None:
+    if cfg.overwrite_out_dir:
+        source, rewind = resume_source(out, cfg.resume)
+        if source == "rewind":          # never the resumed checkpoint itself: only the newer ones
             remove_run(out, after_step=rewind)
-        elif not cfg.resume or resumes_elsewhere(out, cfg.resume):
+        elif source in ("none", "elsewhere"):
             remove_run(out)
     return created
 

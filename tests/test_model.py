@@ -346,3 +346,13 @@ def test_activation_bytes_counts_every_training_buffer(precision, recompute):
     total = sum(x.nbytes for x in arrays) + sum(x.nbytes for x in blocks.values())
     estimate = activation_bytes(cfg, B, T, head_chunk_rows=chunk, precision=precision, recompute=recompute)
     assert estimate == total
+
+
+def test_dropout_mask_bytes_counts_what_a_training_forward_draws():
+    from distgpt.model import Dropout, dropout_mask_bytes
+
+    cfg = ModelConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=50, vocab_multiple=1,
+                      dropout=0.1)
+    drawn = Dropout.draw(cfg, 2, 8, (1, 0), 0)
+    assert dropout_mask_bytes(cfg, 2, 8) == sum(m.nbytes for m in drawn.masks.values())
+    assert dropout_mask_bytes(cfg.model_copy(update={"dropout": 0.0}), 2, 8) == 0

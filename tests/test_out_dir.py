@@ -108,3 +108,25 @@ def test_dry_run_estimates_the_memory_of_the_precision_auto_resolves_to(tmp_path
     assert "bf16 weights" in r.stdout
     r = run_cli("train", "--config", str(cfg), "--dry-run", "train.precision=fp32")
     assert "bf16 weights" not in r.stdout
+
+
+def test_a_step_folder_distgpt_did_not_write_is_never_removed(tmp_path, shakespeare_bytes):
+    """A step_* folder without a manifest in out_dir/ckpt is not a checkpoint distgpt published: a
+    fresh run is refused, and with --overwrite neither the start-over nor the first save's pruning
+    of old checkpoints touches it."""
+    cfg = tiny_config(tmp_path, shakespeare_bytes, train={"max_steps": 2}, checkpoint={"keep": 1})
+    theirs = tmp_path / "out" / "ckpt" / "step_0000100"
+    theirs.mkdir(parents=True)
+    (theirs / "notes.txt").write_text("not a checkpoint")
+    before = tree_digest(tmp_path / "out")
+    _one_error_line(run_cli("train", "--config", str(cfg)),
+                    "holds another run (1 checkpoint(s), the newest at step 100)")
+    assert tree_digest(tmp_path / "out") == before
+    r = run_cli("train", "--config", str(cfg), "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (theirs / "notes.txt").read_text() == "not a checkpoint"
+
+
+def test_overwrite_and_resume_auto_contradict_each_other(tmp_path, shakespeare_bytes):
+    cfg = tiny_config(tmp_path, shakespeare_bytes)
+    _one_error_line(run_cli("train", "--config", str(cfg), "--overwrite", "--resume", "auto"), "choose one")

@@ -242,3 +242,16 @@ def test_the_run_header_counts_recompute_activations():
     t = cfg.train
     mib = activation_bytes(cfg.model, t.micro_batch_size, t.seq_len, recompute="block") / 2**20
     assert f"activations {mib:,.0f} MiB (recompute block)" in line
+
+
+def test_the_trainer_builds_its_model_with_the_configured_recompute(tmp_path):
+    """The CLI comparison above would pass with both runs in `none` if the trainer dropped the key."""
+    from distgpt import dist
+    from distgpt.trainer import Trainer, initial_params
+
+    for mode in ("none", "block"):
+        cfg = load_config(None, ["model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+                                 "model.vocab_size=257", "model.block_size=32", "train.seq_len=32",
+                                 "train.precision=fp32", f"train.recompute={mode}"])
+        cfg, params = initial_params(cfg)
+        assert Trainer(cfg, dist.Comm(), params).model.recompute == mode

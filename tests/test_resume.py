@@ -259,3 +259,45 @@ def test_a_refused_resume_is_one_line_under_mpirun(tmp_path, shakespeare_bytes):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "saved for another model: model.n_layer=2 (this run: 3)" in lines[0], r.stderr
     assert "Abort" not in r.stdout + r.stderr
+
+
+def test_every_spelling_of_another_history_is_refused(tmp_path, shakespeare_bytes):
+    """Decided on the resolved path: a link to an older checkpoint of the run is a rewind, and a copy
+    of a checkpoint kept anywhere else (even under out_dir) is a resume from elsewhere."""
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=6, every=2)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    link = tmp_path / "older"
+    link.symlink_to(out / "ckpt" / "step_0000002")
+    shutil.copytree(out / "ckpt" / "step_0000004", out / "backup" / "step_0000004")
+    before = tree_digest(out)
+    r = run_cli("train", "--config", str(cfg), "train.max_steps=8", "--resume", str(link))
+    assert r.returncode == 2 and "after the resumed step 2" in r.stderr, r.stderr
+    copy = out / "backup" / "step_0000004"
+    r = run_cli("train", "--config", str(cfg), "train.max_steps=8", "--resume", str(copy))
+    assert r.returncode == 2 and "holds another run" in r.stderr, r.stderr
+    assert tree_digest(out) == before
+
+
+def test_resume_auto_does_not_start_over_on_a_run_whose_checkpoints_are_all_damaged(tmp_path,
+                                                                                   shakespeare_bytes):
+    cfg, out = _config(tmp_path, shakespeare_bytes, "run", max_steps=4, every=2)
+    assert run_cli("train", "--config", str(cfg)).returncode == 0
+    for ckpt in list_checkpoints(out):
+        shard = ckpt / "shard_00000.npy"
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    before = tree_digest(out)
+    r = run_cli("train", "--config", str(cfg), "train.max_steps=6", "--resume", "auto")
+    assert r.returncode == 2
+    assert "holds 2 checkpoint(s), the newest at step 4, none of them valid" in r.stderr.splitlines()[-1]
+    assert tree_digest(out) == before
+
+
+@pytest.mark.mpi
+def test_a_missing_resume_path_is_one_line_under_mpirun(tmp_path, shakespeare_bytes):
+    cfg, _ = _config(tmp_path, shakespeare_bytes, "run", max_steps=2)
+    r = run_cli("train", "--config", str(cfg), "--resume", str(tmp_path / "nowhere"), ranks=2, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nowhere" in lines[0] and "Abort" not in r.stdout + r.stderr, r.stderr
