@@ -1,6 +1,5 @@
 """python -m distgpt.prepare end to end, run as a subprocess like a user would."""
 
-import hashlib
 import io
 import json
 import subprocess
@@ -16,6 +15,7 @@ from distgpt.data import get_tokenizer, open_shards, read_shard
 from distgpt.progress import Progress
 
 from conftest import SHARED, TINYSHAKESPEARE, run_cli
+from snapshot import tree_digest
 
 # Tiny Shakespeare with the GPT-2 tokenizer: tiktoken's encode_ordinary gives 338,025 ids for the whole
 # file; it is one document, so it is split by tokens and each split gets its own leading eot: +2.
@@ -206,12 +206,6 @@ def test_rerun_replaces_output_and_removes_stale_shards(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------
 # named sources
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, and every folder, by relative path."""
-    return {str(p.relative_to(root)): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*"))}
 
 
 def test_files_prepare_did_not_write_are_refused_and_kept(tmp_path):
