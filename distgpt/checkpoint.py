@@ -117,10 +117,16 @@ def _write_shard(path: Path, rows: tuple[np.ndarray, ...]) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- saving
 
 def save_checkpoint(out_dir: str | Path, step: int, comm, layout, partition: Partition,
-                    params: np.ndarray, m: np.ndarray, v: np.ndarray, meta: dict, keep: int) -> Path:
+                    params: np.ndarray, m: np.ndarray, v: np.ndarray, meta: dict, keep: int,
+                    worker: int = 0, workers: int = 1,
+                    outer: tuple[np.ndarray, np.ndarray] | None = None) -> Path:
     """Collective: every rank writes params, m, v of its owned slice (partition.owned = [start, end),
     the arrays hold just that slice); rank 0 writes the manifest and publishes the folder. Returns
     OUT/ckpt/step_XXXXXXX on every rank.
+
+    DiLoCo (workers > 1, or `outer` given): each worker's ranks write that worker's set of shards
+    (partition is the worker's), and worker 0's also hold the global parameters and outer momentum
+    (`outer`) as rows 3 and 4; the manifest records `workers` and each shard's worker and rows.
 
     Failures on any rank are gathered and raised as CheckpointError on all ranks, so no rank is
     left waiting in a collective that the failed one never reaches. A failed save (a full disk
@@ -150,13 +156,17 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, partition: Par
     # 2. every rank writes its shard into the temporary folder
     start, end = partition.owned
     file = f"shard_{comm.rank:05d}.npy"
+    diloco = outer is not None or workers > 1
+    rows = (params, m, v) + (tuple(outer) if outer is not None and worker == 0 else ())
     try:
-        for label, a in (("params", params), ("m", m), ("v", v)):
+        for label, a in zip(("params", "m", "v", "global params", "outer momentum"), rows, strict=False):
             if a.shape != (end - start,):
                 raise CheckpointError(f"rank {comm.rank}: {label} has shape {a.shape}, "
                                       f"shard [{start}, {end}) needs ({end - start},)")
-        nbytes, digest = _write_shard(tmp_dir / file, (params, m, v))
+        nbytes, digest = _write_shard(tmp_dir / file, rows)
         record: dict | str = {"file": file, "start": start, "end": end, "bytes": nbytes, "sha256": digest}
+        if diloco:
+            record.update(worker=worker, rows=len(rows))
     except Exception as e:
         record = _message(e, tmp_dir / file)
     _crash_point("after_shard")
@@ -172,7 +182,10 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, partition: Par
     if comm.rank == 0:
         try:
             _crash_point("before_manifest")
-            _finish(ckpt_dir, tmp_dir, final, step, comm.size, layout, records, meta, keep)
+            if diloco:      # each worker's shards in order, worker by worker
+                records.sort(key=lambda r: (r["worker"], r["start"]))
+            _finish(ckpt_dir, tmp_dir, final, step, comm.size, layout, records, meta, keep,
+                    workers if diloco else None)
         except Exception as e:
             err = _message(e, final)
             shutil.rmtree(tmp_dir, ignore_errors=True)  # gone already if the folder was published
@@ -184,26 +197,30 @@ def save_checkpoint(out_dir: str | Path, step: int, comm, layout, partition: Par
 
 
 def _finish(ckpt_dir: Path, tmp_dir: Path, final: Path, step: int, world: int, layout,
-            records: list[dict], meta: dict, keep: int) -> None:
+            records: list[dict], meta: dict, keep: int, workers: int | None = None) -> None:
     """Rank 0's half of save_checkpoint, after every shard is on disk."""
-    # the shards must tile [0, N) and be visible here: a run whose nodes write to local disks would
-    # otherwise produce a manifest for files that this node cannot read
-    pos = 0
+    # each worker's shards must tile [0, N) and be visible here: a run whose nodes write to local
+    # disks would otherwise produce a manifest for files that this node cannot read
+    pos = [0] * (workers or 1)
     for r in records:
-        if r["start"] != pos:
+        k = r.get("worker", 0)
+        if r["start"] != pos[k]:
             raise CheckpointError(f"{tmp_dir / r['file']}: covers [{r['start']}, {r['end']}), expected to "
-                                  f"start at {pos} (shards must tile the flat vector)")
+                                  f"start at {pos[k]} (shards must tile the flat vector)")
         path = tmp_dir / r["file"]
         if not path.is_file() or path.stat().st_size != r["bytes"]:
             raise CheckpointError(f"{path}: not visible from rank 0 with {r['bytes']} bytes "
                                   f"(the output directory must be on a file system shared by all nodes)")
-        pos = r["end"]
-    if pos != layout.size:
-        raise CheckpointError(f"{tmp_dir}: shards cover [0, {pos}), the model has {layout.size} values")
+        pos[k] = r["end"]
+    for end in pos:
+        if end != layout.size:
+            raise CheckpointError(f"{tmp_dir}: shards cover [0, {end}), the model has {layout.size} values")
 
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "world_size": world,
                 "layout": layout.describe(), "n_params": layout.size, "dtype": "float32",
                 "shards": records, "meta": meta}
+    if workers is not None:
+        manifest["workers"] = workers
     write_text_atomic(tmp_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _crash_point("after_manifest")
 
@@ -275,15 +292,23 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{mf}: dtype {manifest['dtype']!r}, expected 'float32'")
     if len(manifest["shards"]) != manifest["world_size"]:
         raise CheckpointError(f"{mf}: {len(manifest['shards'])} shards, world size {manifest['world_size']}")
-    pos = 0
+    workers = manifest.get("workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise CheckpointError(f"{mf}: field 'workers' is {workers!r}, expected a positive integer")
+    pos = [0] * workers          # each worker's shards tile [0, n_params), in order
     for s in manifest["shards"]:
         ok = isinstance(s, dict) and all(isinstance(s.get(k), int) for k in ("start", "end", "bytes"))
-        ok = ok and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"] and s["start"] == pos
+        k = s.get("worker", 0) if isinstance(s, dict) else None
+        ok = ok and isinstance(k, int) and 0 <= k < workers and s.get("rows", 3) in (3, 5)
+        ok = (ok and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
+              and s["start"] == pos[k])
         if not ok or s["end"] < s["start"] or not isinstance(s.get("sha256"), str):
             raise CheckpointError(f"{mf}: bad shard record {s!r}")
-        pos = s["end"]
-    if pos != manifest["n_params"]:
-        raise CheckpointError(f"{mf}: shards cover [0, {pos}), n_params is {manifest['n_params']}")
+        pos[k] = s["end"]
+    for k, end in enumerate(pos):
+        if end != manifest["n_params"]:
+            whose = "the" if workers == 1 else f"worker {k}'s"
+            raise CheckpointError(f"{mf}: {whose} shards cover [0, {end}), n_params is {manifest['n_params']}")
     return manifest
 
 
@@ -407,29 +432,33 @@ def _check_model(mf: Path, manifest: dict, layout) -> None:
         raise CheckpointError(f"{mf}: saved for another model: {what}")
 
 
-def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int) -> np.ndarray:
-    """Rows [0, rows) of the flat range [start, end), assembled from whichever shards overlap it.
-    Each shard is memory-mapped, so only the overlapping byte ranges are read."""
+def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int, worker: int = 0,
+                first: int = 0) -> np.ndarray:
+    """Rows [first, first + rows) of the flat range [start, end) of one worker's shards (a DiLoCo
+    checkpoint has a set per worker), assembled from whichever shards overlap it. Each shard is
+    memory-mapped, so only the overlapping byte ranges are read."""
     out = np.empty((rows, end - start), np.float32)
     for record in manifest["shards"]:
         a, b = max(start, record["start"]), min(end, record["end"])
-        if a >= b:
+        if a >= b or record.get("worker", 0) != worker:
             continue
         file = _check_shard_size(path, record)
         try:
             mm = np.load(file, mmap_mode="r")
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{file}: not a readable .npy: {e}") from None
-        n = record["end"] - record["start"]
-        if mm.shape != (3, n) or mm.dtype != np.float32:
-            raise CheckpointError(f"{file}: holds {mm.dtype} {mm.shape}, expected float32 (3, {n})")
-        out[:, a - start:b - start] = mm[:rows, a - record["start"]:b - record["start"]]
+        n, held = record["end"] - record["start"], record.get("rows", 3)
+        if mm.shape != (held, n) or mm.dtype != np.float32:
+            raise CheckpointError(f"{file}: holds {mm.dtype} {mm.shape}, expected float32 ({held}, {n})")
+        if first + rows > held:
+            raise CheckpointError(f"{file}: holds {held} rows, rows up to {first + rows} are needed")
+        out[:, a - start:b - start] = mm[first:first + rows, a - record["start"]:b - record["start"]]
         del mm  # unmap now rather than holding every overlapping shard open
     return out
 
 
-def load_checkpoint(path: str | Path, comm, layout, partition: Partition,
-                    verify: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def load_checkpoint(path: str | Path, comm, layout, partition: Partition, verify: bool = False,
+                    worker: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Collective: params, m, v of this rank's owned slice (partition.owned = [start, end)) and the
     manifest.
 
@@ -448,7 +477,7 @@ def load_checkpoint(path: str | Path, comm, layout, partition: Partition,
         if verify:
             for record in manifest["shards"][comm.rank::comm.size]:
                 _check_shard_hash(_check_shard_size(path, record), record)
-        rows = _read_range(path, manifest, start, end, 3)
+        rows = _read_range(path, manifest, start, end, 3, worker)
     except Exception as e:
         err = _message(e, path)
     errors = [e for e in comm.allgather_obj(err) if e]
@@ -457,13 +486,83 @@ def load_checkpoint(path: str | Path, comm, layout, partition: Partition,
     return rows[0], rows[1], rows[2], manifest
 
 
+def load_worker_state(path: str | Path, comm, layout, partition: Partition, workers: int | None,
+                      worker: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None, str]:
+    """Collective: params, m, v of this rank's owned slice for a run of `workers` DiLoCo workers
+    (None: a synchronous run), of which this rank's host is `worker`; the outer state of the slice
+    (global parameters, momentum, the step of the last sync) or None to start a cycle here; and a
+    phrase saying which rule applied:
+    - a synchronous checkpoint: its parameters and moments (a DiLoCo run starts its first cycle);
+    - a DiLoCo checkpoint into a run with as many workers: each worker resumes its own parameters
+      and moments, and the outer state (exact);
+    - otherwise (another number of hosts, or a synchronous run): the workers are merged as the next
+      outer sync would merge them, early: one outer step (with the checkpoint's outer settings) on
+      the mean pseudo-gradient, unless the checkpoint was taken right at a sync; AdamW moments are
+      the workers' mean; the outer momentum carries on into a DiLoCo run.
+    Any rank's failure is raised as CheckpointError on all ranks."""
+    from distgpt.config import DilocoConfig
+    from distgpt.diloco import outer_update
+
+    path = Path(path)
+    a, b = partition.owned
+    result, err = None, None
+    try:
+        manifest = _read_manifest(path)
+        mf = path / MANIFEST
+        _check_model(mf, manifest, layout)
+        if manifest["n_params"] != layout.size:
+            raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
+        saved = manifest["meta"].get("diloco")
+        old = manifest.get("workers", 1)
+        if saved is None:
+            p, m, v = _read_range(path, manifest, a, b, 3)
+            result = p, m, v, None, "a synchronous checkpoint"
+        else:
+            g, mom = _read_range(path, manifest, a, b, 2, 0, 3)
+            last, step = int(saved["last_sync"]), manifest["step"]
+            if workers == old:
+                p, m, v = _read_range(path, manifest, a, b, 3, worker)
+                result = p, m, v, (g, mom, last), f"each of the {old} hosts its own state"
+            else:
+                inv = np.float32(1.0 / old)
+                p = m = v = delta = None
+                for k in range(old):            # one worker at a time: the sums in worker order
+                    pk, mk, vk = _read_range(path, manifest, a, b, 3, k)
+                    if k == 0:
+                        p, m, v, delta = pk.copy(), mk.copy(), vk.copy(), g - pk
+                    else:
+                        m += mk
+                        v += vk
+                        delta += g - pk
+                m *= inv
+                v *= inv
+                if last != step:
+                    delta *= inv
+                    d = DilocoConfig(**manifest["meta"]["config"]["parallel"]["diloco"])
+                    outer_update(g, mom, delta, d.outer_lr, d.outer_momentum, d.nesterov)
+                    p = g.copy()
+                how = (f"{old} hosts merged into {workers or 1} "
+                       + ("(taken at an outer sync)" if last == step else "by an early outer step")
+                       + ", AdamW moments averaged")
+                result = p, m, v, ((p.copy(), mom, step) if workers else None), how
+    except Exception as e:
+        err = _message(e, path)
+    errors = [e for e in comm.allgather_obj(err) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    return result
+
+
 def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
     """Single process: (manifest, the full flat float32 parameter vector) of a checkpoint folder, or of
     the newest valid checkpoint of an output directory. Validates in full (sample/export run once)."""
     found = _resolve_local(path, str(path))
     assert found is not None  # an explicit path either resolves or raises
     manifest = _read_manifest(found)
-    params = _read_range(found, manifest, 0, manifest["n_params"], 1)[0]
+    # DiLoCo: the model is the global parameters (worker 0 keeps them in rows 3 and 4): every
+    # worker's own parameters right after an outer sync, the last sync's between them
+    first = 3 if "workers" in manifest else 0
+    params = _read_range(found, manifest, 0, manifest["n_params"], 1, 0, first)[0]
     return manifest, params
 
 
@@ -624,10 +723,14 @@ class Checkpointer:
                          "starting from scratch")
             return None
         path, state = plan
-        params, m, v, _ = load_checkpoint(path, self.comm, self.trainer.model.layout, self.trainer.partition)
-        self.trainer.load_state(params, m, v, state)
+        trainer, comm = self.trainer, self.comm
+        workers = comm.n_nodes if trainer.outer is not None else None
+        params, m, v, outer, how = load_worker_state(path, comm, trainer.model.layout, trainer.partition,
+                                                     workers, comm.node_index)
+        trainer.load_state(params, m, v, state, outer)
         self.saved_step = state.step
-        self.log(f"resumed from {path} at step {state.step}")
+        self.log(f"resumed from {path} at step {state.step}"
+                 + ("" if how == "a synchronous checkpoint" and workers is None else f" ({how})"))
         return state
 
     def save(self, state) -> None:
@@ -637,9 +740,14 @@ class Checkpointer:
                 "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
         from distgpt import dist
 
+        outer, diloco = self.trainer.outer, {}
+        if outer is not None:
+            meta["diloco"] = {"workers": self.comm.n_nodes, "last_sync": outer.last_sync}
+            diloco = {"worker": self.comm.node_index, "workers": self.comm.n_nodes,
+                      "outer": self.trainer.outer_slices()}
         with self.comm.watch(dist.Phase.CHECKPOINT_SAVE, state.step):
             path = save_checkpoint(self.out_dir, state.step, self.comm, self.trainer.model.layout,
                                    self.trainer.partition, *self.trainer.state_slices(), meta,
-                                   self.cfg.checkpoint.keep)
+                                   self.cfg.checkpoint.keep, **diloco)
         self.saved_step = state.step
         self.log(f"checkpoint: {path}")

@@ -118,8 +118,25 @@ class TrainConfig(_Section):
         return self
 
 
+class DilocoConfig(_Section):
+    """DiLoCo (Douillard et al. 2023): each worker (a host) takes inner_steps AdamW steps alone, then
+    the workers average their pseudo-gradients (global - local parameters) and take one outer step of
+    SGD with Nesterov momentum. The paper's outer lr 0.7 and momentum 0.9 are the defaults."""
+
+    inner_steps: Positive = 50  # steps each host takes alone between outer syncs
+    outer_lr: float = Field(0.7, gt=0, allow_inf_nan=False, description="a number > 0")
+    outer_momentum: Beta = 0.9
+    nesterov: bool = True
+    # the pseudo-gradients cross hosts as fp32, or rounded to bf16 (half the bytes; summed in fp32)
+    wire: Literal["fp32", "bf16"] = "fp32"
+
+
 class ParallelConfig(_Section):
-    zero: bool = True  # ZeRO-1: shard AdamW state and update across ranks
+    # ZeRO-1: shard AdamW state and update across ranks. auto: ZeRO-1 where the ranks share a node's
+    # memory (one node, or the hosts of a diloco run), replicated when every step's sum crosses hosts
+    # (the fp32 parameter gather after the update cannot overlap anything there: 1.62x vs 1.26x the
+    # one-host step at 1 Gbit/s, benchmarks/README.md)
+    zero: bool | Literal["auto"] = Field("auto", description="true, false or auto")
     threads_per_rank: Literal["auto"] | Positive = Field("auto", description="auto or a positive integer")
     reduce: ReduceMethod = "auto"  # gradient sum: shared_memory (ranks on one node), mpi, or auto
     overlap: bool = True  # mpi reduce: reduce gradient buckets during backward
@@ -130,6 +147,16 @@ class ParallelConfig(_Section):
     check_every: NonNegative = 100  # steps between cross-rank parameter checks (0: start only)
     # seconds a rank may wait in one collective before it reports the ranks it waits for and exits
     timeout_s: float = Field(600.0, gt=0, allow_inf_nan=False, description="a number of seconds > 0")
+    # how the hosts agree: every step (synchronous data parallelism), or every
+    # parallel.diloco.inner_steps steps (DiLoCo: the ranks of a host stay synchronous)
+    sync: Literal["step", "diloco"] = "step"
+    diloco: DilocoConfig = Field(default_factory=DilocoConfig)
+
+    def zero_for(self, n_nodes: int) -> bool:
+        """Whether ZeRO-1 runs (for more than one rank) on n_nodes nodes: see `zero`."""
+        if self.zero != "auto":
+            return self.zero
+        return n_nodes == 1 or self.sync == "diloco"
 
 
 class CheckpointConfig(_Section):

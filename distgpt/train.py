@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distgpt import bf16, blas, dist, fileio, jit, switches
+from distgpt import bf16, blas, diloco, dist, fileio, jit, switches
 from distgpt import threads as kernel_threads
 from distgpt.checkpoint import (
     METRICS,
@@ -49,7 +49,6 @@ from distgpt.trainer import (
     StepResult,
     Trainer,
     TrainingState,
-    check_params_agree,
     flops_per_token,
     initial_params,
 )
@@ -74,18 +73,22 @@ class OutDirError(ValueError):
 
 # ----------------------------------------------------------------------------- summary
 
-def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> list[str]:
+def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_nodes: int = 1) -> list[str]:
     m, t = cfg.model, cfg.train
     layout = Layout(m)
     n = layout.n_params()
-    shard = (layout.size + world - 1) // world
+    diloco_run = cfg.parallel.sync == "diloco"
+    group = world // n_nodes if diloco_run else world       # the ranks that share the optimizer state
+    zero = cfg.parallel.zero_for(n_nodes) and group > 1
+    shard = (layout.size + group - 1) // group
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-    moments = 2 * 4 * (shard if cfg.parallel.zero else layout.size)
+    moments = 2 * 4 * (shard if zero else layout.size)
+    outer = 2 * 4 * shard if diloco_run else 0             # DiLoCo: global parameters and momentum
     low = precision == "bf16"
     acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute)
     copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
     masks = dropout_mask_bytes(m, t.micro_batch_size, t.seq_len)
-    total = 2 * 4 * layout.size + moments + acts + masks + copy16
+    total = 2 * 4 * layout.size + moments + acts + masks + copy16 + outer
     return [
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
@@ -96,13 +99,15 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32") -> lis
         f"optimizer: AdamW ({'compiled, numba' if jit.enabled() else 'NumPy ufuncs'}) "
         f"lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
         f"wd {t.weight_decay}, clip {t.grad_clip}"
-        + ("" if world == 1 else ", ZeRO-1" if cfg.parallel.zero else ", replicated"),
+        + ("" if group == 1 else ", ZeRO-1" if zero else ", replicated")
+        + (" within each host" if diloco_run and group > 1 else ""),
         f"matmuls: {blas.describe()}",
         f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}"
         + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
         + (f", dropout masks {mb(masks)}" if masks else "")
-        + (f", bf16 weights {mb(copy16)}" if low else "") + f"; total {mb(total)}",
+        + (f", bf16 weights {mb(copy16)}" if low else "")
+        + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}",
     ]
 
 
@@ -193,11 +198,15 @@ class Metrics:
         fileio.append_line(self.file, json.dumps(record), self.path)
 
 
-def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int, step: int = 0) -> float:
+def evaluate(model: GPT, val, comm: dist.Comm, micro_batch_size: int, step: int = 0,
+             group: dist.Comm | None = None) -> float:
     """Mean loss over the fixed val set: token-loss sums and counts are summed over ranks, so the
-    number is the same whatever the number of ranks."""
+    number is the same whatever the number of ranks. With `group` (a DiLoCo host), each host's ranks
+    split the whole set among them and the sums run over every host: the mean of the hosts' models'
+    losses (one model's right after an outer sync, when they all hold the same parameters)."""
     acc = np.zeros(2, np.float64)
-    for x, y in val.rank_windows(comm.rank, comm.size, micro_batch_size):
+    split = group or comm
+    for x, y in val.rank_windows(split.rank, split.size, micro_batch_size):
         acc[0] += model.loss(x, y) * x.size
         acc[1] += x.size
     with comm.watch(dist.Phase.EVALUATION, step):
@@ -321,14 +330,26 @@ def make_out_dir(cfg: Config) -> bool:
 
 
 def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) -> list[str]:
-    lines = summary(cfg, comm.size, accum, trainer.precision) + [
+    lines = summary(cfg, comm.size, accum, trainer.precision, comm.n_nodes) + [
         f"ranks: {comm.size} on {comm.n_nodes} node(s), {comm.local_size} per node; "
         f"threads per rank: {threads.threads}; BLAS: {threads.blas}; MPI: {comm.library}",
         bf16.describe(trainer.precision)
         + ("; bf16 weights: one copy per node, each rank converting its slice"
            if trainer.weights16 is not None and trainer.weights16.shared else "")]
-    if comm.size > 1:
-        lines.append(f"gradient sum: {trainer.reducer.describe()}"
+    if trainer.outer is not None:
+        d, workers = cfg.parallel.diloco, comm.n_nodes
+        sent = diloco.wire_bytes(Layout(cfg.model).size, workers, d.wire)
+        lines.append(f"sync: diloco, {workers} worker(s) (one per host), an outer sync every {d.inner_steps} "
+                     f"steps (outer SGD lr {d.outer_lr}, momentum {d.outer_momentum}"
+                     f"{', Nesterov' if d.nesterov else ''}), pseudo-gradients as {d.wire}: each host sends "
+                     f"{sent / 2**20:,.1f} MiB per sync, {sent / d.inner_steps / 2**20:,.2f} MiB per step")
+    else:
+        lines.append("sync: step (every step's gradients summed over all ranks)"
+                     + (f"; each host sends about {step_bytes(cfg, trainer, comm) / 2**20:,.1f} MiB per step"
+                        if comm.n_nodes > 1 else ""))
+    if trainer.group.size > 1:
+        lines.append(f"gradient sum{' within each host' if trainer.outer is not None else ''}: "
+                     f"{trainer.reducer.describe()}"
                      f"{', overlapped with backward' if trainer.hooks is not None else ''}")
     if threads.oversubscribed:
         lines.append(f"warning: {comm.local_size} ranks x {threads.threads} threads exceed this node's "
@@ -341,6 +362,16 @@ def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) 
         lines.append(f"warning: train.warmup_steps ({t.warmup_steps}) > train.max_steps ({t.max_steps}): "
                      f"the learning rate stops at {peak:.2e}, below train.lr ({t.lr:g}), and never decays")
     return lines
+
+
+def step_bytes(cfg: Config, trainer: Trainer, comm: dist.Comm) -> int:
+    """What each host sends per synchronous step: the gradient as parallel.grad_wire, (N-1)/N of it,
+    for the sums' reduce-scatter, then (N-1)/N of the summed gradients back (replicated) or of the
+    fp32 parameters (ZeRO-1's gather), N hosts."""
+    n, hosts = Layout(cfg.model).size, comm.n_nodes
+    width = 4 if cfg.parallel.grad_wire == "fp32" else 2
+    back = 4 if trainer.partition.zero else width
+    return (hosts - 1) * n * (width + back) // hosts
 
 
 def agree(comm: dist.Comm, fn: Callable[[], object]) -> object:
@@ -371,7 +402,8 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
     blas.configure()                   # the fp32 gemm, chosen once from DISTGPT_BLAS (every rank alike)
     accum = check_batch_layout(cfg, comm.size)
     if dry_run:    # the plan first, then the same checks a real run makes before its first step
-        log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision)), json.dumps(cfg.to_dict(), indent=2))
+        log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision), comm.n_nodes),
+            json.dumps(cfg.to_dict(), indent=2))
         checked = ["out_dir"]
         if cfg.data.train is None:
             log("data: data.train is not set (a real run needs it): not checked")
@@ -428,7 +460,7 @@ def _loop(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tok
     if resumed is None:
         with comm.watch(dist.Phase.PARAMETER_BROADCAST, 0):
             trainer.broadcast_params()
-    check_params_agree(comm, model.params, state.step)
+    trainer.check_params(state.step)
     metrics = Metrics(out_dir, state.step if resumed else None) if comm.rank == 0 else None
     sampler = None
     if t.sample_every and tokenizer_name and comm.rank == 0:
@@ -461,23 +493,31 @@ def _loop(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tok
         record = {"step": step, "train_loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                   "tokens_per_s": tokens_per_step / dt, "ms_per_step": dt * 1000,
                   "tokens": state.tokens_seen, "time_s": state.elapsed_s}
+        if result.outer is not None:
+            o = result.outer
+            record.update(outer_s=o.seconds, outer_bytes=o.bytes, pseudo_grad_norm=o.norm)
         logged = step % t.log_every == 0 or step == t.max_steps or step == 1
         if logged:
             log(f"step {step:6d}/{t.max_steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
                 f"grad norm {result.grad_norm:.3f} | {dt * 1000:8.1f} ms/step | "
                 f"{tokens_per_step / dt:9.0f} tok/s")
+        if result.outer is not None and (logged or step % (t.log_every * 10) == 0):
+            o = result.outer
+            log(f"step {step:6d} | outer sync {o.seconds * 1000:.0f} ms, {o.bytes / 2**20:,.1f} MiB sent "
+                f"per rank, pseudo-gradient norm {o.norm:.4f}")
         evaluated = val is not None and (step == t.max_steps
                                          or (t.eval_every > 0 and step % t.eval_every == 0))
         if evaluated:
-            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step)
+            record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step,
+                                          trainer.group if trainer.outer is not None else None)
             log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
         log.advance(result.loss, tokens_per_step / dt)
-        if (logged or evaluated) and metrics is not None:
+        if (logged or evaluated or result.outer is not None) and metrics is not None:
             metrics.write(record)
         if sampler is not None and step % t.sample_every == 0:
             log(sample_text(model, sampler, cfg, step))
         if cfg.parallel.check_every and step % cfg.parallel.check_every == 0:
-            check_params_agree(comm, model.params, step)
+            trainer.check_params(step)
         if result.stop_requested:
             log.close()
             why = "interrupted (Ctrl-C)" if result.interrupted else "stop signal received"

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from distgpt import bf16, dist
-from distgpt.config import Config, ModelConfig, user_model_keys
+from distgpt.config import Config, ConfigError, ModelConfig, user_model_keys
+from distgpt.diloco import OuterStats, OuterSync
 from distgpt.model import GPT, Layout, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
 from distgpt.partition import Partition
@@ -75,6 +76,7 @@ class StepResult:
     lr: float
     stop_requested: bool     # some rank was signalled: every rank checkpoints and exits
     interrupted: bool        # ... and one of those signals was Ctrl-C (SIGINT): the job exits 130
+    outer: OuterStats | None = None     # DiLoCo: the outer sync that ended this step, if one did
 
 
 def params_checksum(params: np.ndarray) -> int:
@@ -97,15 +99,25 @@ class Trainer:
     The reducer decides where the flat buffers live (shared memory on one node), so the model is
     built on its buffers; the partition says which slice this rank sums, updates and checkpoints.
     In bf16 the model's Bf16Weights owns the bf16 copy of the weights: the trainer only tells it
-    which slice this rank has just updated."""
+    which slice this rank has just updated.
+
+    DiLoCo (parallel.sync = diloco, distgpt/diloco.py): `group` is this host's ranks, and everything
+    above happens within it (the partition, the reducer, ZeRO-1); `outer` syncs the hosts every
+    inner_steps steps. Otherwise `group` is every rank. The loss, the stop signals and the data
+    split stay world-wide either way."""
 
     def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
-        t, layout = cfg.train, Layout(cfg.model)
+        t, layout, par = cfg.train, Layout(cfg.model), cfg.parallel
         self.cfg, self.comm = cfg, comm
         self.precision = bf16.resolve(t.precision)        # "auto" -> bf16 where it is fast, else fp32
-        zero = cfg.parallel.zero and comm.size > 1
-        self.partition = Partition(layout.size, comm.size, comm.rank, zero)
-        self.reducer = dist.make_reducer(comm, self.partition, layout.layer_ranges, params,
+        diloco = par.sync == "diloco"
+        if diloco and not comm.same_ranks_per_node:
+            raise ConfigError("parallel.sync = diloco: expected the same number of ranks on every host "
+                              f"(this job has {comm.size} ranks on {comm.n_nodes} hosts)")
+        self.group = group = comm.node_group() if diloco else comm
+        zero = par.zero_for(comm.n_nodes) and group.size > 1
+        self.partition = Partition(layout.size, group.size, group.rank, zero)
+        self.reducer = dist.make_reducer(group, self.partition, layout.layer_ranges, params,
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
                                          cfg.parallel.grad_wire, cfg.parallel.comm_thread,
                                          (cfg.model.padded_vocab, cfg.model.n_embd))
@@ -117,7 +129,7 @@ class Trainer:
         if self.precision == "bf16":
             shared = None
             if self.reducer.shares_params:
-                bufs, _ = comm.shared_buffers(layout.size, np.uint16, per_rank=False)
+                bufs, _ = group.shared_buffers(layout.size, np.uint16, per_rank=False)
                 shared = None if bufs is None else bufs[0]
             self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
                                               shared=shared, rank_slice=self.partition.updated)
@@ -127,6 +139,15 @@ class Trainer:
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.hooks = self.reducer.hooks if cfg.parallel.overlap else None
         self.timing = dict.fromkeys(("forward", "backward", "wait", "comm", "optim"), 0.0)
+        self.outer = None
+        if diloco:      # (collective: every rank builds its column)
+            a, b = self.partition.owned
+            self.outer = OuterSync(par.diloco, comm, comm.column(), a, b)
+            self.outer.reset(self.reducer.params, 0)
+            self.timing["outer"] = 0.0
+        # one slot per worker for its gradient norm's pieces in the step's statistics allreduce
+        self.norm_slot = comm.node_index if diloco else 0
+        self.norm_slots = comm.n_nodes if diloco else 1
 
     def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]],
              stop: Callable[[], tuple[bool, bool]] | None = None) -> StepResult:
@@ -136,7 +157,7 @@ class Trainer:
         at its end, on every rank alike."""
         cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
         t = cfg.train
-        scale = 1.0 / (len(micro) * comm.size)      # SUM-reduced gradients then average the batch
+        scale = 1.0 / (len(micro) * self.group.size)    # SUM-reduced gradients then average the batch
         dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
         model.zero_grad()
         loss_sum = 0.0
@@ -150,17 +171,19 @@ class Trainer:
             timing["forward"] += tb - ta
             timing["backward"] += time.perf_counter() - tb
         tc = time.perf_counter()
-        with comm.watch(dist.Phase.GRADIENT_SUM, step):
+        with self.group.watch(dist.Phase.GRADIENT_SUM, step):
             reducer.finish()
         # waiting for the slowest rank to finish backward is load imbalance, not communication
         timing["wait"] += reducer.waited
         timing["comm"] += time.perf_counter() - tc - reducer.waited
-        # one small allreduce carries the loss, the norm pieces and any rank's stop signal
+        # one small allreduce carries the loss, the norm pieces (per worker) and any rank's stop signal
         requested, interrupted = stop() if stop is not None else (False, False)
-        stats = np.array([loss_sum, reducer.norm_sq_contribution(), float(requested), float(interrupted)])
+        stats = np.zeros(3 + self.norm_slots)
+        stats[:3] = loss_sum, float(requested), float(interrupted)
+        stats[3 + self.norm_slot] = reducer.norm_sq_contribution()
         with comm.watch(dist.Phase.STEP_STATISTICS, step):
             comm.allreduce_(stats)
-        grad_norm = float(np.sqrt(reducer.norm_sq(float(stats[1]))))
+        grad_norm = float(np.sqrt(reducer.norm_sq(float(stats[3 + self.norm_slot]))))
         lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)
         td = time.perf_counter()
         lo, hi = self.partition.updated
@@ -169,16 +192,51 @@ class Trainer:
         if self.weights16 is not None:
             self.weights16.changed(lo, hi)          # shared: this rank's slice of the copy, now
         if self.partition.zero:
-            with comm.watch(dist.Phase.PARAMETER_GATHER, step):
+            with self.group.watch(dist.Phase.PARAMETER_GATHER, step):
                 reducer.allgather_params()          # (shared: the barrier after which all is converted)
         if self.weights16 is not None:
             self.weights16.current()                # (a private copy: remade by its next pass)
         timing["optim"] += time.perf_counter() - td
-        return StepResult(float(stats[0] * scale), grad_norm, lr, bool(stats[2]), bool(stats[3]))
+        outer = None
+        if self.outer is not None and self.outer.due(step + 1, t.max_steps):
+            with comm.watch(dist.Phase.OUTER_SYNC, step):
+                outer = self.outer.sync(model.params, step + 1)
+                self._slice_updated()
+            timing["outer"] += outer.seconds
+        loss = float(stats[0] * (1.0 / (len(micro) * comm.size)))     # the global batch's mean
+        return StepResult(loss, grad_norm, lr, bool(stats[1]), bool(stats[2]), outer)
+
+    def _slice_updated(self) -> None:
+        """This rank has written its owned slice of the parameters (an outer sync): the host's
+        other ranks see it, and so does the bf16 copy."""
+        a, b = self.partition.owned
+        w16 = self.weights16
+        if w16 is not None and self.reducer.shares_params:
+            w16.changed(a, b)               # the host's one copy: each rank converts its slice
+        elif w16 is not None:
+            w16.changed_all()
+        self.reducer.allgather_params()     # (one copy on the host: a barrier makes it visible)
+        if w16 is not None:
+            w16.current()
+
+    def check_params(self, step: int) -> None:
+        """The parameter check: every rank agrees; under DiLoCo only the host's ranks do between
+        outer syncs (each host has its own parameters then), all of them right after one."""
+        everywhere = self.outer is None or self.outer.last_sync == step
+        check_params_agree(self.comm if everywhere else self.group, self.model.params, step)
 
     def broadcast_params(self) -> None:
         """Rank 0's parameters on every rank (the start of a run)."""
-        self.reducer.broadcast_params()
+        if self.outer is None:
+            self.reducer.broadcast_params()
+        else:       # to every host (the group's reducer only reaches its own), then the cycle starts
+            a, b = self.partition.owned
+            view = self.model.params[a:b]
+            piece = np.ascontiguousarray(view)
+            self.outer.column.bcast_(piece)         # host 0's slice to every host's rank of that slice
+            view[:] = piece
+            self.reducer.allgather_params()
+            self.outer.reset(self.model.params, 0)
         self._weights_updated()
 
     def _weights_updated(self) -> None:
@@ -189,22 +247,30 @@ class Trainer:
             return
         w16.changed_all()
         if w16.shared:
-            self.comm.shared_barrier()
+            self.group.shared_barrier()
         w16.current()
 
-    def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, state: TrainingState) -> None:
-        """This rank's owned slices from a checkpoint -> full parameters, and moments where kept."""
+    def load_state(self, params: np.ndarray, m: np.ndarray, v: np.ndarray, state: TrainingState,
+                   outer: tuple[np.ndarray, np.ndarray, int] | None = None) -> None:
+        """This rank's owned slices from a checkpoint -> full parameters, and moments where kept.
+        DiLoCo: `outer` is (global parameters, momentum, the step of the last sync) of the slice;
+        None starts a cycle at this step from the loaded parameters."""
         a, b = self.partition.owned
         self.model.params[a:b] = params
-        self.reducer.allgather_params()
+        self.reducer.allgather_params()             # (within the host under DiLoCo: its reducer's ranks)
         self._weights_updated()
+        if self.outer is not None:
+            if outer is None:
+                self.outer.reset(self.model.params, state.step)
+            else:
+                self.outer.global_[:], self.outer.momentum[:], self.outer.last_sync = outer
         opt = self.opt
         if self.partition.zero:
             opt.m[:], opt.v[:] = m, v
         else:
             opt.m[a:b], opt.v[a:b] = m, v
-            self.comm.allgatherv_(opt.m, self.partition.ranges)
-            self.comm.allgatherv_(opt.v, self.partition.ranges)
+            self.group.allgatherv_(opt.m, self.partition.ranges)
+            self.group.allgatherv_(opt.v, self.partition.ranges)
         opt.t = state.step
 
     def state_slices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,3 +279,7 @@ class Trainer:
         if self.partition.zero:
             return self.model.params[a:b], self.opt.m, self.opt.v
         return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
+
+    def outer_slices(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """DiLoCo: the global parameters and outer momentum of this rank's owned slice."""
+        return None if self.outer is None else (self.outer.global_, self.outer.momentum)

@@ -167,7 +167,7 @@ def test_misspelt_key_in_the_file_gets_a_suggestion(tmp_path, capsys):
     ("out_dir=''", "out_dir = '': expected a directory path"),
     # types
     ("train.lr=fast", "train.lr = 'fast': expected a number"),
-    ("parallel.zero=yes please", "parallel.zero = 'yes please': expected true/false"),
+    ("parallel.zero=yes please", "parallel.zero = 'yes please': expected true, false or auto"),
     ("data.train=3", "data.train = 3: expected a string or null"),
     ("train=3", "train = 3: expected a section of keys"),
     # across fields and sections

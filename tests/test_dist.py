@@ -16,7 +16,7 @@ import pytest
 from distgpt import dist
 from distgpt.checkpoint import read_params
 from distgpt.partition import Partition, even_ranges
-from distgpt.train import check_params_agree
+from distgpt.trainer import check_params_agree
 
 from conftest import MPIRUN, bf16_env, read_metrics, rel, run_cli, tiny_config
 

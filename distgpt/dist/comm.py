@@ -70,6 +70,17 @@ class Column:
     def allgatherv_(self, buf: np.ndarray, ranges: list[tuple[int, int]]) -> None:
         """Member i contributes buf[ranges[i]]; afterwards every member holds all of them."""
 
+    def allreduce_(self, buf: np.ndarray) -> None:
+        """buf = the column's sum of buf, in place."""
+
+    def bcast_(self, buf: np.ndarray) -> None:
+        """buf = member 0's buf, in place."""
+
+    def alltoall_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> None:
+        """Part i of send (send cut into parts of counts, in member order) goes to member i; recv
+        gets every member's part for this one, in member order: (size, counts[rank]) values."""
+        recv.reshape(-1)[...] = send
+
 
 class _MPIColumn(Column):
     def __init__(self, MPI, col, members: list[int]):
@@ -84,6 +95,19 @@ class _MPIColumn(Column):
         counts, displs = [e - s for s, e in ranges], [s for s, _ in ranges]
         self._col.Allgatherv(self._MPI.IN_PLACE, [buf, counts, displs, self._MPI._typedict[buf.dtype.char]])
 
+    def allreduce_(self, buf: np.ndarray) -> None:
+        self._col.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+
+    def bcast_(self, buf: np.ndarray) -> None:
+        self._col.Bcast(buf, root=0)
+
+    def alltoall_(self, send: np.ndarray, recv: np.ndarray, counts: list[int]) -> None:
+        mine = counts[self.rank]
+        displs = np.cumsum([0, *counts[:-1]]).tolist()
+        kind = self._MPI._typedict[send.dtype.char]
+        self._col.Alltoallv([send, counts, displs, kind],
+                            [recv, [mine] * self.size, [i * mine for i in range(self.size)], kind])
+
 
 class Comm:
     """The communicator's interface, implemented for a single process: every collective is the
@@ -96,12 +120,23 @@ class Comm:
     local_rank = 0
     local_size = 1
     n_nodes = 1
+    node_index = 0                      # this node's place among the nodes (by their lowest rank)
     same_ranks_per_node = True          # (the same on every node: HierarchicalReducer needs that)
     library = "none (single process)"
     is_mpi = False
     # whether a thread other than the main one may make the calls (GradReducer's comm thread)
     threads_ok = True
-    watchdog: Watchdog | None = None
+    _parent: Comm | None = None         # a node group's world (node_group): its watchdog, its abort
+    _dog: Watchdog | None = None
+
+    @property
+    def watchdog(self) -> Watchdog | None:
+        """The rank's watchdog: a node group watches with its world's."""
+        return self._parent.watchdog if self._parent is not None else self._dog
+
+    @watchdog.setter
+    def watchdog(self, dog: Watchdog | None) -> None:
+        self._dog = dog
 
     # -- the watchdog
 
@@ -159,6 +194,11 @@ class Comm:
         """Collective: the ranks with this rank's local rank, one per node (HierarchicalReducer)."""
         return Column([self.rank])
 
+    def node_group(self) -> Comm:
+        """Collective: this node's ranks as a communicator of their own (a DiLoCo worker), sharing
+        this one's watchdog; a single process where the node has one rank."""
+        return self
+
     # -- non-blocking: requests to test and wait for (None: complete already)
 
     def start_allreduce(self, buf: np.ndarray) -> Request:
@@ -184,6 +224,8 @@ class Comm:
         pass
 
     def abort(self, code: int = 1) -> None:
+        if self._parent is not None:
+            self._parent.abort(code)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -192,11 +234,12 @@ class Comm:
 class MPIComm(Comm):
     is_mpi = True
 
-    def __init__(self):
+    def __init__(self, comm=None, parent: MPIComm | None = None):
         from mpi4py import MPI
 
         self._MPI = MPI
-        self._world = MPI.COMM_WORLD
+        self._world = MPI.COMM_WORLD if comm is None else comm
+        self._parent = parent
         self.rank = self._world.Get_rank()
         self.size = self._world.Get_size()
         self._node = self._world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -204,6 +247,9 @@ class MPIComm(Comm):
         self.local_size = self._node.Get_size()
         places = self._world.allgather((self.local_rank, self.local_size))
         self.n_nodes = sum(local == 0 for local, _ in places)
+        leaders = [r for r, (local, _) in enumerate(places) if local == 0]
+        first = self._node.bcast(self.rank, root=0)
+        self.node_index = leaders.index(first) if first in leaders else 0
         self.same_ranks_per_node = len({size for _, size in places}) == 1
         self._windows: list = []
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split())
@@ -317,6 +363,14 @@ class MPIComm(Comm):
         col = self._world.Split(color=self.local_rank, key=self.rank)
         return _MPIColumn(self._MPI, col, col.allgather(self.rank))
 
+    def node_group(self) -> Comm:
+        if self.local_size == 1:
+            solo = Comm()
+            solo._parent = self
+            return solo
+        return MPIComm(self._node.Dup(), parent=self)
+
+
     def start_allreduce(self, buf: np.ndarray) -> Request:
         return self._world.Iallreduce(self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
 
@@ -336,6 +390,8 @@ class MPIComm(Comm):
         self._MPI.Request.Waitall(requests)
 
     def abort(self, code: int = 1) -> None:
+        if self._parent is not None:
+            self._parent.abort(code)
         sys.stdout.flush()
         sys.stderr.flush()
         dog = self.watchdog

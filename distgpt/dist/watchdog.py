@@ -31,6 +31,7 @@ class Phase:
     PARAMETER_GATHER = "parameter gather"
     PARAMETER_BROADCAST = "parameter broadcast"
     PARAMETER_CHECK = "parameter check"
+    OUTER_SYNC = "outer sync"
     EVALUATION = "evaluation"
     CHECKPOINT_LOAD = "checkpoint load"
     CHECKPOINT_SAVE = "checkpoint save"
