@@ -3,7 +3,7 @@
     python benchmarks/bench_train.py --config small [--steps N] [--warmup W] [--vs-torch]
         [--precision fp32,bf16] [--torch-modes eager-fp32,...] [--layouts 1x2,2x1] [--no-zero]
         [--reduce M] [--no-overlap] [--profile] [--batch B] [--wait-idle S] [--json PATH]
-        [--vs-llmc BUILD_DIR]
+        [--vs-llmc BUILD_DIR] [--set KEY=VALUE ...]
 
 The driver (this script run without mpirun) starts one worker per layout RxT: R MPI ranks with T
 threads each (`mpirun -n R -bind-to core:T`; R = 1 runs the worker directly). The worker
@@ -15,6 +15,11 @@ after them on the same shape and data, once per --torch-modes entry: eager or to
 fp32 or bf16 autocast (a compiled model's first step compiles it: its time is reported, not timed).
 MFU is against the 4096^3 gemm peak of the row's own precision: sgemm for fp32, the bf16 gemm
 distgpt uses for bf16 (torch's bf16 rows against the same bf16 peak).
+--set applies distgpt config overrides (as distgpt.train's command line) to distgpt's workers, e.g.
+`--set parallel.sync=diloco --set parallel.diloco.inner_steps=50`. Under DiLoCo a step that ends a
+cycle also syncs the hosts, so --warmup and --steps must be whole cycles (multiples of inner_steps):
+the result's mean step (mean_ms_per_step) is then the cost per step of whole cycles, beside the
+median (ms_per_step, a step without a sync).
 See benchmarks/README.md for what each column means.
 """
 
@@ -42,7 +47,14 @@ from pathlib import Path
 import numpy as np
 
 from distgpt import bf16, blas, dist, fileio, ops
-from distgpt.config import Config, ParallelConfig, TrainConfig, check_batch_layout
+from distgpt.config import (
+    Config,
+    ConfigError,
+    ParallelConfig,
+    TrainConfig,
+    check_batch_layout,
+    parse_override,
+)
 from distgpt.model import Layout, ModelConfig
 from distgpt.optim import lr_at
 from distgpt.threads import ThreadSetup, n_threads, set_threads
@@ -156,6 +168,7 @@ def throughput(tokens_per_step: int, step_times: list[float], flops_per_token: i
     step_s = statistics.median(step_times)
     tok_s = tokens_per_step / step_s
     return {"flops_per_token": flops_per_token, "tokens_per_s": tok_s, "ms_per_step": 1000 * step_s,
+            "mean_ms_per_step": 1000 * statistics.fmean(step_times),
             "step_ms": [1000 * v for v in step_times], "peak_flops": peak,
             "mfu": tok_s * flops_per_token / peak}
 
@@ -178,6 +191,44 @@ def write_result(path: str, result: dict) -> None:
 
 # ----------------------------------------------------------------------------- distgpt worker
 
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """cfg with `section.key=value` overrides (distgpt.train's command-line syntax) applied and
+    validated again; a bad one is a ConfigError naming it."""
+    if not overrides:
+        return cfg
+    tree = cfg.to_dict()
+    for text in overrides:
+        key, value = parse_override(text)
+        node, *path, last = [tree, *key.split(".")]
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {text!r}: no config section {part!r}")
+            node = node[part]
+        if last not in node:
+            raise ConfigError(f"override {text!r}: no config key {key!r}")
+        node[last] = value
+    try:
+        return Config.model_validate(tree)
+    except ValueError as e:       # pydantic's ValidationError: the first problem, on one line
+        first = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ConfigError(f"overrides {' '.join(overrides)}: {first}") from None
+
+
+def whole_cycles_problem(cfg: Config, warmup: int, steps: int) -> str | None:
+    """Why warmup and steps are not whole DiLoCo cycles (each ends with the sync of the hosts, which
+    a mean over part of a cycle would leave out or count too often); None when they are."""
+    if cfg.parallel.sync != "diloco":
+        return None
+    h = cfg.parallel.diloco.inner_steps
+    if warmup % h or steps % h:
+        return (f"--warmup {warmup} and --steps {steps}: expected multiples of "
+                f"parallel.diloco.inner_steps ({h}) under parallel.sync=diloco")
+    if warmup + steps > cfg.train.max_steps:        # a sync at max_steps would end a partial cycle
+        return (f"--warmup + --steps {warmup + steps}: expected at most train.max_steps "
+                f"({cfg.train.max_steps})")
+    return None
+
+
 def distgpt_worker(args: argparse.Namespace) -> None:
     comm = dist.init()
     try:
@@ -192,6 +243,10 @@ def distgpt_worker(args: argparse.Namespace) -> None:
                                     overlap=not args.no_overlap, reduce=args.reduce,
                                     grad_wire=args.grad_wire, comm_thread=args.comm_thread),
         )
+        cfg = with_overrides(cfg, args.set)
+        problem = whole_cycles_problem(cfg, args.warmup, args.steps)
+        if problem:
+            raise ValueError(problem)
         if check_batch_layout(cfg, comm.size) != args.micro_batches:
             raise ValueError(f"batch {args.batch} does not split evenly into {args.micro_batches} "
                              f"micro-batches on each of {comm.size} ranks")
@@ -213,7 +268,7 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
     # micro-batch k of rank r: rows (k * ranks + r) * mb onwards of the step's global batch
     firsts = [(k * comm.size + comm.rank) * mb for k in range(args.micro_batches)]
 
-    step_times, phases, losses = [], [], []
+    step_times, phases, losses, outer = [], [], [], []
     profiler = cProfile.Profile() if args.profile and comm.rank == 0 else None
     for step in range(args.warmup + args.steps):
         timed = step >= args.warmup
@@ -225,12 +280,14 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
                   np.ascontiguousarray(tokens[step, r:r + mb, 1:]), r) for r in firsts]
         before = dict(trainer.timing)
         t0 = time.perf_counter()
-        loss = trainer.step(step, micro).loss
+        res = trainer.step(step, micro)
         dt = time.perf_counter() - t0
-        losses.append(loss)
+        losses.append(res.loss)
         if timed:
             step_times.append(dt)
             phases.append({k: trainer.timing[k] - before[k] for k in before})
+            if getattr(res, "outer", None) is not None:     # a DiLoCo step that synced the hosts
+                outer.append(res.outer)
     if profiler is not None:
         profiler.disable()
 
@@ -241,8 +298,15 @@ def train_distgpt(args: argparse.Namespace, cfg: Config, comm: dist.Comm, thread
     n_params = model.layout.n_params()
     fpt = flops_per_token(cfg.model, t.seq_len, n_params)
     peak = sum(r["sgemm_flops"] for r in per_rank)
+    sync = getattr(cfg.parallel, "sync", "step")
+    diloco = {} if sync == "step" else {
+        "inner_steps": cfg.parallel.diloco.inner_steps, "diloco_wire": cfg.parallel.diloco.wire,
+        "outer_syncs": len(outer), "outer_ms": [1000 * o.seconds for o in outer],
+        "outer_bytes": [o.bytes for o in outer]}       # rank 0's, each sync
     return {
         "impl": "distgpt",
+        "sync": sync,
+        **diloco,
         "ranks": comm.size,
         "threads": threads.threads,
         "batch": t.batch_size,
@@ -460,6 +524,7 @@ def run_worker(impl: str, config: str, ranks: int, threads: int, batch: int, var
         cmd += ["--precision", variant]
         cmd += ["--no-overlap"] * args.no_overlap + ["--profile"] * args.profile
         cmd += ["--grad-wire", args.grad_wire, "--comm-thread" if args.comm_thread else "--no-comm-thread"]
+        cmd += [f"--set={kv}" for kv in args.set]
     env = dict(os.environ)
     if impl == "torch":
         cmd += ["--torch-mode", variant]
@@ -557,6 +622,12 @@ def config_table(name: str, shape: Shape, runs: list[dict], steps: int, warmup: 
             *vs_llmc,
         ))
     lines = [head, *format_table(rows)]
+    for r in ok:
+        if r.get("sync") == "diloco":     # the median leaves the syncs out; whole cycles' mean does not
+            syncs, cycles = r["outer_ms"], len(r["step_ms"]) // r["inner_steps"]
+            lines.append(f"{r['label']}: DiLoCo H={r['inner_steps']}, outer wire {r['diloco_wire']}: "
+                         f"{r['mean_ms_per_step']:,.0f} ms/step mean over {cycles} whole cycle(s), "
+                         f"{len(syncs)} sync(s) of {sum(syncs) / max(1, len(syncs)):,.0f} ms")
     if best_torch is not None:
         lines.append(f"fastest torch mode: {best_torch['label']}")
     compiled = [r for r in torch_ok if r.get("mode", "").startswith("compile")]
@@ -707,6 +778,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="distgpt's train.precision, or several (fp32,bf16): each layout runs in each")
     parser.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                         help=f"PyTorch modes for --vs-torch (default all: {','.join(TORCH_MODES)})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="distgpt: a config override, as distgpt.train takes them (repeatable), e.g. "
+                             "parallel.sync=diloco; with diloco, --warmup and --steps must be whole cycles")
     parser.add_argument("--torch-mode", choices=TORCH_MODES, help=argparse.SUPPRESS)
     # worker mode (started by the driver)
     parser.add_argument("--worker", choices=("distgpt", "torch"), help=argparse.SUPPRESS)
@@ -717,6 +791,18 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             parser.error(f"--{name.replace('_', '-')} {value}: too small")
+    if args.set and args.worker is None:         # the workers' configs: checked once, here, on one line
+        try:
+            cfg = with_overrides(Config(), args.set)
+        except ConfigError as e:
+            parser.error(str(e))
+        for name in args.config.split(","):
+            shape = CONFIGS.get(name)
+            steps = shape.steps if shape and args.steps is None else args.steps
+            warmup = shape.warmup if shape and args.warmup is None else args.warmup
+            problem = shape and whole_cycles_problem(cfg, warmup, steps)
+            if problem:
+                parser.error(f"--config {name}: {problem}")
     if args.vs_llmc and not os.access(os.path.join(args.vs_llmc, "train_gpt2"), os.X_OK):
         parser.error(f"--vs-llmc {args.vs_llmc}: no train_gpt2 there; build it with "
                      f"benchmarks/build_llmc.sh {args.vs_llmc}")

@@ -308,7 +308,8 @@ def _read_manifest(path: Path) -> dict:
     for k, end in enumerate(pos):
         if end != manifest["n_params"]:
             whose = "the" if workers == 1 else f"worker {k}'s"
-            raise CheckpointError(f"{mf}: {whose} shards cover [0, {end}), n_params is {manifest['n_params']}")
+            raise CheckpointError(f"{mf}: {whose} shards cover [0, {end}), "
+                                  f"n_params is {manifest['n_params']}")
     return manifest
 
 

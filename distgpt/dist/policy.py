@@ -17,9 +17,9 @@ def make_reducer(comm: Comm, partition: Partition, layer_ranges: list[tuple[int,
     """The gradient reducer for `method` (parallel.reduce), holding the flat buffers: auto picks
     shared memory when every rank is on one node and there is more than one rank; on several
     nodes with several ranks each, shared memory within nodes and MPI between them
-    (HierarchicalReducer); MPI collectives otherwise. `params` is this rank's initial parameter
-    vector; under ZeRO-1 on one node it is copied (rank 0's) into one shared buffer, otherwise it
-    is used as it is."""
+    (HierarchicalReducer); otherwise GradReducer's bucketed MPI sum (collectives at 2 ranks, point
+    to point from 3). `params` is this rank's initial parameter vector; under ZeRO-1 on one node it
+    is copied (rank 0's) into one shared buffer, otherwise it is used as it is."""
     if method in ("auto", "shared_memory") and comm.size > 1:
         buffers, why_not = comm.shared_buffers(params.size, params.dtype)
         if buffers is not None:

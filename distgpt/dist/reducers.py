@@ -6,7 +6,8 @@ protocol (Reducer), so that the trainer never asks which one it holds.
 - HierarchicalReducer: several nodes with several ranks on each; shared memory within each node,
   then MPI between nodes (within a column) for 1/(ranks per node) of the gradient per rank.
 - GradReducer: otherwise; buckets of whole layers (distgpt/dist/buckets.py) go to non-blocking MPI
-  calls as backward finishes them, the only one of the three that overlaps with backward.
+  calls (collectives at 2 ranks, point to point at 3 or more) as backward finishes them, the only
+  one of the three that overlaps with backward.
 
 Replicated mode leaves the whole sum on every rank; ZeRO-1 only rank r's slice on rank r (the
 partition, distgpt/partition.py, says which slice that is). The reducer also owns the flat
@@ -104,7 +105,9 @@ class _Bucket:
     displs: list[int]          # where each rank's part starts, relative to lo
     own: tuple[int, int]       # this rank's part of it, absolute [a, b) within [lo, hi)
     target: np.ndarray         # where this rank's part of the sum goes (updated_grads or grads)
-    recv: np.ndarray | None = None      # bf16 wire: every rank's copy of this rank's part, (ranks, b - a)
+    # the exchange (_post): every rank's copy of this rank's part; bf16 (ranks, b - a), this rank's
+    # row included; fp32 (ranks - 1, b - a), the other ranks' rows in rank order (its own is in grads)
+    recv: np.ndarray | None = None
     stage: int = 0             # collectives finished so far
     requests: list[Request] = field(default_factory=list)     # requests of the open stage
 
@@ -123,13 +126,24 @@ class GradReducer(_SquaredNorm):
     computes (MPICH advances non-blocking collectives only inside MPI calls); without it, each
     finished layer tests them once.
 
-    On the wire (parallel.grad_wire), fp32 is MPI's own reduce-scatter (ZeRO-1) or allreduce. bf16
-    rounds each rank's gradients to bf16 and sends rank q its part of them, point to point (the
-    reduce-scatter's traffic in half the bytes); the owner widens the parts back to fp32 and adds
-    them in rank order, which makes the sum the same whatever MPI's algorithms. Replicated, it then
-    gathers the sums, rounded to bf16 again, to every rank, and every rank (the owner too) uses
-    those rounded sums, so that all ranks apply the same update. As PyTorch DDP's bf16 compression
-    hook, except that DDP adds in bf16.
+    The exchange: each rank sends rank q its part of the bucket (q's owned slice), point to point;
+    the owner adds the parts in rank order, so each sum is made once, by its owner, in an order that
+    does not depend on MPI's algorithms; replicated, the owner then sends its sums to every rank.
+    That is the reduce-scatter's traffic and then the allgather's: 2 (N - 1) / N of the gradient
+    sent per rank and step, the least a sum can cost. On the wire (parallel.grad_wire):
+    - bf16 always uses the exchange: each rank's gradients are rounded to bf16 (half the bytes);
+      the owner widens the parts back to fp32 and adds them. Replicated, the sums go out rounded to
+      bf16 again, and every rank (the owner too) uses those rounded sums, so that all ranks apply
+      the same update. As PyTorch DDP's bf16 compression hook, except that DDP adds in bf16.
+    - fp32 uses the exchange from EXCHANGE_MIN_RANKS ranks, and MPI's own reduce-scatter (ZeRO-1) or
+      allreduce below that. At 2 ranks MPICH's collectives are already optimal (each rank sends
+      half, receives half, sends back its half of the sums: the exchange's own traffic), need no
+      receive buffer of ours, and give both ranks the same bits (a + b == b + a). At a number of
+      ranks that is not a power of two, MPICH's allreduce first folds the extra ranks into their
+      neighbours and unfolds them at the end, whole buffers both ways: at 3 ranks host 1 sent 1.5x
+      the 2 (N - 1) / N (tests/test_multihost_wire.py measures both). At 4, 8, ... the bytes are
+      the same either way; the exchange still fixes the order of the additions. Its cost: a
+      receive buffer of (N - 1) / N of the gradient per rank (330 MB for GPT-2 124M at 3 ranks).
 
     The token table (wte, a third of GPT-2's parameters) goes first: the forward's fused head has
     already computed its gradient when backward starts, all but the rows of this micro-batch's
@@ -141,6 +155,8 @@ class GradReducer(_SquaredNorm):
     """
 
     POLL_S = 0.001           # the comm thread's test interval: 125 kB at 1 Gbit/s
+    EXCHANGE_MIN_RANKS = 3   # fp32 goes point to point from this many ranks (a test sets it higher
+                             # to measure MPI's collectives; read when a reducer is made)
 
     def __init__(self, comm: Comm, partition: Partition, layer_ranges: list[tuple[int, int]],
                  params: np.ndarray, bucket_bytes: int, wire: str = "fp32", comm_thread: bool = True,
@@ -155,8 +171,11 @@ class GradReducer(_SquaredNorm):
         self._partial = zero            # updated_grads is only this rank's slice
         self.waited = 0.0               # (not separable from the transfer in an MPI collective)
         self.hooks: BackwardHooks | None = self if comm.size > 1 else None
+        self.exchange = self.wire == "bf16" or (networked and comm.size >= self.EXCHANGE_MIN_RANKS)
         self.wire16 = np.zeros(n, np.uint16) if self.wire == "bf16" else None
-        recv16 = np.zeros(comm.size * partition.owned_size, np.uint16) if self.wire == "bf16" else None
+        rows = comm.size if self.wire == "bf16" else comm.size - 1    # fp32: its own part stays in grads
+        recv = (np.zeros(rows * partition.owned_size, np.uint16 if self.wire == "bf16" else params.dtype)
+                if self.exchange else None)
         self.token_table = token_table
         spans, self.bucket_of_layer = buckets.plan(n, layer_ranges, bucket_bytes, self.grads.itemsize,
                                                    partition.ranges, comm.rank, token_table)
@@ -168,9 +187,9 @@ class GradReducer(_SquaredNorm):
             a, b = span.own
             target = self.updated_grads[max(0, a - start):max(0, b - start)] if zero else self.grads[a:b]
             bucket = _Bucket(len(self.buckets), span.lo, span.hi, span.counts, span.displs, span.own, target)
-            if recv16 is not None:
-                bucket.recv = recv16[used:used + comm.size * (b - a)].reshape(comm.size, b - a)
-                used += comm.size * (b - a)
+            if recv is not None:
+                bucket.recv = recv[used:used + rows * (b - a)].reshape(rows, b - a)
+                used += rows * (b - a)
             self.buckets.append(bucket)
         self.started = 0
         self.active: list[_Bucket] = []
@@ -250,6 +269,10 @@ class GradReducer(_SquaredNorm):
             sends = [(q, self._part(bucket, q)) for q in range(comm.size) if q != comm.rank]
             recvs = [(q, bucket.recv[q]) for q in range(comm.size) if q != comm.rank]
             bucket.requests = comm.start_exchange(sends, recvs, tag=2 * bucket.index)
+        elif self.exchange:
+            sends = [(q, self._part(bucket, q)) for q in range(comm.size) if q != comm.rank]
+            recvs = [(q, bucket.recv[q - (q > comm.rank)]) for q in range(comm.size) if q != comm.rank]
+            bucket.requests = comm.start_exchange(sends, recvs, tag=2 * bucket.index)
         elif self.partition.zero:
             bucket.requests = [comm.start_reduce_scatter(self.grads[lo:hi], bucket.target, bucket.counts)]
         else:
@@ -260,15 +283,17 @@ class GradReducer(_SquaredNorm):
         return True
 
     def _part(self, bucket: _Bucket, q: int) -> np.ndarray:
-        """Rank q's part of the bucket in the bf16 wire buffer."""
+        """Rank q's part of the bucket: in the bf16 wire buffer, or in grads for fp32."""
         start = bucket.lo + bucket.displs[q]
-        return self.wire16[start:start + bucket.counts[q]]
+        return (self.wire16 if self.wire == "bf16" else self.grads)[start:start + bucket.counts[q]]
 
     def _advance(self, bucket: _Bucket) -> bool:
         """The bucket's collective finished: start the next one, or say it is done (True)."""
         bucket.stage += 1
-        if self.wire == "fp32":
+        if not self.exchange:
             return True
+        if self.wire == "fp32":
+            return self._advance_fp32(bucket)
         if bucket.stage == 1:                          # every rank's part of mine has arrived
             bf16.sum_bf16(bucket.recv, bucket.target)
             if self.partition.zero:
@@ -283,6 +308,29 @@ class GradReducer(_SquaredNorm):
         np.left_shift(self.wire16[bucket.lo:bucket.hi], 16,     # everyone's rounded sums, widened
                       out=self.grads[bucket.lo:bucket.hi].view(np.uint32), dtype=np.uint32)
         return True
+
+    def _advance_fp32(self, bucket: _Bucket) -> bool:
+        """_advance of the fp32 exchange: sum my part, then (replicated) send the sums out."""
+        rank, size = self.comm.rank, self.comm.size
+        if bucket.stage == 2:                          # every owner's sums are in grads
+            return True
+        a, b = bucket.own
+        rows = [self.grads[a:b] if q == rank else bucket.recv[q - (q > rank)] for q in range(size)]
+        # in rank order, on ranks 0 and 1 straight into the target; replicated, on a rank r >= 2
+        # the target is rows[r] (its own part in grads), read after the first additions, so the
+        # sum goes through rows[0], a received copy that is ours to overwrite
+        acc = rows[0] if rank >= 2 and not self.partition.zero else bucket.target
+        np.add(rows[0], rows[1], out=acc)
+        for row in rows[2:]:
+            acc += row
+        if acc is not bucket.target:
+            bucket.target[...] = acc
+        if self.partition.zero:
+            return True
+        parts = [(q, self._part(bucket, q)) for q in range(size) if q != rank]
+        bucket.requests = self.comm.start_exchange([(q, bucket.target) for q, _ in parts], parts,
+                                                   tag=2 * bucket.index + 1)
+        return False
 
     def _progress(self, block: bool) -> None:
         """Test the open requests (with block, first wait for the oldest bucket's) and move the
@@ -303,6 +351,8 @@ class GradReducer(_SquaredNorm):
         what = "reduce-scatter" if self.partition.zero else "allreduce"
         if self.wire == "bf16":
             what = "bf16 on the wire, point to point, fp32 sums"
+        elif self.exchange:
+            what = "fp32 point to point, sums in rank order"
         return (f"MPI {what}, {len(self.buckets)} buckets"
                 + (", comm thread" if self.thread is not None else ""))
 
