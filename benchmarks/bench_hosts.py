@@ -17,8 +17,8 @@ cores (3 hosts on 2 cores) both the one-host and the N-host runs share cores, an
 elsewhere it is left out, with the reason). --sync runs each case with parallel.sync=step (the
 gradient sum crosses the hosts every step, on each --wire) and/or parallel.sync=diloco (each host
 trains alone; every --inner-steps steps the hosts average their pseudo-gradients, as --outer-wire;
-no gradient crosses, so --wire does not apply). Under diloco --warmup and --steps are rounded up
-to whole cycles of --inner-steps (the warmup ends with a sync; the timed steps are k whole cycles).
+no gradient crosses, so --wire does not apply). Under diloco --steps is rounded up
+to whole cycles of --inner-steps (the timed steps are k whole cycles' worth: k syncs).
 The one-host baseline is always sync=step, once per precision and micro-batch count.
 
 Printed per case: ms per step, the median of the timed steps and their mean (under diloco the mean
@@ -49,11 +49,12 @@ BENCH = HERE / "bench_train.py"
 
 
 def steps_for(args: argparse.Namespace, sync: str) -> tuple[int, int]:
-    """(warmup, timed steps) of a run: under diloco rounded up to whole cycles of --inner-steps."""
+    """(warmup, timed steps) of a run: under diloco the timed steps rounded up to whole cycles of
+    --inner-steps (any k x H consecutive steps hold k syncs)."""
     if sync == "step":
         return args.warmup, args.steps
     h = args.inner_steps
-    return h * max(1, math.ceil(args.warmup / h)), h * max(1, math.ceil(args.steps / h))
+    return args.warmup, h * max(1, math.ceil(args.steps / h))
 
 
 def overrides(args: argparse.Namespace, sync: str) -> list[str]:

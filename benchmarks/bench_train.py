@@ -17,7 +17,8 @@ MFU is against the 4096^3 gemm peak of the row's own precision: sgemm for fp32, 
 distgpt uses for bf16 (torch's bf16 rows against the same bf16 peak).
 --set applies distgpt config overrides (as distgpt.train's command line) to distgpt's workers, e.g.
 `--set parallel.sync=diloco --set parallel.diloco.inner_steps=50`. Under DiLoCo a step that ends a
-cycle also syncs the hosts, so --warmup and --steps must be whole cycles (multiples of inner_steps):
+cycle also syncs the hosts, so --steps must be whole cycles (a multiple of inner_steps; any such window
+holds one sync per cycle, wherever the warmup ends it):
 the result's mean step (mean_ms_per_step) is then the cost per step of whole cycles, beside the
 median (ms_per_step, a step without a sync).
 See benchmarks/README.md for what each column means.
@@ -215,17 +216,19 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def whole_cycles_problem(cfg: Config, warmup: int, steps: int) -> str | None:
-    """Why warmup and steps are not whole DiLoCo cycles (each ends with the sync of the hosts, which
-    a mean over part of a cycle would leave out or count too often); None when they are."""
+    """Why the timed steps are not whole DiLoCo cycles' worth; None when they are. Any k x H
+    consecutive steps hold exactly k outer syncs (one every H steps), wherever they start, so only
+    --steps must be a multiple of H, and the window must not end on train.max_steps, whose sync
+    ends a partial cycle, unless that is a multiple of H too."""
     if cfg.parallel.sync != "diloco":
         return None
     h = cfg.parallel.diloco.inner_steps
-    if warmup % h or steps % h:
-        return (f"--warmup {warmup} and --steps {steps}: expected multiples of "
-                f"parallel.diloco.inner_steps ({h}) under parallel.sync=diloco")
-    if warmup + steps > cfg.train.max_steps:        # a sync at max_steps would end a partial cycle
-        return (f"--warmup + --steps {warmup + steps}: expected at most train.max_steps "
-                f"({cfg.train.max_steps})")
+    if steps % h:
+        return f"--steps {steps}: expected a multiple of parallel.diloco.inner_steps ({h}) under diloco"
+    end = warmup + steps
+    if end > cfg.train.max_steps or (end == cfg.train.max_steps and end % h):
+        return (f"--warmup + --steps {end}: expected below train.max_steps ({cfg.train.max_steps}), "
+                "whose sync would end a partial cycle")
     return None
 
 

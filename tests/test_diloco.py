@@ -126,16 +126,19 @@ def test_zero_auto_is_replicated_only_when_steps_cross_hosts():
 
 # ----------------------------------------------------------------------------- one host
 
-def test_one_host_with_outer_lr_one_and_no_momentum_trains_like_sync_step(tmp_path, shakespeare_bytes):
-    """One worker, outer lr 1, momentum 0: each sync sets global := global - (global - params),
-    which is params up to one rounding of the subtraction and one of the difference (|x| <= ~1:
-    2 x 2^-24 ~ 1.2e-7 per sync, 3 syncs), so the run is synchronous training within 1e-6."""
+@pytest.mark.parametrize("ranks", [0, pytest.param(2, marks=pytest.mark.mpi)])
+def test_one_host_with_outer_lr_one_and_no_momentum_trains_like_sync_step(tmp_path, shakespeare_bytes, ranks):
+    """One worker (one process, or 2 ranks of one host: ZeRO-1 in shared memory), outer lr 1,
+    momentum 0: each sync sets global := global - (global - params), which is params up to one
+    rounding of the subtraction and one of the difference (|x| <= ~1: 2 x 2^-24 ~ 1.2e-7 per sync,
+    3 syncs), so the run is synchronous training within 1e-6."""
     runs = {}
     for name, extra in (("step", ()), ("diloco", (*DILOCO, "parallel.diloco.outer_lr=1",
                                                    "parallel.diloco.outer_momentum=0"))):
         (tmp_path / name).mkdir()
-        cfg = tiny_config(tmp_path / name, shakespeare_bytes, train={"max_steps": STEPS})
-        r = run_cli("train", "--config", str(cfg), *extra, timeout=120)
+        cfg = tiny_config(tmp_path / name, shakespeare_bytes, train={"max_steps": STEPS, "micro_batch_size": 6})
+        r = run_cli("train", "--config", str(cfg), "parallel.threads_per_rank=1", *extra, ranks=ranks,
+                    timeout=120)
         assert r.returncode == 0, r.stderr
         runs[name] = (_losses(tmp_path / name / "out"), read_params(tmp_path / name / "out")[1])
     (ls, ps), (ld, pd) = runs["step"], runs["diloco"]

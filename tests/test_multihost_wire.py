@@ -216,16 +216,20 @@ def test_bench_diloco_runs_time_whole_cycles():
     bench_hosts, bench_train = _benchmarks()
     args = argparse.Namespace(warmup=1, steps=3, inner_steps=50, outer_wire="bf16")
     assert bench_hosts.steps_for(args, "step") == (1, 3)
-    assert bench_hosts.steps_for(args, "diloco") == (50, 50)
+    assert bench_hosts.steps_for(args, "diloco") == (1, 50)
     args.warmup, args.steps = 60, 101
-    assert bench_hosts.steps_for(args, "diloco") == (100, 150)
+    assert bench_hosts.steps_for(args, "diloco") == (60, 150)
     sets = bench_hosts.overrides(args, "diloco")
     cfg = bench_train.with_overrides(Config(), sets)
     diloco = cfg.parallel.diloco
     assert (cfg.parallel.sync, diloco.inner_steps, diloco.wire) == ("diloco", 50, "bf16")
     assert bench_train.whole_cycles_problem(cfg, 100, 150) is None
-    assert "multiples of parallel.diloco.inner_steps (50)" in bench_train.whole_cycles_problem(cfg, 1, 50)
-    assert "train.max_steps" in bench_train.whole_cycles_problem(cfg, 1000, 50)   # max_steps 1000 syncs
+    assert bench_train.whole_cycles_problem(cfg, 1, 50) is None      # steps 2..51: one sync, at 50
+    assert "a multiple of parallel.diloco.inner_steps (50)" in bench_train.whole_cycles_problem(cfg, 1, 49)
+    assert "train.max_steps" in bench_train.whole_cycles_problem(cfg, 1000, 50)   # past max_steps 1000
+    assert bench_train.whole_cycles_problem(cfg, 950, 50) is None    # ends on max_steps 1000 = 20 x 50
+    short = bench_train.with_overrides(cfg, ["train.max_steps=60"])
+    assert "train.max_steps" in bench_train.whole_cycles_problem(short, 10, 50)   # 60's sync: a 2nd
     assert bench_train.whole_cycles_problem(Config(), 1, 3) is None                 # step sync: any count
     with pytest.raises(ConfigError, match="parallel.sync"):
         bench_train.with_overrides(Config(), ["parallel.sync=sometimes"])
