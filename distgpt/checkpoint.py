@@ -299,7 +299,8 @@ def _read_manifest(path: Path) -> dict:
     for s in manifest["shards"]:
         ok = isinstance(s, dict) and all(isinstance(s.get(k), int) for k in ("start", "end", "bytes"))
         k = s.get("worker", 0) if isinstance(s, dict) else None
-        ok = ok and isinstance(k, int) and 0 <= k < workers and s.get("rows", 3) in (3, 5)
+        rows = (5 if k == 0 else 3) if "workers" in manifest else 3    # worker 0 holds the outer state
+        ok = ok and isinstance(k, int) and 0 <= k < workers and s.get("rows", 3) == rows
         ok = (ok and isinstance(s.get("file"), str) and Path(s["file"]).name == s["file"]
               and s["start"] == pos[k])
         if not ok or s["end"] < s["start"] or not isinstance(s.get("sha256"), str):
@@ -487,6 +488,43 @@ def load_checkpoint(path: str | Path, comm, layout, partition: Partition, verify
     return rows[0], rows[1], rows[2], manifest
 
 
+def _merged(path: Path, manifest: dict, a: int, b: int, moments: bool = True
+            ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
+    """A DiLoCo checkpoint's workers merged as their next outer sync would merge them, early, on
+    [a, b): (parameters, the workers' mean m and v (with `moments`), outer momentum). At a sync
+    they all hold the global parameters already and no outer step is taken. One worker's rows are
+    read at a time and the sums run in worker order, in place (a model-sized array each)."""
+    from distgpt.config import DilocoConfig
+    from distgpt.diloco import outer_update
+
+    old, saved = manifest.get("workers", 1), manifest["meta"]["diloco"]
+    g, mom = _read_range(path, manifest, a, b, 2, 0, 3)
+    rows = 3 if moments else 1
+    inv = np.float32(1.0 / old)
+    p = m = v = delta = None
+    for k in range(old):
+        got = _read_range(path, manifest, a, b, rows, k)
+        if k == 0:
+            p, delta = got[0], g - got[0]
+            if moments:
+                m, v = got[1], got[2]
+            continue
+        np.subtract(g, got[0], out=got[0])
+        delta += got[0]
+        if moments:
+            m += got[1]
+            v += got[2]
+    if moments:
+        m *= inv
+        v *= inv
+    if int(saved["last_sync"]) != manifest["step"]:
+        delta *= inv
+        d = DilocoConfig(**manifest["meta"]["config"]["parallel"]["diloco"])
+        outer_update(g, mom, delta, d.outer_lr, d.outer_momentum, d.nesterov)
+        p = g
+    return p, m, v, mom
+
+
 def load_worker_state(path: str | Path, comm, layout, partition: Partition, workers: int | None,
                       worker: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple | None, str]:
     """Collective: params, m, v of this rank's owned slice for a run of `workers` DiLoCo workers
@@ -501,9 +539,6 @@ def load_worker_state(path: str | Path, comm, layout, partition: Partition, work
       the mean pseudo-gradient, unless the checkpoint was taken right at a sync; AdamW moments are
       the workers' mean; the outer momentum carries on into a DiLoCo run.
     Any rank's failure is raised as CheckpointError on all ranks."""
-    from distgpt.config import DilocoConfig
-    from distgpt.diloco import outer_update
-
     path = Path(path)
     a, b = partition.owned
     result, err = None, None
@@ -519,33 +554,18 @@ def load_worker_state(path: str | Path, comm, layout, partition: Partition, work
             p, m, v = _read_range(path, manifest, a, b, 3)
             result = p, m, v, None, "a synchronous checkpoint"
         else:
-            g, mom = _read_range(path, manifest, a, b, 2, 0, 3)
             last, step = int(saved["last_sync"]), manifest["step"]
             if workers == old:
+                g, mom = _read_range(path, manifest, a, b, 2, 0, 3)
                 p, m, v = _read_range(path, manifest, a, b, 3, worker)
                 result = p, m, v, (g, mom, last), f"each of the {old} hosts its own state"
             else:
-                inv = np.float32(1.0 / old)
-                p = m = v = delta = None
-                for k in range(old):            # one worker at a time: the sums in worker order
-                    pk, mk, vk = _read_range(path, manifest, a, b, 3, k)
-                    if k == 0:
-                        p, m, v, delta = pk.copy(), mk.copy(), vk.copy(), g - pk
-                    else:
-                        m += mk
-                        v += vk
-                        delta += g - pk
-                m *= inv
-                v *= inv
-                if last != step:
-                    delta *= inv
-                    d = DilocoConfig(**manifest["meta"]["config"]["parallel"]["diloco"])
-                    outer_update(g, mom, delta, d.outer_lr, d.outer_momentum, d.nesterov)
-                    p = g.copy()
-                how = (f"{old} hosts merged into {workers or 1} "
+                p, m, v, mom = _merged(path, manifest, a, b)
+                hosts = f"{old} host{'s' if old > 1 else ''}"
+                how = (f"{hosts} merged into {workers or 1} "
                        + ("(taken at an outer sync)" if last == step else "by an early outer step")
                        + ", AdamW moments averaged")
-                result = p, m, v, ((p.copy(), mom, step) if workers else None), how
+                result = p, m, v, ((p, mom, step) if workers else None), how
     except Exception as e:
         err = _message(e, path)
     errors = [e for e in comm.allgather_obj(err) if e]
@@ -560,10 +580,14 @@ def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
     found = _resolve_local(path, str(path))
     assert found is not None  # an explicit path either resolves or raises
     manifest = _read_manifest(found)
-    # DiLoCo: the model is the global parameters (worker 0 keeps them in rows 3 and 4): every
-    # worker's own parameters right after an outer sync, the last sync's between them
-    first = 3 if "workers" in manifest else 0
-    params = _read_range(found, manifest, 0, manifest["n_params"], 1, 0, first)[0]
+    n = manifest["n_params"]
+    saved = manifest["meta"].get("diloco")
+    if saved is None:
+        params = _read_range(found, manifest, 0, n, 1)[0]
+    elif int(saved["last_sync"]) == manifest["step"]:      # at a sync: the global parameters
+        params = _read_range(found, manifest, 0, n, 1, 0, 3)[0]
+    else:       # between syncs: the hosts merged as a resume on one host would merge them
+        params = _merged(found, manifest, 0, n, moments=False)[0]
     return manifest, params
 
 

@@ -20,9 +20,10 @@ AdamW moments; the inner learning-rate schedule runs on the global step and neve
 The outer state (global parameters, momentum, both fp32) is sliced like the parameters: local rank
 l of every host holds, and syncs, slice l of the host's partition, with local rank l of the other
 hosts (Comm.column), so the host's traffic is spread over its ranks and no rank holds more than its
-slice. On the wire (parallel.diloco.wire) the pseudo-gradient is fp32 (MPI's allreduce) or bf16: a
-reduce-scatter of bf16 parts, summed in fp32 in host order by the part's owner, then an allgather
-of the bf16-rounded means, so every host applies the same numbers and half the bytes cross.
+slice. The mean is a reduce-scatter (each part summed by its owner) then an allgather, 2 (W-1)/W of
+the slice sent per rank; on the wire (parallel.diloco.wire) the pseudo-gradient is fp32, or bf16:
+the parts rounded to bf16, summed in fp32 in host order by the owner, the means rounded to bf16
+again for the allgather, so every host applies the same numbers and half the bytes cross.
 """
 
 from __future__ import annotations
@@ -90,11 +91,13 @@ class OuterSync:
         # bf16 wire: this rank's part of the slice, and the others', for the reduce-scatter
         self.parts = even_ranges(n, self.workers)
         self.counts = [b - a for a, b in self.parts]
+        mine = self.counts[column.rank]
         if cfg.wire == "bf16" and self.workers > 1:
-            mine = self.counts[column.rank]
             self.send16 = np.zeros(n, np.uint16)
             self.recv16 = np.zeros(self.workers * mine, np.uint16)
             self.sum32 = np.zeros(mine, np.float32)
+        elif self.workers > 1:
+            self.part32 = np.zeros(mine, np.float32)
 
     def reset(self, params: np.ndarray, step: int) -> None:
         """Start a cycle at `step` from these parameters (a run's start: no momentum yet)."""
@@ -115,8 +118,7 @@ class OuterSync:
             if cfg.wire == "bf16":
                 self._mean_bf16(delta)
             else:
-                self.column.allreduce_(delta)
-                delta *= np.float32(1.0 / self.workers)
+                self._mean_fp32(delta)
         norm_sq = np.array([float(np.dot(delta, delta))])
         outer_update(self.global_, self.momentum, delta, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov)
         params[self.lo:self.hi] = self.global_
@@ -126,6 +128,16 @@ class OuterSync:
         self.world.allreduce_(norm_sq)
         norm = float(np.sqrt(norm_sq[0] / self.workers))
         return OuterStats(time.perf_counter() - t0, wire_bytes(delta.size, self.workers, cfg.wire), norm)
+
+    def _mean_fp32(self, delta: np.ndarray) -> None:
+        """delta = the hosts' mean of delta: a reduce-scatter (each part summed once, by its owner),
+        then an allgather. Not MPI's allreduce: at 3 hosts MPICH's folds the odd host in and out
+        with whole buffers, 1.5x the bytes from one host (measured on tests/hosts.py's hosts)."""
+        a, b = self.parts[self.column.rank]
+        self.column.reduce_scatter_(delta, self.part32, self.counts)
+        self.part32 *= np.float32(1.0 / self.workers)
+        delta[a:b] = self.part32
+        self.column.allgatherv_(delta, list(self.parts))
 
     def _mean_bf16(self, delta: np.ndarray) -> None:
         """delta = the hosts' mean of delta, through bf16 on the wire (the module docstring)."""

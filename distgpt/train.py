@@ -83,7 +83,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
     shard = (layout.size + group - 1) // group
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
     moments = 2 * 4 * (shard if zero else layout.size)
-    outer = 2 * 4 * shard if diloco_run else 0             # DiLoCo: global parameters and momentum
+    outer = 3 * 4 * shard if diloco_run else 0     # DiLoCo: global parameters, momentum, pseudo-gradient
     low = precision == "bf16"
     acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute)
     copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
@@ -401,6 +401,9 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
     threads = kernel_threads.setup(comm.local_size, cfg.parallel.threads_per_rank)
     blas.configure()                   # the fp32 gemm, chosen once from DISTGPT_BLAS (every rank alike)
     accum = check_batch_layout(cfg, comm.size)
+    if cfg.parallel.sync == "diloco" and not comm.same_ranks_per_node:
+        raise ConfigError("parallel.sync = diloco: expected the same number of ranks on every host "
+                          f"(this job has {comm.size} ranks on {comm.n_nodes} hosts)")
     if dry_run:    # the plan first, then the same checks a real run makes before its first step
         log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision), comm.n_nodes),
             json.dumps(cfg.to_dict(), indent=2))
@@ -508,8 +511,10 @@ def _loop(cfg: Config, comm: dist.Comm, trainer: Trainer, plan, loader, val, tok
         evaluated = val is not None and (step == t.max_steps
                                          or (t.eval_every > 0 and step % t.eval_every == 0))
         if evaluated:
+            # DiLoCo: each host evaluates its own model, but right after a sync there is one model
+            apart = trainer.outer is not None and trainer.outer.last_sync != step
             record["val_loss"] = evaluate(model, val, comm, t.micro_batch_size, step,
-                                          trainer.group if trainer.outer is not None else None)
+                                          trainer.group if apart else None)
             log(f"step {step:6d} | val loss {record['val_loss']:.4f}")
         log.advance(result.loss, tokens_per_step / dt)
         if (logged or evaluated or result.outer is not None) and metrics is not None:

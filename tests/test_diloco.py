@@ -136,7 +136,8 @@ def test_one_host_with_outer_lr_one_and_no_momentum_trains_like_sync_step(tmp_pa
     for name, extra in (("step", ()), ("diloco", (*DILOCO, "parallel.diloco.outer_lr=1",
                                                    "parallel.diloco.outer_momentum=0"))):
         (tmp_path / name).mkdir()
-        cfg = tiny_config(tmp_path / name, shakespeare_bytes, train={"max_steps": STEPS, "micro_batch_size": 6})
+        train = {"max_steps": STEPS, "micro_batch_size": 6}
+        cfg = tiny_config(tmp_path / name, shakespeare_bytes, train=train)
         r = run_cli("train", "--config", str(cfg), "parallel.threads_per_rank=1", *extra, ranks=ranks,
                     timeout=120)
         assert r.returncode == 0, r.stderr
@@ -291,6 +292,11 @@ def test_resume_on_another_number_of_hosts_merges_them_by_an_early_outer_step(tm
     np.testing.assert_allclose(v, (rows[0][2] + rows[1][2]) / 2, rtol=1e-6, atol=1e-15)
     np.testing.assert_allclose(outer[1], buf, rtol=0, atol=1e-6)
     assert outer[2] == 5 and np.array_equal(outer[0], params)
+    # export and sample take the same model (read_params), not the last sync's
+    np.testing.assert_allclose(read_params(ckpt)[1], expected, rtol=0, atol=1e-6)
+    assert np.array_equal(read_params(full / "ckpt" / "step_0000006")[1], rows_6 := _rows(
+        full / "ckpt" / "step_0000006")[0][3])
+    assert np.array_equal(rows_6, _rows(full / "ckpt" / "step_0000006")[1][0])
     # a synchronous run takes the merged parameters and drops the outer state
     _, _, _, none, how = load_worker_state(ckpt, dist.Comm(), layout, solo, None, 0)
     assert none is None and "merged into 1" in how
