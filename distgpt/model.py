@@ -25,6 +25,11 @@ backward), so it reproduces the saved activations bit for bit: losses and gradie
 recompute="none". In fp32 a block's saved state is 12 (B*T, C) floats, its input one: the
 blocks keep 12 + (L - 1) of them instead of 12 L, for 2/3 of the matmuls of another forward of
 L - 1 blocks (GPT-2 small, T 1024, B 1, 2 cores of a Zen 4: ~1.17x the step time, fp32 and bf16).
+
+lora (distgpt/lora.py): low-rank adapters on a frozen base. Each adapted linear adds
+scale * (x @ A.T) @ B.T to its output (float32 matmuls, also in a bf16 model); the adapters are one
+flat vector of their own with its own gradient buffer, and the base has none: backward computes
+the input gradients through the frozen layers and the adapters' gradients, nothing else.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from distgpt import bf16, ops
 from distgpt.config import RECOMPUTE_MODES, ModelConfig
+
+if TYPE_CHECKING:                   # lora.py builds on this module's Layout
+    from distgpt.lora import BlockAdapters, LoraLayout
 
 __all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes", "dropout_mask_bytes"]
 
@@ -73,6 +81,8 @@ class BlockParams:
 BLOCK_FIELDS = dataclasses.fields(BlockParams)
 MATMUL_WEIGHTS = ("qkv_w", "attn_proj_w", "fc_w", "mlp_proj_w")    # the ones bf16 copies are made of
 BLOCK_PARAMS = tuple((f.metadata["name"], f.metadata["shape"], f.metadata["decay"]) for f in BLOCK_FIELDS)
+# a frozen block's "gradients" (LoRA's base): the kernels take None as no gradient wanted
+FROZEN_BLOCK = BlockParams(**{f.name: None for f in BLOCK_FIELDS})
 
 
 @dataclass
@@ -134,7 +144,10 @@ class Layout:
 
     def tensors(self, flat: np.ndarray) -> ParameterTensors:
         """The same views, typed: what the forward and backward passes index."""
-        v = self.views(flat)
+        return self.typed(self.views(flat))
+
+    def typed(self, v: dict[str, np.ndarray | None]) -> ParameterTensors:
+        """{name: tensor} (views(), or other arrays by the same names), typed."""
         blocks = [BlockParams(**{f.name: v[f"h.{layer}.{f.metadata['name']}"] for f in BLOCK_FIELDS})
                   for layer in range(self.cfg.n_layer)]
         return ParameterTensors(v["wte"], v["wpe"], blocks, v["ln_f.weight"], v["ln_f.bias"])
@@ -227,6 +240,63 @@ class Scratch:
         self.d_qkv = np.empty((BT, 3 * C), dtype) if backward else None
 
 
+class LoraDropout:
+    """Inverted dropout on the adapters' inputs (peft's lora_dropout: B(A(dropout(x)))), a keep mask
+    per block, adapted weight and global row, drawn from (seed..., row, layer, weight) when asked
+    for: the same masks whatever the micro-batching or the ranks, as Dropout's, and none kept
+    (backward, and recompute's re-run, draw them again: a block's masks are 7 (B*T, C) bools, which
+    kept for every block would outweigh the block inputs recompute keeps)."""
+
+    TAG = 0x4C6F5241                  # its own streams, apart from Dropout's (seed..., row)
+
+    def __init__(self, p: float, B: int, T: int, seed: tuple[int, ...], row0: int):
+        self.p, self.B, self.T, self.seed, self.row0 = p, B, T, tuple(seed), row0
+        self.scale = 1.0 / (1.0 - p)
+
+    def keep(self, layer: int, weight: str, width: int) -> np.ndarray:
+        """(B*T, width) bools: True where the adapter of `weight` in block `layer` sees its input."""
+        slot = MATMUL_WEIGHTS.index(weight)     # fixed per weight: other targets do not shift it
+        out = np.empty((self.B, self.T, width), bool)
+        for b in range(self.B):
+            rng = np.random.default_rng([*self.seed, self.row0 + b, layer, slot, self.TAG])
+            out[b] = rng.random((self.T, width), dtype=np.float32) >= self.p
+        return out.reshape(self.B * self.T, width)
+
+
+class LoraScratch:
+    """The adapters' buffers (distgpt/lora.py), reused by every target of every block:
+    u, du   (BT, r)   scale * x @ A.T, and the gradient reaching it (backward)
+    x32     (BT, C)   a bf16 model's stored matmul input (bf16 bits) widened to float32, as the
+                      float32 adapter matmuls take it (None in an fp32 model)
+    xd      (BT, 4C)  with LoRA dropout: an adapter's input after dropout, then (backward) the
+                      part of the input's gradient that goes through the adapter (None without)
+    drop    the pass's LoraDropout, or None (no dropout: p = 0, evaluation, inference)"""
+
+    def __init__(self, BT: int, C: int, rank: int, dtype: np.dtype, precision: str, dropout: bool = False):
+        self.u = _aligned((BT, rank), dtype)
+        self.du = _aligned((BT, rank), dtype)
+        self.x32 = _aligned((BT, C), np.float32) if precision == "bf16" else None
+        self.xd = _aligned((BT * 4 * C,), dtype) if dropout else None
+        self.drop: LoraDropout | None = None
+
+    def input(self, x: np.ndarray) -> np.ndarray:
+        """x as the adapter's matmuls take it: itself, or its bf16 bits widened (exactly)."""
+        if x.dtype != np.uint16:
+            return x
+        return bf16.to_float32(x, self.x32[: x.shape[0]], parallel=True)
+
+    def work(self, shape: tuple[int, int]) -> np.ndarray:
+        """A contiguous (rows, width) piece of xd."""
+        return self.xd[: shape[0] * shape[1]].reshape(shape)
+
+    def dropped(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """x * keep * scale, in xd."""
+        out = self.work(x.shape)
+        np.multiply(x, keep, out=out)
+        out *= self.drop.scale
+        return out
+
+
 def saved_state(recompute: str, n_layer: int) -> tuple[int, int]:
     """(sets of block activations, block inputs) a training pass keeps for its backward.
     none: every block's activations. block: one set, which the forward leaves holding the last
@@ -260,7 +330,8 @@ class Activations:
     split over ranks: see benchmarks/README.md)."""
 
     def __init__(self, cfg: ModelConfig, B: int, T: int, dtype: np.dtype, head_chunk_rows: int,
-                 saved_blocks: int, backward: bool, precision: str = "fp32", saved_inputs: int = 0):
+                 saved_blocks: int, backward: bool, precision: str = "fp32", saved_inputs: int = 0,
+                 lora_rank: int = 0, lora_dropout: bool = False):
         C, nh, BT = cfg.n_embd, cfg.n_head, B * T
         z = lambda *s: _aligned(s, dtype)  # noqa: E731
         m = (lambda *s: _aligned(s, np.uint16)) if precision == "bf16" else z  # noqa: E731
@@ -276,6 +347,7 @@ class Activations:
         self.scratch = Scratch(BT, C, dtype, backward)
         # one chunk of the head's logits (a fresh 100 MB array every step would be page-faulted in)
         self.logits = z(min(BT, head_chunk_rows), cfg.vocab_size)
+        self.lora = LoraScratch(BT, C, lora_rank, dtype, precision, lora_dropout) if lora_rank else None
         self.owner: object = None                           # the TrainingForward whose activations these are
 
     def block(self, layer: int) -> BlockActs:
@@ -293,10 +365,13 @@ def dropout_mask_bytes(cfg: ModelConfig, B: int, T: int) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
-                     precision: str = "fp32", recompute: str = "none") -> int:
+                     precision: str = "fp32", recompute: str = "none", lora_rank: int = 0,
+                     lora_dropout: bool = False) -> int:
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
     chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16. Under recompute="block"
-    one block's set and L - 1 block inputs (BT x C each) instead of L sets."""
+    one block's set and L - 1 block inputs (BT x C each) instead of L sets. lora_rank r > 0: the
+    adapters' scratch (LoraScratch: 2 BT x r, in bf16 a float32 BT x C, with lora_dropout (p > 0)
+    a BT x 4C; a pass's masks are drawn one adapter at a time, and not counted)."""
     low = precision == "bf16"
     C, BT = cfg.n_embd, B * T
     sets, inputs = saved_state(recompute, cfg.n_layer)
@@ -304,7 +379,11 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
     per_layer = stored + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
     head = min(BT, head_chunk_rows) * cfg.vocab_size
-    return itemsize * (sets * per_layer + inputs * BT * C + scratch + head)
+    lora = 0
+    if lora_rank:
+        dropped = 4 * BT * C if lora_dropout else 0
+        lora = itemsize * (2 * BT * lora_rank + dropped) + (4 * BT * C if low else 0)
+    return itemsize * (sets * per_layer + inputs * BT * C + scratch + head) + lora
 
 
 class Dropout:
@@ -364,15 +443,60 @@ def split_heads(buf: np.ndarray, B: int, n_head: int, n_embd: int) -> tuple[np.n
 
 # ----------------------------------------------------------------------------- the block pair
 
+def _adapt(ad: BlockAdapters | None, weight: str, x: np.ndarray, out: np.ndarray,
+           ls: LoraScratch | None, layer: int) -> None:
+    """out += the LoRA adapter of `weight` applied to x (the linear's input), if it has one."""
+    pair = None if ad is None else ad.get(weight)
+    if pair is None:
+        return
+    xin = ls.input(x)
+    if ls.drop is not None:
+        xin = ls.dropped(xin, ls.drop.keep(layer, weight, xin.shape[1]))
+    ops.lora_forward(xin, pair[0], pair[1], ad.scale, out, ls.u)
+
+
+def _adapt_backward(ad: BlockAdapters | None, dad: BlockAdapters | None, weight: str, dout: np.ndarray,
+                    x: np.ndarray, ls: LoraScratch | None, accumulate: bool, layer: int
+                    ) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """The gradients of `weight`'s adapter, if it has one (into dad), and (its A, its dropout
+    mask): the caller adds the input's part (_adapt_input) once the base linear has written the
+    input's gradient."""
+    pair = None if ad is None else ad.get(weight)
+    if pair is None:
+        return None
+    da, db = dad.get(weight)
+    xin, keep = ls.input(x), None
+    if ls.drop is not None:
+        keep = ls.drop.keep(layer, weight, xin.shape[1])
+        xin = ls.dropped(xin, keep)
+    ops.lora_backward(dout, xin, pair[0], pair[1], ad.scale, da, db, ls.u, ls.du, accumulate)
+    return pair[0], keep
+
+
+def _adapt_input(pending: tuple[np.ndarray, np.ndarray | None] | None, dx: np.ndarray,
+                 ls: LoraScratch | None) -> None:
+    """dx += the adapter's part of its input's gradient (through its dropout mask, if any)."""
+    if pending is None:
+        return
+    a_weight, keep = pending
+    if keep is None:
+        ops.lora_input_grad(ls.du, a_weight, dx)
+    else:
+        ops.lora_input_grad(ls.du, a_weight, dx, keep, ls.drop.scale, ls.work(dx.shape))
+
+
 def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
                   drop: Dropout, kern: ops.Kernels, mw: BlockParams, cache: KVCache | None = None,
-                  state_only: bool = False) -> None:
+                  state_only: bool = False, ad: BlockAdapters | None = None,
+                  ls: LoraScratch | None = None) -> None:
     """x += attn(ln_1(x)); x += mlp(ln_2(x)), in place on the residual stream x (B*T, C). With a
     KV cache, x holds the new positions only and attention also sees the cached ones. kern: the
     model's kernels (its precision); mw: the weights their matmuls take (w itself in fp32, the bf16
     copies in bf16; only the four matmul weights are read from it). state_only (recompute's re-run
     before block_backward): stop once `a` is complete, at the GELU's input; the MLP's output, a
-    third of the block's matmul work, is not part of the state, and x is not needed after."""
+    third of the block's matmul work, is not part of the state, and x is not needed after.
+    ad: the block's LoRA adapters (each adds to its linear's output before anything reads it,
+    bf16 rounding included), ls their scratch."""
     B = a.lse.shape[0]
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # a bf16 model stores the ln_1 and ln_2 outputs, q/k/v and the attention output as bf16: each
@@ -389,6 +513,7 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     a.ln1_rstd[:] = ops.layernorm_forward(x, w.ln1_w, w.ln1_b, made(a.ln1_out), a.ln1_xhat)  # (BT, C)
     store(a.ln1_out)
     kern.linear_forward(a.ln1_out, mw.qkv_w, w.qkv_b, made(a.qkv, s.hidden))           # (BT, 3C)
+    _adapt(ad, "qkv_w", a.ln1_out, made(a.qkv, s.hidden), ls, layer)
     store(a.qkv, s.hidden)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(made(a.attn_y))                                                        # (B, nh, T, hs)
@@ -400,47 +525,67 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
                            q_offset)
     store(a.attn_y)
     kern.linear_forward(a.attn_y, mw.attn_proj_w, w.attn_proj_b, s.branch)             # (BT, C)
+    _adapt(ad, "attn_proj_w", a.attn_y, s.branch, ls, layer)
     drop.apply_(s.branch, "res1", layer)
     x += s.branch
     a.ln2_rstd[:] = ops.layernorm_forward(x, w.ln2_w, w.ln2_b, made(a.ln2_out), a.ln2_xhat)  # (BT, C)
     store(a.ln2_out)
     kern.linear_forward(a.ln2_out, mw.fc_w, w.fc_b, a.fc_pre)                           # (BT, 4C)
+    _adapt(ad, "fc_w", a.ln2_out, a.fc_pre, ls, layer)
     if state_only:
         return
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
     kern.linear_forward(s.hidden, mw.mlp_proj_w, w.mlp_proj_b, s.branch)                # (BT, C)
+    _adapt(ad, "mlp_proj_w", s.hidden, s.branch, ls, layer)
     drop.apply_(s.branch, "res2", layer)
     x += s.branch
 
 
-def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams, a: BlockActs, s: Scratch,
+def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams | None, a: BlockActs, s: Scratch,
                    cfg: ModelConfig, layer: int, drop: Dropout, accumulate: bool, kern: ops.Kernels,
-                   mw: BlockParams) -> None:
+                   mw: BlockParams, ad: BlockAdapters | None = None, dad: BlockAdapters | None = None,
+                   ls: LoraScratch | None = None, need_dx: bool = True) -> None:
     """The gradient of block_forward. dx (B*T, C) comes in as d loss / d block output and leaves as
     d loss / d block input; the block's parameter gradients g are added to (written, if not
-    `accumulate`: the first micro-batch of a step). kern, mw: as in block_forward."""
+    `accumulate`: the first micro-batch of a step). kern, mw: as in block_forward.
+    g None: a frozen block (LoRA's base): no weight, bias or LayerNorm gradients, only the input's.
+    ad, dad, ls: the LoRA adapters, their gradients (added to, or written, as g) and scratch.
+    need_dx False (a frozen model's first block, whose input gradient nothing reads): stop once
+    the adapters' gradients are done, leaving dx unfinished."""
+    g = FROZEN_BLOCK if g is None else g
     B = a.lse.shape[0]
     split = lambda buf: split_heads(buf, B, cfg.n_head, cfg.n_embd)  # noqa: E731
     # MLP branch: x = x + mlp_proj(gelu(fc(ln_2(x))))
     d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
     ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
+    # (the adapter reads the GELU's output before the base linear overwrites it with its gradient)
+    lora_a = _adapt_backward(ad, dad, "mlp_proj_w", d_branch, s.hidden, ls, accumulate, layer)
     kern.linear_backward(d_branch, s.hidden, mw.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
                          accumulate)                                                    # (BT, 4C) d hidden
+    _adapt_input(lora_a, s.hidden, ls)
     ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
+    lora_a = _adapt_backward(ad, dad, "fc_w", s.hidden, a.ln2_out, ls, accumulate, layer)
     kern.linear_backward(s.hidden, a.ln2_out, mw.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate)  # (BT, C)
+    _adapt_input(lora_a, s.d_in, ls)
     ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
     dx += s.d_in
     # attention branch: x = x + attn_proj(attention(ln_1(x)))
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
+    lora_a = _adapt_backward(ad, dad, "attn_proj_w", d_branch, a.attn_y, ls, accumulate, layer)
     kern.linear_backward(d_branch, a.attn_y, mw.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
                          accumulate)                                                    # (BT, C) d attn_y
+    _adapt_input(lora_a, s.d_in, ls)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(a.attn_y)                         # (bf16 attention takes its row sums from its blocks)
     (dy,) = split(s.d_in)
     dq, dk, dv = split(s.d_qkv)
     kern.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                             drop.keep("att", layer), drop.scale)
+    lora_a = _adapt_backward(ad, dad, "qkv_w", s.d_qkv, a.ln1_out, ls, accumulate, layer)
+    if not need_dx and g is FROZEN_BLOCK:
+        return
     kern.linear_backward(s.d_qkv, a.ln1_out, mw.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate)  # (BT, C)
+    _adapt_input(lora_a, s.d_in, ls)
     ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
     dx += s.d_in
 
@@ -456,6 +601,7 @@ class TrainingForward:
     dropout: Dropout
     acts: Activations
     accumulate: bool                # add to the gradients (False: the first micro-batch writes them)
+    lora_dropout: LoraDropout | None = None     # the adapters' dropout masks' draw (LoRA, p > 0)
 
 
 class BackwardHooks(Protocol):
@@ -483,12 +629,32 @@ class GPT:
     the bf16 copy of its matmul weights from `weights16` (a bf16.Bf16Weights on these parameters:
     a node-shared one from the trainer), or from a private one it makes; whoever changes the
     parameters tells that copy (weights_changed(), or the trainer through the copy itself).
-    recompute: "none" or "block" (saved_state; the module's docstring), also chosen here, once."""
+    recompute: "none" or "block" (saved_state; the module's docstring), also chosen here, once.
+
+    lora (a lora.LoraLayout of this cfg): LoRA on a frozen base. The base (`params`) gets no
+    gradient buffer (self.grads and self.dw are None; `grads` must not be given) and backward runs
+    no weight-gradient matmul and no bias, LayerNorm or embedding gradient: only the input
+    gradients through the frozen layers, and the adapters' gradients. The adapters are one flat
+    vector in the LoRA layout, `lora_params` (self.lora_params; zeros if not given: lora.init
+    fills it as peft does), their gradients `lora_grads` (self.lora_grads; None if not trainable),
+    written or added as self.grads is without LoRA (zero_grad, the `accumulate` rule).
+    Backward hooks: block_done(layer) once block `layer`'s adapter gradients (lora.layer_ranges[layer]
+    of lora_grads) are final; never head_done or token_rows (the embedding has no gradient: a
+    reducer over the adapters has no token table).
+
+    base16 (a frozen base held in bf16 alone: LoRA, or trainable=False; precision bf16): the whole
+    base as bf16 bits (uint16) in the Layout, e.g. one buffer shared by a node's ranks, instead of
+    float32 `params`. The matmuls read it directly (no Bf16Weights); the LayerNorms, biases and wpe
+    are widened to small float32 copies here, the token embedding's rows as they are looked up. The
+    model computes exactly what a bf16 model on float32 parameters equal to the widened bits does
+    (self.params and self.p are then None and {}). The base must not change under the model."""
 
     def __init__(self, cfg: ModelConfig, dtype: type = np.float32, params: np.ndarray | None = None,
                  grads: np.ndarray | None = None, head_chunk_rows: int = 512, trainable: bool = True,
                  precision: str = "fp32", weights16: bf16.Bf16Weights | None = None,
-                 recompute: str = "none"):
+                 recompute: str = "none", lora: LoraLayout | None = None,
+                 lora_params: np.ndarray | None = None, lora_grads: np.ndarray | None = None,
+                 base16: np.ndarray | None = None):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         if precision not in ("fp32", "bf16"):
@@ -502,21 +668,81 @@ class GPT:
         self.kernels = ops.kernels(precision)
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)
-        self.params = self._flat(params, "parameter")
-        # inference (sampling, export) needs no gradient buffer: a model's worth of memory saved
-        self.grads = self._flat(grads, "gradient") if trainable else None
-        self.p = self.layout.views(self.params)              # by name (weights formats, tests)
-        self.g = self.layout.views(self.grads) if trainable else {}
-        self.w = self.layout.tensors(self.params)           # typed (the passes below)
-        self.dw = self.layout.tensors(self.grads) if trainable else None
+        self.trainable = trainable
+        self._check_base16(base16, params, weights16, lora)
+        self.base16 = base16
+        self.params = self._flat(params, "parameter") if base16 is None else None
+        self.lora = lora
+        self._init_lora(lora, grads, lora_params, lora_grads)
+        # inference (sampling, export) needs no gradient buffer: a model's worth of memory saved;
+        # neither does a frozen base (LoRA)
+        base_grads = trainable and lora is None
+        self.grads = self._flat(grads, "gradient") if base_grads else None
+        self.g = self.layout.views(self.grads) if base_grads else {}
+        self.dw = self.layout.tensors(self.grads) if base_grads else None
         self.head_chunk_rows = head_chunk_rows
         self._acts: dict[tuple[int, int, int], Activations] = {}
         self._grads_stale = False   # after zero_grad(): the next backward overwrites, not adds
+        self._wte32: np.ndarray | None = None      # base16: wte widened, made by the first logits()
+        if base16 is not None:
+            self.p = {}
+            self.w = self.layout.typed(self._widened_small(base16))
+            self.weights16 = None
+            self._mw = self.layout.tensors(base16)
+            return
+        self.p = self.layout.views(self.params)              # by name (weights formats, tests)
+        self.w = self.layout.tensors(self.params)           # typed (the passes below)
         self.weights16 = self._bf16_copy(weights16) if precision == "bf16" else None
         if precision == "fp32" and weights16 is not None:
             raise ValueError("an fp32 model has no bf16 weight copy (weights16)")
         # the matmul weights as the kernels take them: the float32 tensors, or views of the bf16 copy
         self._mw = self.w if self.weights16 is None else self.layout.tensors(self.weights16.bits)
+
+    def _check_base16(self, base16: np.ndarray | None, params: np.ndarray | None,
+                      weights16: bf16.Bf16Weights | None, lora: LoraLayout | None) -> None:
+        if base16 is None:
+            return
+        if self.precision != "bf16":
+            raise ValueError("a base held in bf16 (base16) needs precision bf16")
+        if params is not None or weights16 is not None:
+            raise ValueError("base16 is the whole base: give no float32 params or weights16 with it")
+        if lora is None and self.trainable:
+            raise ValueError("a base held in bf16 (base16) is frozen: train it with LoRA, or trainable=False")
+        if base16.shape != (self.layout.size,) or base16.dtype != np.uint16:
+            raise ValueError(f"base16 buffer {base16.dtype}{base16.shape}, "
+                             f"expected uint16({self.layout.size},)")
+
+    def _widened_small(self, base16: np.ndarray) -> dict[str, np.ndarray | None]:
+        """float32 copies of the base's tensors that no matmul takes (LayerNorms, biases, wpe); None
+        for the block matmul weights and wte, which are read as bits."""
+        matmul = {f.metadata["name"] for f in BLOCK_FIELDS if f.name in MATMUL_WEIGHTS}
+        out: dict[str, np.ndarray | None] = {}
+        for name, bits in self.layout.views(base16).items():
+            big = name == "wte" or (name.startswith("h.") and name.split(".", 2)[2] in matmul)
+            out[name] = None if big else bf16.to_float32(bits)
+        return out
+
+    def _init_lora(self, lora: LoraLayout | None, grads: np.ndarray | None, lora_params: np.ndarray | None,
+                   lora_grads: np.ndarray | None) -> None:
+        """The adapters' flat buffers and their per-block views (the class docstring)."""
+        self.lora_params = self.lora_grads = None
+        self._adapters: list[BlockAdapters | None] = [None] * self.cfg.n_layer
+        self._adapter_grads: list[BlockAdapters | None] = [None] * self.cfg.n_layer
+        if lora is None:
+            if lora_params is not None or lora_grads is not None:
+                raise ValueError("lora_params or lora_grads without a lora layout")
+            return
+        if lora.cfg != self.cfg:
+            raise ValueError("the LoRA layout was made for another model config")
+        if grads is not None:
+            raise ValueError("a LoRA model's base is frozen: it takes no base gradient buffer (grads)")
+        self.lora_params = self._flat(lora_params, "LoRA parameter", lora.size)
+        self._adapters = lora.blocks(self.lora_params)
+        if self.trainable:
+            self.lora_grads = self._flat(lora_grads, "LoRA gradient", lora.size)
+            self._adapter_grads = lora.blocks(self.lora_grads)
+        elif lora_grads is not None:
+            raise ValueError("lora_grads for a model built with trainable=False")
 
     def _bf16_copy(self, weights16: bf16.Bf16Weights | None) -> bf16.Bf16Weights:
         ranges = self.layout.matmul_weight_ranges()
@@ -541,12 +767,12 @@ class GPT:
             self.weights16.for_pass()
         return self._mw
 
-    def _flat(self, buf: np.ndarray | None, what: str) -> np.ndarray:
+    def _flat(self, buf: np.ndarray | None, what: str, size: int | None = None) -> np.ndarray:
+        size = self.layout.size if size is None else size
         if buf is None:
-            return np.zeros(self.layout.size, self.dtype)
-        if buf.shape != (self.layout.size,) or buf.dtype != self.dtype:
-            raise ValueError(f"{what} buffer {buf.dtype}{buf.shape}, "
-                             f"expected {self.dtype}({self.layout.size},)")
+            return np.zeros(size, self.dtype)
+        if buf.shape != (size,) or buf.dtype != self.dtype:
+            raise ValueError(f"{what} buffer {buf.dtype}{buf.shape}, expected {self.dtype}({size},)")
         return buf
 
     def _activations(self, B: int, T: int, training: bool) -> Activations:
@@ -555,8 +781,10 @@ class GPT:
             if len(self._acts) >= 3:  # training, eval and one more shape; drop the oldest
                 self._acts.pop(next(iter(self._acts)))
             sets, inputs = self._saved if training else (1, 0)
+            lo = self.lora
             self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, sets, training,
-                                          self.precision, inputs)
+                                          self.precision, inputs, 0 if lo is None else lo.rank,
+                                          lo is not None and lo.dropout > 0)
         return self._acts[key]
 
     def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:
@@ -564,9 +792,17 @@ class GPT:
             return Dropout.OFF
         return Dropout.draw(self.cfg, B, T, seed, row0)
 
-    def _trunk(self, idx: np.ndarray, a: Activations, drop: Dropout, cache: KVCache | None = None) -> None:
+    def _lora_dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> LoraDropout | None:
+        if seed is None or self.lora is None or self.lora.dropout == 0.0:
+            return None
+        return LoraDropout(self.lora.dropout, B, T, seed, row0)
+
+    def _trunk(self, idx: np.ndarray, a: Activations, drop: Dropout, cache: KVCache | None = None,
+               lora_drop: LoraDropout | None = None) -> None:
         """Embeddings, every block, ln_f: a.lnf_out (B*T, C) is the head's input."""
         cfg, w, kern = self.cfg, self.w, self.kernels
+        if a.lora is not None:
+            a.lora.drop = lora_drop
         B, T = idx.shape
         t0 = 0 if cache is None else cache.length
         if cache is not None and t0 + T > cache.max_len:
@@ -575,14 +811,17 @@ class GPT:
             raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
         mw = self._matmul_weights()
         x = a.x                                                                         # (BT, C)
-        np.take(w.wte, idx.reshape(-1), axis=0, out=x)
+        if w.wte is None:                   # base16: the rows' bits, widened (exactly)
+            bf16.to_float32(np.take(mw.wte, idx.reshape(-1), axis=0), out=x)
+        else:
+            np.take(w.wte, idx.reshape(-1), axis=0, out=x)
         x.reshape(B, T, -1)[...] += w.wpe[t0 : t0 + T]
         drop.apply_(x, "emb")
         for layer, block in enumerate(w.blocks):
             if layer < len(a.inputs):
                 a.inputs[layer][...] = x                # recompute: what this block's backward re-runs from
             block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, kern, mw.blocks[layer],
-                          cache)
+                          cache, ad=self._adapters[layer], ls=a.lora)
         if cache is not None:
             cache.length += T
         a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
@@ -592,26 +831,29 @@ class GPT:
         """The training forward of a micro-batch (idx, targets: (B, T) ints). The loss gradient is
         scaled by grad_scale (1 / (accumulation steps x ranks) makes a SUM over ranks the global
         mean). dropout_seed (seed, step) draws dropout masks for global rows row0...; None: none."""
-        if self.grads is None:
+        if not self.trainable:
             raise RuntimeError("this model was built with trainable=False: no gradients")
         B, T = idx.shape
         a = self._activations(B, T, training=True)
         drop = self._dropout(B, T, dropout_seed, row0)
-        self._trunk(idx, a, drop)
+        lora_drop = self._lora_dropout(B, T, dropout_seed, row0)
+        self._trunk(idx, a, drop, lora_drop=lora_drop)
         V, accumulate = self.cfg.vocab_size, not self._grads_stale
         # the head's backward happens here, while each chunk's probabilities are at hand
+        dwte = None if self.dw is None else self.dw.wte[:V]         # None: a frozen embedding (LoRA)
         loss = self.kernels.head_loss(a.lnf_out, self._mw.wte[:V], targets.reshape(-1), grad_scale,
-                                      a.dlnf_out, self.dw.wte[:V], self.head_chunk_rows,
+                                      a.dlnf_out, dwte, self.head_chunk_rows,
                                       accumulate=accumulate, scratch=a.logits)
         self._grads_stale = False
-        a.owner = TrainingForward(loss, idx, drop, a, accumulate)
+        a.owner = TrainingForward(loss, idx, drop, a, accumulate, lora_drop)
         return a.owner
 
     def backward(self, fwd: TrainingForward, hooks: BackwardHooks | None = None) -> None:
-        """Adds the gradient of `fwd` (the latest training forward of its shape) to self.grads, or
-        writes it if this is the first backward since zero_grad(). With hooks (a gradient reducer
-        that sends gradients as they are done), backward reports what is finished when, and hands
-        over this micro-batch's token-embedding rows instead of adding them to wte's gradient."""
+        """Adds the gradient of `fwd` (the latest training forward of its shape) to self.grads (with
+        LoRA: self.lora_grads), or writes it if this is the first backward since zero_grad(). With
+        hooks (a gradient reducer that sends gradients as they are done), backward reports what is
+        finished when, and hands over this micro-batch's token-embedding rows instead of adding them
+        to wte's gradient."""
         a = fwd.acts
         if a.owner is not fwd:
             raise RuntimeError("backward() needs the latest training forward of its shape: "
@@ -621,18 +863,25 @@ class GPT:
         mw = self._matmul_weights()
         B, T = fwd.idx.shape
         dx = a.x                                   # the residual stream's buffer now carries its gradient
-        if hooks is not None:
+        frozen = dw is None                        # LoRA: only the adapters get gradients
+        if a.lora is not None:
+            a.lora.drop = fwd.lora_dropout
+        if hooks is not None and not frozen:
             hooks.head_done()                      # the forward's fused head wrote wte's gradient
-        ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, dw.lnf_w, dw.lnf_b, dx, acc)
+        ops.layernorm_backward(a.dlnf_out, a.lnf_xhat, a.lnf_rstd, w.lnf_w, None if frozen else dw.lnf_w,
+                               None if frozen else dw.lnf_b, dx, acc)
         kern = self.kernels
         for layer in reversed(range(cfg.n_layer)):
             if layer < len(a.inputs):       # recompute: re-fill the shared set (it holds the last block's)
                 block_forward(a.inputs[layer], w.blocks[layer], a.block(layer), a.scratch, cfg, layer, drop,
-                              kern, mw.blocks[layer], state_only=True)
-            block_backward(dx, w.blocks[layer], dw.blocks[layer], a.block(layer), a.scratch, cfg, layer,
-                           drop, acc, kern, mw.blocks[layer])
+                              kern, mw.blocks[layer], state_only=True, ad=self._adapters[layer], ls=a.lora)
+            block_backward(dx, w.blocks[layer], None if frozen else dw.blocks[layer], a.block(layer),
+                           a.scratch, cfg, layer, drop, acc, kern, mw.blocks[layer], ad=self._adapters[layer],
+                           dad=self._adapter_grads[layer], ls=a.lora, need_dx=not frozen or layer > 0)
             if hooks is not None:
                 hooks.block_done(layer)
+        if frozen:
+            return                                 # no embedding gradients
         drop.apply_(dx, "emb")
         dw.wpe[:T] += dx.reshape(B, T, -1).sum(axis=0)     # (T, C)
         if hooks is not None:
@@ -643,9 +892,11 @@ class GPT:
     def zero_grad(self) -> None:
         """Start a new accumulation. Lazily: the next training forward/backward overwrites every
         gradient it produces instead of adding to it (no zeroing pass, no read-add-write pass);
-        only the rows no backward writes (positions beyond T, the vocabulary padding) are zeroed."""
-        self.dw.wpe[:] = 0.0
-        self.dw.wte[self.cfg.vocab_size :] = 0.0
+        only the rows no backward writes (positions beyond T, the vocabulary padding) are zeroed. (A
+        LoRA model's backward writes every adapter gradient: nothing to zero.)"""
+        if self.dw is not None:
+            self.dw.wpe[:] = 0.0
+            self.dw.wte[self.cfg.vocab_size :] = 0.0
         self._grads_stale = True
 
     def loss(self, idx: np.ndarray, targets: np.ndarray, dropout_seed: tuple[int, ...] | None = None,
@@ -654,7 +905,8 @@ class GPT:
         unless dropout_seed is given (then with the masks a training forward would draw)."""
         B, T = idx.shape
         a = self._activations(B, T, training=False)
-        self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0))
+        self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0),
+                    lora_drop=self._lora_dropout(B, T, dropout_seed, row0))
         V = self.cfg.vocab_size
         return self.kernels.head_loss(a.lnf_out, self._mw.wte[:V], targets.reshape(-1), None, None, None,
                                       self.head_chunk_rows, scratch=a.logits)
@@ -666,7 +918,12 @@ class GPT:
         a = self._activations(B, T, training=False)
         self._trunk(idx, a, Dropout.OFF, cache)
         V = self.cfg.vocab_size
-        return (a.lnf_out @ self.w.wte[:V].T).reshape(B, T, V)
+        wte = self.w.wte
+        if wte is None:                     # base16: widened once, for inference only
+            if self._wte32 is None:
+                self._wte32 = bf16.to_float32(self._mw.wte[:V])
+            wte = self._wte32
+        return (a.lnf_out @ wte[:V].T).reshape(B, T, V)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         # a bf16 model's attention multiplies bf16 keys and values: the cache keeps them so

@@ -107,9 +107,12 @@ def layernorm_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray, out: np.ndarr
 
 
 def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: np.ndarray,
-                       dw: np.ndarray, db: np.ndarray, dx: np.ndarray, accumulate: bool = True) -> None:
-    """Writes dx (may alias dout); accumulates dw, db (overwrites them if not `accumulate`)."""
+                       dw: np.ndarray | None, db: np.ndarray | None, dx: np.ndarray,
+                       accumulate: bool = True) -> None:
+    """Writes dx (may alias dout); accumulates dw, db (overwrites them if not `accumulate`). dw and
+    db None: a frozen LayerNorm (LoRA), whose gains and biases get no gradient, only its input."""
     N, C = dout.shape
+    frozen = dw is None
     partial = np.zeros((min(n_threads(), N), 2, C), np.float64)
     lock = threading.Lock()
 
@@ -117,8 +120,9 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
         acc = np.zeros((2, C), np.float64)
         for s in _row_blocks(lo, hi, C):
             do, xh = dout[s], xhat[s]
-            acc[0] += np.einsum("ij,ij->j", do, xh)
-            acc[1] += do.sum(axis=0)
+            if not frozen:
+                acc[0] += np.einsum("ij,ij->j", do, xh)
+                acc[1] += do.sum(axis=0)
             dxhat = do * w
             mean_dxhat = dxhat.sum(axis=1, keepdims=True) / C
             mean_dxhat_xhat = np.einsum("ij,ij->i", dxhat, xh)[:, None] / C
@@ -131,6 +135,8 @@ def layernorm_backward(dout: np.ndarray, xhat: np.ndarray, rstd: np.ndarray, w: 
         with lock:
             partial[0] += acc
     parallel_for(N, work)
+    if frozen:
+        return
     if accumulate:
         dw += partial[0, 0].astype(dw.dtype)
         db += partial[0, 1].astype(db.dtype)
@@ -166,20 +172,23 @@ def linear_forward_bf16(x: np.ndarray, w16: np.ndarray, b: np.ndarray, out: np.n
     return out
 
 
-def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                    dx: np.ndarray | None, accumulate: bool = True) -> None:
+def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray | None,
+                    db: np.ndarray | None, dx: np.ndarray | None, accumulate: bool = True) -> None:
     """Accumulates dw, db (overwrites them if not `accumulate`: the first micro-batch of a step
     saves zeroing the gradients and a read-add-write pass over them); writes dx unless it is None
-    (dx may alias x)."""
+    (dx may alias x). dw, db None: a frozen layer (LoRA's base): no weight-gradient matmul, no bias
+    sum, only dx."""
     _linear_backward(blas.gemm, x, dout, w.T, dout, dw, db, dx, accumulate)
 
 
-def linear_backward_bf16(dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                         dx: np.ndarray | None, accumulate: bool, ws: bf16.Workspace) -> None:
+def linear_backward_bf16(dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray | None,
+                         db: np.ndarray | None, dx: np.ndarray | None, accumulate: bool,
+                         ws: bf16.Workspace) -> None:
     """linear_backward with w's bf16 copy w16: the matmuls take bf16 roundings of dout and x (made
     in `ws`; x may already be bf16 bits, as a bf16 model stores it), and dw still accumulates in
-    float32."""
-    stored = _bf16_input(x)
+    float32. dw None (frozen): x is not needed, and not rounded."""
+    # a frozen layer's backward never reads x: nothing to round (x's buffer may be dx's, too)
+    stored = _bf16_input(x) or dw is None
     x16 = x if stored else ws.get("x", x.shape)
     dout16 = ws.get("dout", dout.shape)
 
@@ -198,13 +207,72 @@ def _linear_backward(gemm, a: np.ndarray, d: np.ndarray, wt: np.ndarray, dout: n
     def weight_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of dw are the input features [lo, hi): each thread owns its part of dw
         gemm(a[:, lo:hi].T, d, dw[lo:hi], accumulate=accumulate)
-    parallel_for(a.shape[1], weight_grad, grain=64)
-    if accumulate:
-        db += dout.sum(axis=0)
-    else:
-        dout.sum(axis=0, out=db)
+    if dw is not None:
+        parallel_for(a.shape[1], weight_grad, grain=64)
+    if db is not None:
+        if accumulate:
+            db += dout.sum(axis=0)
+        else:
+            dout.sum(axis=0, out=db)
     if dx is not None:
         _row_split(gemm, d, wt, dx)
+
+
+# ----------------------------------------------------------------------------- LoRA adapters
+# A target's adapter adds scale * (x @ A.T) @ B.T to its linear's output; A (r, in), B (out, r) as
+# peft stores them (distgpt/lora.py). r is small (4-64): these products are thin, a few percent of
+# the base matmul's work at most, and run in the adapters' dtype (float32 also in a bf16 model,
+# whose base matmuls alone go through bf16). u = scale * x @ A.T (rows, r) is not saved for
+# backward: backward remakes it from x, which is saved anyway, for r/out of the layer's work.
+
+def lora_forward(x: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, out: np.ndarray,
+                 u: np.ndarray) -> None:
+    """out += scale * (x @ a.T) @ b.T; u (rows, r) scratch, left holding scale * x @ a.T."""
+    def work(lo: int, hi: int) -> None:
+        blas.gemm(x[lo:hi], a.T, u[lo:hi])
+        u[lo:hi] *= scale
+        blas.gemm(u[lo:hi], b.T, out[lo:hi], accumulate=True)
+    parallel_for(x.shape[0], work, grain=64)
+
+
+def lora_backward(dout: np.ndarray, x: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
+                  da: np.ndarray, db: np.ndarray, u: np.ndarray, du: np.ndarray, accumulate: bool) -> None:
+    """The adapter's weight gradients from its output's gradient dout (rows, out) and its input x
+    (rows, in): db (out, r) = dout.T @ u, da (r, in) = du.T @ x, accumulated (written if not
+    `accumulate`), with u = scale * x @ a.T remade here and du = scale * dout @ b left in `du`
+    (rows, r) for lora_input_grad, which adds the input's part once x's buffer may be overwritten."""
+    def rows(lo: int, hi: int) -> None:
+        blas.gemm(x[lo:hi], a.T, u[lo:hi])
+        u[lo:hi] *= scale
+        blas.gemm(dout[lo:hi], b, du[lo:hi])
+        du[lo:hi] *= scale
+    parallel_for(x.shape[0], rows, grain=64)
+
+    def b_grad(lo: int, hi: int) -> None:
+        # rows [lo, hi) of db are the output features [lo, hi): each thread owns its part
+        blas.gemm(dout[:, lo:hi].T, u, db[lo:hi], accumulate=accumulate)
+    parallel_for(dout.shape[1], b_grad, grain=64)
+
+    def a_grad(lo: int, hi: int) -> None:
+        # da has only r rows: split its columns, the input features [lo, hi)
+        blas.gemm(du.T, x[:, lo:hi], da[:, lo:hi], accumulate=accumulate)
+    parallel_for(x.shape[1], a_grad, grain=64)
+
+
+def lora_input_grad(du: np.ndarray, a: np.ndarray, dx: np.ndarray, keep: np.ndarray | None = None,
+                    keep_scale: float = 1.0, tmp: np.ndarray | None = None) -> None:
+    """dx += du @ a: the adapter's part of its input's gradient (du from lora_backward); with
+    dropout on the adapter's input, through its mask: dx += (du @ a) * keep * keep_scale, the
+    product made in `tmp` (dx's shape)."""
+    def work(lo: int, hi: int) -> None:
+        if keep is None:
+            blas.gemm(du[lo:hi], a, dx[lo:hi], accumulate=True)
+            return
+        t = blas.gemm(du[lo:hi], a, tmp[lo:hi])
+        t *= keep[lo:hi]
+        t *= keep_scale
+        dx[lo:hi] += t
+    parallel_for(du.shape[0], work, grain=64)
 
 
 # ----------------------------------------------------------------------------- gelu (tanh)
@@ -566,8 +634,9 @@ def head_loss(x: np.ndarray, wte: np.ndarray, targets: np.ndarray, grad_scale: f
     Returns the mean loss over the N rows. When grad_scale is given, the gradient of
     grad_scale * mean_loss is written into dx (N, C) and accumulated into dwte (V, C) (written, if
     not `accumulate`): doing it here, while each chunk's probabilities are at hand, saves
-    recomputing the logits. `scratch` (at least (min(N, chunk_rows), V)) holds a chunk's logits;
-    without it a fresh array is allocated per chunk.
+    recomputing the logits. dwte None with a grad_scale: a frozen embedding (LoRA), only dx.
+    `scratch` (at least (min(N, chunk_rows), V)) holds a chunk's logits; without it a fresh array is
+    allocated per chunk.
     """
     return _head_loss(blas.gemm, x, wte, None, x.dtype, targets, grad_scale, dx, dwte, chunk_rows, logits_out,
                       accumulate, scratch)
@@ -628,7 +697,8 @@ def _head_loss(gemm, xm: np.ndarray, wm: np.ndarray, ws: bf16.Workspace | None, 
                 for v0 in range(lo, hi, step):
                     v1 = min(hi, v0 + step)
                     gemm(logits[:, v0:v1].T, xc, dwte[v0:v1], accumulate=add)
-            parallel_for(V, embed_grad)
+            if dwte is not None:
+                parallel_for(V, embed_grad)
     return float(losses.sum() / N)
 
 
