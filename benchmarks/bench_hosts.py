@@ -71,9 +71,17 @@ def worker_command(args: argparse.Namespace, micro: int, wire: str, precision: s
     return [sys.executable, str(BENCH), "--worker", "distgpt", "--config", args.config, "--threads", "1",
             "--batch", str(args.batch * micro), "--micro-batches", str(micro), "--steps", str(steps),
             "--warmup", str(warmup), "--out", str(out), "--reduce", "auto", "--precision", precision,
-            "--grad-wire", wire, "--zero" if args.zero else "--no-zero",
+            "--grad-wire", wire, *zero_args(args),
             "--comm-thread" if args.comm_thread else "--no-comm-thread",
             *(f"--set={kv}" for kv in overrides(args, sync))]
+
+
+def zero_args(args: argparse.Namespace) -> list[str]:
+    """--zero / --no-zero as asked, or distgpt's default (parallel.zero=auto: ZeRO-1 on one host and
+    within each DiLoCo host, replicated when every step's sum crosses hosts)."""
+    if args.zero is None:
+        return ["--set=parallel.zero=auto"]
+    return ["--zero" if args.zero else "--no-zero"]
 
 
 def run(cmd: list[str], env: dict[str, str], out: Path) -> dict:
@@ -117,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hosts", type=int, default=2, help="simulated hosts, one rank each (default 2)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (diloco: rounded up to whole cycles)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (diloco: rounded up to whole cycles)")
-    p.add_argument("--zero", action=argparse.BooleanOptionalAction, default=False,
-                   help="ZeRO-1 (default off: replicated, whose gather is of gradients, not parameters)")
+    p.add_argument("--zero", action=argparse.BooleanOptionalAction, default=None,
+                   help="ZeRO-1 on or off (default: distgpt's parallel.zero=auto, ZeRO-1 on one host, "
+                        "replicated across hosts)")
     p.add_argument("--comm-thread", action=argparse.BooleanOptionalAction, default=True,
                    help="parallel.comm_thread (default on)")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
@@ -160,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                      f"alike: ranks r and r + {cores} share core r, so the steps are slower than on "
                      f"{args.hosts} cores")
     results: list[dict] = []
-    mode = "ZeRO-1" if args.zero else "replicated"
+    mode = ("parallel.zero auto (ZeRO-1 on one host, replicated across hosts)" if args.zero is None
+            else "ZeRO-1" if args.zero else "replicated")
     diloco_note = ""
     if "diloco" in syncs:
         warmup, steps = steps_for(args, "diloco")
