@@ -37,18 +37,35 @@ from distgpt import bf16
 from distgpt.config import DilocoConfig
 from distgpt.dist import Comm
 from distgpt.partition import even_ranges
+from distgpt.threads import parallel_for
+
+CHUNK = 1 << 16      # elements per pass of the outer update: its three arrays and a scratch stay in L2
 
 
 def outer_update(global_: np.ndarray, momentum: np.ndarray, delta: np.ndarray, lr: float, mu: float,
                  nesterov: bool) -> None:
-    """One outer SGD step on the global parameters, in place (the module docstring's formulas)."""
-    momentum *= np.float32(mu)
-    momentum += delta
-    if nesterov:
-        step = delta + np.float32(mu) * momentum
-    else:
-        step = momentum
-    global_ -= np.float32(lr) * step
+    """One outer SGD step on the global parameters, in place (the module docstring's formulas):
+    cache-sized chunks split over the rank's threads, no temporaries of the slice's size (whole-array
+    expressions made three of them, each a fresh allocation whose first touch cost more than the
+    arithmetic: 4.5 s for GPT-2's 124M values, one rank)."""
+    mu32, lr32 = np.float32(mu), np.float32(lr)
+
+    def work(first: int, last: int) -> None:
+        scratch = np.empty(CHUNK, np.float32)
+        for lo in range(first * CHUNK, min(last * CHUNK, global_.size), CHUNK):
+            hi = min(lo + CHUNK, global_.size)
+            g, m, d, step = global_[lo:hi], momentum[lo:hi], delta[lo:hi], scratch[:hi - lo]
+            m *= mu32                           # buf = mu buf + delta
+            m += d
+            if nesterov:                        # step = delta + mu buf
+                np.multiply(m, mu32, out=step)
+                step += d
+            else:
+                step[:] = m
+            step *= lr32                        # global -= lr step
+            g -= step
+
+    parallel_for(-(-global_.size // CHUNK), work)
 
 
 def sync_steps(step_done: int, inner_steps: int, max_steps: int) -> bool:
@@ -61,6 +78,12 @@ def wire_bytes(n: int, workers: int, wire: str) -> int:
     allgather, each sending (W - 1) / W of the values (what a ring allreduce sends too)."""
     width = 4 if wire == "fp32" else 2
     return 2 * (workers - 1) * n * width // workers if workers > 1 else 0
+
+
+def _touched(n: int, dtype: type) -> np.ndarray:
+    a = np.empty(n, dtype)
+    a.fill(0)
+    return a
 
 
 @dataclass
@@ -83,9 +106,8 @@ class OuterSync:
         self.lo, self.hi = lo, hi
         self.workers = column.size
         n = hi - lo
-        self.global_ = np.zeros(n, np.float32)
-        self.momentum = np.zeros(n, np.float32)
-        self.delta = np.zeros(n, np.float32)
+        # zero-filled now, not lazily by the kernel (np.zeros): the first sync would pay the page faults
+        self.global_, self.momentum, self.delta = (_touched(n, np.float32) for _ in range(3))
         self.last_sync = 0          # the step the global parameters were last set at
         self.outer_steps = 0
         # bf16 wire: this rank's part of the slice, and the others', for the reduce-scatter
@@ -93,11 +115,11 @@ class OuterSync:
         self.counts = [b - a for a, b in self.parts]
         mine = self.counts[column.rank]
         if cfg.wire == "bf16" and self.workers > 1:
-            self.send16 = np.zeros(n, np.uint16)
-            self.recv16 = np.zeros(self.workers * mine, np.uint16)
-            self.sum32 = np.zeros(mine, np.float32)
+            self.send16 = _touched(n, np.uint16)
+            self.recv16 = _touched(self.workers * mine, np.uint16)
+            self.sum32 = _touched(mine, np.float32)
         elif self.workers > 1:
-            self.part32 = np.zeros(mine, np.float32)
+            self.part32 = _touched(mine, np.float32)
 
     def reset(self, params: np.ndarray, step: int) -> None:
         """Start a cycle at `step` from these parameters (a run's start: no momentum yet)."""
