@@ -240,7 +240,9 @@ def run_cell(args: argparse.Namespace, cfg_path: Path, cell: dict) -> dict:
     curve = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     final = [v for s, v in curve if s == args.steps]
     if not final:
-        problems.append(f"metrics.jsonl has no val loss at step {args.steps}")
+        stopped = re.search(r"^(.*(?:stop signal received|interrupted).*)$", stdout, re.M)
+        problems.append(f"metrics.jsonl has no val loss at step {args.steps}"
+                        + (f" (the run says: {stopped.group(1).strip()})" if stopped else ""))
     outer = [r for r in records if "outer_bytes" in r or "pseudo_grad_norm" in r]
     if cell["sync"] == "diloco":
         res["outer_syncs_logged"] = len(outer)
