@@ -14,6 +14,14 @@ nothing reads and the next save clears.
 
 A checkpoint written by W ranks loads on any number of ranks: each rank works out which old shards
 overlap its new slice and reads just those byte ranges through a memory map.
+
+LoRA (lora.rank > 0): the same format over the run's trainable flat vector, the adapters: the
+shards' rows are the adapters and their AdamW moments, manifest["layout"] is the lora.LoraLayout's
+describe() (names as peft's keys without "base_model.model.transformer."), n_params its size, and
+meta["lora"] = {"rank", "alpha", "dropout", "targets", "base": {"source": init_from as given,
+"sha256": of the base's float32 values in model.Layout order, as read from the source}}. The base
+itself is not saved: a resume reads it from its source again and refuses other weights (check_base).
+read_lora returns the adapters with meta["lora"].
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -574,21 +583,45 @@ def load_worker_state(path: str | Path, comm, layout, partition: Partition, work
     return result
 
 
-def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
-    """Single process: (manifest, the full flat float32 parameter vector) of a checkpoint folder, or of
-    the newest valid checkpoint of an output directory. Validates in full (sample/export run once)."""
+def param_reader(path: str | Path) -> tuple[dict, Callable[[int, int], np.ndarray]]:
+    """Single process: (manifest, read) for a checkpoint folder or the newest valid checkpoint of an
+    output directory, validated in full; read(start, end) -> float32 values [start, end) of its flat
+    vector, read from the shards' byte ranges (a DiLoCo checkpoint: the global parameters at a sync,
+    between syncs the hosts merged as a resume on one host would merge them, elementwise)."""
     found = _resolve_local(path, str(path))
     assert found is not None  # an explicit path either resolves or raises
     manifest = _read_manifest(found)
-    n = manifest["n_params"]
     saved = manifest["meta"].get("diloco")
     if saved is None:
-        params = _read_range(found, manifest, 0, n, 1)[0]
+        def read(a: int, b: int) -> np.ndarray:
+            return _read_range(found, manifest, a, b, 1)[0]
     elif int(saved["last_sync"]) == manifest["step"]:      # at a sync: the global parameters
-        params = _read_range(found, manifest, 0, n, 1, 0, 3)[0]
-    else:       # between syncs: the hosts merged as a resume on one host would merge them
-        params = _merged(found, manifest, 0, n, moments=False)[0]
-    return manifest, params
+        def read(a: int, b: int) -> np.ndarray:
+            return _read_range(found, manifest, a, b, 1, 0, 3)[0]
+    else:
+        def read(a: int, b: int) -> np.ndarray:
+            return _merged(found, manifest, a, b, moments=False)[0]
+    return manifest, read
+
+
+def read_params(path: str | Path) -> tuple[dict, np.ndarray]:
+    """Single process: (manifest, the full flat float32 vector) of a checkpoint folder, or of the
+    newest valid checkpoint of an output directory: the model's parameters, or a LoRA run's adapters
+    (read_lora). Validates in full (sample/export run once)."""
+    manifest, read = param_reader(path)
+    return manifest, read(0, manifest["n_params"])
+
+
+def read_lora(path: str | Path) -> tuple[dict, dict, np.ndarray]:
+    """Single process: (manifest, meta["lora"], the flat float32 adapter vector) of a LoRA checkpoint
+    (folder, or an output directory's newest). meta["lora"] is {"rank", "alpha", "dropout", "targets",
+    "base": {"source": init_from as given, "sha256": of the base's float32 values in model.Layout
+    order}}; manifest["layout"] is the lora.LoraLayout's describe(). CheckpointError otherwise."""
+    manifest, adapters = read_params(path)
+    lora = manifest["meta"].get("lora")
+    if not lora:
+        raise CheckpointError(f"{path}: not a LoRA checkpoint (it holds a whole model's parameters)")
+    return manifest, lora, adapters
 
 
 # ----------------------------------------------------------------------------- a run's output directory
@@ -702,8 +735,9 @@ def plan_resume(cfg, comm, layout, loader, tokenizer: str | None):
         mf = path / MANIFEST
         try:
             manifest = _read_manifest(path)
-            _check_model(mf, manifest, layout)
             meta = manifest["meta"]
+            lora_mismatch(mf, meta.get("lora"), cfg.lora)     # before the layouts are compared
+            _check_model(mf, manifest, layout)
             saved_tok = meta.get("tokenizer")
             if saved_tok and tokenizer and saved_tok != tokenizer:
                 return "refused", f"{mf}: saved with tokenizer {saved_tok}, the data uses {tokenizer}"
@@ -730,6 +764,49 @@ def plan_resume(cfg, comm, layout, loader, tokenizer: str | None):
     return path, TrainingState(**value)
 
 
+def lora_mismatch(mf: Path, saved: dict | None, lora) -> None:
+    """Refuse (CheckpointError, one line) a checkpoint whose LoRA settings do not fit this run's
+    (config.LoraConfig): LoRA against a whole model either way, another rank, alpha or targets.
+    lora.dropout may change (it changes no tensor), as model.dropout may. The base is compared by
+    check_base, once it is loaded."""
+    if saved is None and lora.rank == 0:
+        return
+    if saved is None:
+        raise CheckpointError(f"{mf}: a whole model's checkpoint (no LoRA), this run trains LoRA adapters "
+                              f"(lora.rank = {lora.rank}): resume it with lora.rank = 0, or start a new LoRA "
+                              f"run with init_from = {mf.parent} (its weights as the base)")
+    described = (f"LoRA rank {saved.get('rank')}, alpha {saved.get('alpha')}, targets "
+                 f"{', '.join(saved.get('targets') or [])}")
+    if lora.rank == 0:
+        raise CheckpointError(f"{mf}: a LoRA checkpoint ({described}), this run has lora.rank = 0: resume "
+                              "with its lora settings, or export it merged (--format hf) and start from that")
+    ours = {"rank": lora.rank, "alpha": lora.alpha, "targets": list(lora.targets)}
+    differ = [f"lora.{k}={saved.get(k)} (this run: {v})" for k, v in ours.items() if saved.get(k) != v]
+    if differ:
+        raise CheckpointError(f"{mf}: saved with other LoRA settings: {', '.join(differ)}; resume with the "
+                              "checkpoint's lora settings, or start a new run in another out_dir")
+
+
+def check_base(path: Path, base: dict, comm) -> None:
+    """Collective: refuse (ResumeRefused on every rank) a LoRA checkpoint whose adapters were trained
+    on another base than this run's (`base`: {"source", "sha256"} of the weights this run loaded)."""
+    err = None
+    if comm.rank == 0:
+        try:
+            saved = (_read_manifest(path)["meta"].get("lora") or {}).get("base") or {}
+        except CheckpointError as e:
+            saved, err = {}, str(e)
+        if err is None and saved.get("sha256") != base["sha256"]:
+            same = saved.get("source") == base["source"]
+            err = (f"{path / MANIFEST}: its LoRA adapters were trained on the base {saved.get('source')} "
+                   f"(sha256 {str(saved.get('sha256'))[:16]}), this run's base is "
+                   + (f"{base['source']}, which now holds other weights" if same else base["source"])
+                   + f" (sha256 {base['sha256'][:16]}): resume with init_from = the checkpoint's base")
+    err = comm.bcast_obj(err)
+    if err:
+        raise ResumeRefused(err)
+
+
 class Checkpointer:
     """Saving and resuming the whole training state of a run: the trainer's shards (parameters and
     AdamW moments), the TrainingState and what the data must match (tokenizer, loader identity)."""
@@ -749,8 +826,10 @@ class Checkpointer:
             return None
         path, state = plan
         trainer, comm = self.trainer, self.comm
+        if trainer.base is not None:
+            check_base(path, trainer.base, comm)
         workers = comm.n_nodes if trainer.outer is not None else None
-        params, m, v, outer, how = load_worker_state(path, comm, trainer.model.layout, trainer.partition,
+        params, m, v, outer, how = load_worker_state(path, comm, trainer.layout, trainer.partition,
                                                      workers, comm.node_index)
         trainer.load_state(params, m, v, state, outer)
         self.saved_step = state.step
@@ -763,6 +842,8 @@ class Checkpointer:
         meta = {"config": self.cfg.to_dict(), "state": state.to_dict(), "loader": self.loader.state_dict(),
                 "tokenizer": self.tokenizer, "precision": self.trainer.precision,
                 "rng": {"kind": "counter-based: dropout masks from (seed, step, global row)", "seed": t.seed}}
+        if self.trainer.base is not None:       # LoRA: the shards hold the adapters (trainer.layout)
+            meta["lora"] = {**self.trainer.lora.config(), "base": dict(self.trainer.base)}
         from distgpt import dist
 
         outer, diloco = self.trainer.outer, {}
@@ -771,7 +852,7 @@ class Checkpointer:
             diloco = {"worker": self.comm.node_index, "workers": self.comm.n_nodes,
                       "outer": self.trainer.outer_slices()}
         with self.comm.watch(dist.Phase.CHECKPOINT_SAVE, state.step):
-            path = save_checkpoint(self.out_dir, state.step, self.comm, self.trainer.model.layout,
+            path = save_checkpoint(self.out_dir, state.step, self.comm, self.trainer.layout,
                                    self.trainer.partition, *self.trainer.state_slices(), meta,
                                    self.cfg.checkpoint.keep, **diloco)
         self.saved_step = state.step

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from distgpt.cli import file_problem
@@ -159,6 +159,35 @@ class ParallelConfig(_Section):
         return n_nodes == 1 or self.sync == "diloco"
 
 
+# LoRA's targets, Hugging Face's module names (lora.TARGETS, which is built from the model's table and
+# checks names: config.py cannot import it at load time, as lora.py builds on model.py, which imports this)
+LORA_TARGETS: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+class LoraConfig(_Section):
+    """LoRA (distgpt/lora.py): train low-rank adapters on the frozen weights of init_from."""
+
+    rank: NonNegative = 0  # 0: LoRA off (every parameter trains)
+    alpha: float = Field(16.0, gt=0, allow_inf_nan=False, description="a number > 0")  # scale alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1, description="a probability in [0, 1)")  # on the adapters' input
+    # the adapted matmuls of every block
+    targets: tuple[str, ...] = Field(LORA_TARGETS, description=f"a list of some of {', '.join(LORA_TARGETS)}")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _known_targets(cls, value: Any) -> tuple[str, ...]:
+        """A YAML list (or one name) -> the targets in canonical order; lora.py's check names an
+        unknown one and the closest valid one."""
+        from distgpt.lora import check_targets
+
+        if not isinstance(value, (list, tuple, str)) or not all(isinstance(t, str) for t in value):
+            raise _bad("lora.targets", value, f"a list of some of {', '.join(LORA_TARGETS)}")
+        try:
+            return check_targets(value)
+        except ValueError as e:
+            raise PydanticCustomError("config_line", "{line}", {"line": str(e)}) from None
+
+
 class CheckpointConfig(_Section):
     every: NonNegative = 0  # steps between checkpoints (0: only at the end and on signals)
     keep: Positive = 3  # newest checkpoints kept on disk
@@ -170,7 +199,9 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    init_from: str = "scratch"  # scratch | a Hugging Face folder or hub id | an llm.c .bin
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    # scratch | a Hugging Face folder or hub id | an llm.c .bin | a distgpt checkpoint (or out_dir)
+    init_from: str = "scratch"
     out_dir: str = Field("out", min_length=1, description="a directory path")
     resume: str | None = None  # None | auto | path of a checkpoint folder
     # a fresh run into an out_dir that holds another run is refused unless this is set: then that
@@ -178,7 +209,10 @@ class Config(_Section):
     overwrite_out_dir: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()
+        """Plain data, as YAML and JSON hold it (lora.targets as a list)."""
+        tree = self.model_dump()
+        tree["lora"]["targets"] = list(tree["lora"]["targets"])
+        return tree
 
 
 def describe_keys() -> list[str]:
@@ -203,8 +237,9 @@ def describe_keys() -> list[str]:
             if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
                 walk(f.annotation, f"{prefix}{name}.")
             else:
-                lines.append(f"{prefix + name + ' = ' + repr(f.get_default(call_default_factory=True)):40s}"
-                             f" {takes(f)}")
+                default = f.get_default(call_default_factory=True)
+                default = list(default) if isinstance(default, tuple) else default   # as YAML writes it
+                lines.append(f"{prefix + name + ' = ' + repr(default):40s} {takes(f)}")
     walk(Config, "")
     return lines
 
@@ -249,6 +284,10 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     m, t = cfg.model, cfg.train
     if t.seq_len > m.block_size:
         raise ConfigError(f"train.seq_len = {t.seq_len}: expected at most model.block_size ({m.block_size})")
+    if cfg.lora.rank and cfg.init_from == "scratch":
+        raise ConfigError(f"lora.rank = {cfg.lora.rank} with init_from = scratch: expected pretrained "
+                          "weights to adapt in init_from (a Hugging Face folder or hub id, an llm.c .bin, "
+                          "or a distgpt checkpoint), or lora.rank = 0 to train every parameter")
     return cfg
 
 
@@ -328,6 +367,8 @@ def _config_error(exc: ValidationError) -> ConfigError:
     """Pydantic's first error as `key = value: expected ...`, or an unknown key with a suggestion."""
     err = exc.errors(include_url=False)[0]
     kind, ctx, value = err["type"], err.get("ctx") or {}, err["input"]
+    if kind == "config_line":  # a check that words its whole line itself (lora.targets)
+        return ConfigError(ctx["line"])
     if kind == "config":  # a cross-field rule (_bad) names its key itself
         return ConfigError(f"{ctx['key']} = {ctx['value']!r}: expected {ctx['expected']}")
     # the loc is field names, then (inside a union) the name of the member that failed: drop those

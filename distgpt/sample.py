@@ -4,7 +4,8 @@ the model's KV cache so each new token costs one position instead of a full forw
     python -m distgpt.sample --ckpt out --prompt "To be, or not" --top-k 50 --max-new-tokens 200
 
 --ckpt takes a distgpt checkpoint folder, an out_dir (its newest checkpoint), a Hugging Face folder
-or hub id (e.g. gpt2), or an llm.c .bin. Tokens are printed as they are generated.
+or hub id (e.g. gpt2), or an llm.c .bin. A LoRA run's checkpoint samples its base (the source its
+manifest records, or --base) with the adapters merged in. Tokens are printed as they are generated.
 """
 
 from __future__ import annotations
@@ -248,6 +249,9 @@ def _fail(message: str) -> NoReturn:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = Parser("sample", description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint folder, out_dir, HF folder / hub id, llm.c .bin")
+    p.add_argument("--base", default=None,
+                   help="a LoRA checkpoint's base (HF folder / hub id, llm.c .bin, distgpt checkpoint), when "
+                        "it is no longer at the source its manifest records")
     p.add_argument("--prompt", default="", help="text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=100,
                    help="tokens to generate; beyond the model's block_size the context is cropped to its "
@@ -267,6 +271,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.ckpt.strip():
         p.error("--ckpt is empty: name a checkpoint folder, out_dir, Hugging Face folder or hub id, or .bin")
+    if args.base is not None and not args.base.strip():
+        p.error("--base is empty: name the LoRA run's base (Hugging Face folder or hub id, .bin, checkpoint)")
     if args.max_new_tokens < 0 or args.num_samples < 1:
         p.error("--max-new-tokens must be >= 0 and --num-samples >= 1")
     if not 0.0 <= args.temperature < float("inf"):
@@ -303,10 +309,11 @@ def main(argv: list[str] | None = None) -> None:
     if problem:
         _fail(problem)
     from distgpt.data import get_tokenizer
-    from distgpt.weights import load_for_inference
+    from distgpt.export import load_weights
 
     try:
-        cfg, params, tok_name = load_for_inference(args.ckpt)
+        w = load_weights(args.ckpt, args.base)      # a LoRA run's: base and adapters, merged
+        cfg, params, tok_name = w.cfg, w.params, w.tokenizer
         tok = get_tokenizer(args.tokenizer or tok_name or "gpt2")
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(

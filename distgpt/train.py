@@ -46,11 +46,14 @@ from distgpt.model import GPT, Layout, activation_bytes, dropout_mask_bytes
 from distgpt.optim import lr_at
 from distgpt.progress import Progress
 from distgpt.trainer import (
+    BaseLoadError,
     StepResult,
     Trainer,
     TrainingState,
     flops_per_token,
     initial_params,
+    lora_layout,
+    open_base,
 )
 
 TOOL = "distgpt.train"
@@ -64,7 +67,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from distgpt.weights import WeightsError
 
     return (ConfigError, DataError, CheckpointError, WeightsError, blas.BlasError, fileio.DiskFullError,
-            switches.SwitchError, OutDirError)
+            switches.SwitchError, OutDirError, BaseLoadError)
 
 
 class OutDirError(ValueError):
@@ -80,35 +83,68 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
     diloco_run = cfg.parallel.sync == "diloco"
     group = world // n_nodes if diloco_run else world       # the ranks that share the optimizer state
     zero = cfg.parallel.zero_for(n_nodes) and group > 1
-    shard = (layout.size + group - 1) // group
+    lora = lora_layout(cfg)
+    trained = layout.size if lora is None else lora.size    # the trainable flat vector
+    shard = (trained + group - 1) // group
     mb = lambda b: f"{b / 2**20:,.0f} MiB"  # noqa: E731
-    moments = 2 * 4 * (shard if zero else layout.size)
+    moments = 2 * 4 * (shard if zero else trained)
     outer = 3 * 4 * shard if diloco_run else 0     # DiLoCo: global parameters, momentum, pseudo-gradient
     low = precision == "bf16"
-    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute)
-    copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
+    lora_kw = {} if lora is None else {"lora_rank": lora.rank, "lora_dropout": lora.dropout > 0}
+    acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute,
+                            **lora_kw)
     masks = dropout_mask_bytes(m, t.micro_batch_size, t.seq_len)
-    total = 2 * 4 * layout.size + moments + acts + masks + copy16 + outer
-    return [
+    lines = [
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
-        f"parameters: {n:,} ({layout.size:,} in the flat buffer with padding)",
-        f"FLOPs per token: {flops_per_token(m, t.seq_len, n):,} (6N + 12LTC)",
+        f"parameters: {n:,} ({layout.size:,} in the flat buffer with padding)"]
+    if lora is None:
+        lines.append(f"FLOPs per token: {flops_per_token(m, t.seq_len, n):,} (6N + 12LTC)")
+    else:
+        lines += [
+            f"LoRA: rank {lora.rank}, alpha {lora.alpha:g} (scale {lora.scale:g}), dropout {lora.dropout:g} "
+            f"on {', '.join(lora.targets)}: {lora.size:,} trainable parameters ({lora.size / n:.2%} of "
+            f"{n:,}); the frozen base from {cfg.init_from}",
+            # the frozen base: forward and input gradients (4N), no weight gradients; the adapters 6 x theirs
+            f"FLOPs per token: {4 * n + 6 * lora.size + 12 * m.n_layer * t.seq_len * m.n_embd:,} "
+            "(4N for the frozen base + 6 x the adapters + 12LTC)"]
+    lines += [
         f"batch: {t.batch_size} sequences x {t.seq_len} tokens = {t.batch_size * t.seq_len:,} tokens/step; "
         f"{world} ranks x {t.micro_batch_size} micro-batch x {accum} accumulation steps",
         f"optimizer: AdamW ({'compiled, numba' if jit.enabled() else 'NumPy ufuncs'}) "
+        f"{'on the adapters, ' if lora is not None else ''}"
         f"lr {t.lr} -> {t.min_lr}, warmup {t.warmup_steps}, {t.max_steps} steps, "
         f"wd {t.weight_decay}, clip {t.grad_clip}"
         + ("" if group == 1 else ", ZeRO-1" if zero else ", replicated")
         + (" within each host" if diloco_run and group > 1 else ""),
-        f"matmuls: {blas.describe()}",
-        f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
+        f"matmuls: {blas.describe()}"]
+    if lora is None:
+        copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
+        total = 2 * 4 * layout.size + moments + acts + masks + copy16 + outer
+        lines.append(
+            f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
+            f"AdamW moments {mb(moments)}, activations {mb(acts)}"
+            + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
+            + (f", dropout masks {mb(masks)}" if masks else "")
+            + (f", bf16 weights {mb(copy16)}" if low else "")
+            + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}")
+        return lines
+    per_node = world // n_nodes
+    base = (2 if low else 4) * layout.size                  # one copy per node, shared by its ranks
+    # a base held in bf16 keeps float32 copies of what no matmul reads: LayerNorms, biases, wpe
+    C, L = m.n_embd, m.n_layer
+    small = 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0
+    total = 2 * 4 * lora.size + moments + acts + masks + small + outer
+    lines.append(
+        f"memory per rank (estimate): adapters {mb(4 * lora.size)}, grads {mb(4 * lora.size)}, "
         f"AdamW moments {mb(moments)}, activations {mb(acts)}"
         + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
         + (f", dropout masks {mb(masks)}" if masks else "")
-        + (f", bf16 weights {mb(copy16)}" if low else "")
-        + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}",
-    ]
+        + (f", float32 LayerNorms/biases/wpe {mb(small)}" if small else "")
+        + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}; "
+        f"the frozen base {mb(base)} per node ({'bf16' if low else 'fp32'}, one copy shared by the node's "
+        f"ranks); per node with {per_node} rank(s): {mb(base + per_node * total)}")
+    return lines
 
 
 # ----------------------------------------------------------------------------- pieces of the run
@@ -336,9 +372,18 @@ def header(cfg: Config, comm: dist.Comm, trainer: Trainer, accum: int, threads) 
         bf16.describe(trainer.precision)
         + ("; bf16 weights: one copy per node, each rank converting its slice"
            if trainer.weights16 is not None and trainer.weights16.shared else "")]
+    if trainer.base is not None:
+        held = "bf16" if trainer.precision == "bf16" else "fp32"
+        size = Layout(cfg.model).size * (2 if held == "bf16" else 4)
+        where = (f"one copy per node in shared memory, read by the node's {trainer.base_node.size} ranks"
+                 if trainer.base_shared else
+                 "held by this process" if trainer.base_node.size == 1 else
+                 f"held by each rank (not shared: {trainer.base_why_private})")
+        lines.append(f"frozen base: {trainer.base['source']} ({held}, {size / 2**20:,.1f} MiB, sha256 "
+                     f"{trainer.base['sha256'][:16]}): {where}")
     if trainer.outer is not None:
         d, workers = cfg.parallel.diloco, comm.n_nodes
-        sent = diloco.wire_bytes(Layout(cfg.model).size, workers, d.wire)
+        sent = diloco.wire_bytes(trainer.layout.size, workers, d.wire)
         lines.append(f"sync: diloco, {workers} worker(s) (one per host), an outer sync every {d.inner_steps} "
                      f"steps (outer SGD lr {d.outer_lr}, momentum {d.outer_momentum}"
                      f"{', Nesterov' if d.nesterov else ''}), pseudo-gradients as {d.wire}: each host sends "
@@ -368,7 +413,7 @@ def step_bytes(cfg: Config, trainer: Trainer, comm: dist.Comm) -> int:
     """What each host sends per synchronous step: the gradient as parallel.grad_wire, (N-1)/N of it,
     for the sums' reduce-scatter, then (N-1)/N of the summed gradients back (replicated) or of the
     fp32 parameters (ZeRO-1's gather), N hosts."""
-    n, hosts = Layout(cfg.model).size, comm.n_nodes
+    n, hosts = trainer.layout.size, comm.n_nodes
     width = 4 if cfg.parallel.grad_wire == "fp32" else 2
     back = 4 if trainer.partition.zero else width
     return (hosts - 1) * n * (width + back) // hosts
@@ -405,6 +450,8 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
         raise ConfigError("parallel.sync = diloco: expected the same number of ranks on every host "
                           f"(this job has {comm.size} ranks on {comm.n_nodes} hosts)")
     if dry_run:    # the plan first, then the same checks a real run makes before its first step
+        if cfg.lora.rank:       # the model is the base's: its config (no weights are read)
+            cfg, _ = open_base(cfg)
         log(*summary(cfg, comm.size, accum, bf16.resolve(t.precision), comm.n_nodes),
             json.dumps(cfg.to_dict(), indent=2))
         checked = ["out_dir"]
@@ -413,8 +460,9 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
         else:
             loader, _, tokenizer_name = open_data(cfg, comm)
             checked.insert(0, "data")
-            if cfg.resume and cfg.init_from == "scratch":   # (pretrained weights set the model)
-                plan_resume(cfg, comm, Layout(cfg.model), loader, tokenizer_name)
+            # (pretrained weights set the model: known here for LoRA, whose base was opened above)
+            if cfg.resume and (cfg.init_from == "scratch" or cfg.lora.rank):
+                plan_resume(cfg, comm, lora_layout(cfg) or Layout(cfg.model), loader, tokenizer_name)
                 checked.append("the checkpoint to resume")
         agree(comm, lambda: check_out_dir(cfg))
         log(f"checks passed: {', '.join(checked)} ({cfg.out_dir})")
@@ -424,7 +472,7 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
 
     # set up: weights, the checkpoint to resume, the trainer on this rank's buffers, out_dir
     cfg, params = initial_params(cfg)
-    plan = plan_resume(cfg, comm, Layout(cfg.model), loader, tokenizer_name)
+    plan = plan_resume(cfg, comm, lora_layout(cfg) or Layout(cfg.model), loader, tokenizer_name)
     trainer = Trainer(cfg, comm, params)
     del params
     out_dir = Path(cfg.out_dir)
@@ -590,7 +638,8 @@ def main(argv: list[str] | None = None) -> int:
         user = isinstance(exc, _user_errors())
         where = f"rank {comm.rank}: " if comm.size > 1 else ""
         # decided alike on every rank (rank 0's verdict is broadcast where files are read): one line
-        same_everywhere = isinstance(exc, (ConfigError, switches.SwitchError, OutDirError, ResumeRefused))
+        same_everywhere = isinstance(exc, (ConfigError, switches.SwitchError, OutDirError, ResumeRefused,
+                                           BaseLoadError))
         if same_everywhere:
             if comm.rank == 0:
                 print(f"{TOOL}: error: {exc}", file=sys.stderr, flush=True)

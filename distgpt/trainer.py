@@ -15,18 +15,24 @@ apart from it: both are this step.
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from distgpt import bf16, dist
 from distgpt.config import Config, ConfigError, ModelConfig, user_model_keys
 from distgpt.diloco import OuterStats, OuterSync
+from distgpt.lora import LoraLayout
 from distgpt.model import GPT, Layout, init_params
 from distgpt.optim import AdamW, clip_coefficient, lr_at
 from distgpt.partition import Partition
+
+if TYPE_CHECKING:
+    from distgpt.weights import InitSource
 
 
 def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
@@ -35,7 +41,9 @@ def flops_per_token(mcfg: ModelConfig, seq_len: int, n_params: int) -> int:
 
 
 def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
-    """The starting parameters (GPT-2 init, or pretrained weights) and the config they imply."""
+    """The starting values of the trainable flat vector (GPT-2 init, or pretrained weights; with
+    LoRA the adapters, initialised as peft does from train.seed) and the config they imply. A LoRA
+    run's frozen base is the Trainer's to load (open_base): it never passes through here."""
     if cfg.init_from == "scratch":
         layout = Layout(cfg.model)
         params = np.zeros(layout.size, np.float32)
@@ -43,9 +51,36 @@ def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
         return cfg, params
     from distgpt import weights
 
+    if cfg.lora.rank:
+        cfg, _ = open_base(cfg)
+        lora = lora_layout(cfg)
+        adapters = np.zeros(lora.size, np.float32)
+        lora.init(adapters, cfg.train.seed)
+        return cfg, adapters
     mcfg, params = weights.load_init(cfg.init_from, cfg.model)
     weights.check_shape(user_model_keys(cfg), mcfg, cfg.init_from)
     return cfg.model_copy(update={"model": mcfg}), params
+
+
+def open_base(cfg: Config) -> tuple[Config, InitSource]:
+    """LoRA: init_from opened (weights.InitSource: its config and tensors, no values read yet) and the
+    config with the model it implies."""
+    from distgpt import weights
+
+    source = weights.open_init(cfg.init_from, cfg.model)
+    weights.check_shape(user_model_keys(cfg), source.cfg, cfg.init_from)
+    return cfg.model_copy(update={"model": source.cfg}), source
+
+
+def lora_layout(cfg: Config) -> LoraLayout | None:
+    """The run's LoRA layout (the trainable flat vector's), or None when lora.rank is 0."""
+    lo = cfg.lora
+    return LoraLayout(cfg.model, lo.rank, lo.alpha, lo.targets, lo.dropout) if lo.rank else None
+
+
+class BaseLoadError(ValueError):
+    """LoRA's frozen base could not be read (a bad or truncated file): raised alike on every rank,
+    one line."""
 
 
 @dataclass
@@ -104,12 +139,20 @@ class Trainer:
     DiLoCo (parallel.sync = diloco, distgpt/diloco.py): `group` is this host's ranks, and everything
     above happens within it (the partition, the reducer, ZeRO-1); `outer` syncs the hosts every
     inner_steps steps. Otherwise `group` is every rank. The loss, the stop signals and the data
-    split stay world-wide either way."""
+    split stay world-wide either way.
 
-    def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray):
-        t, layout, par = cfg.train, Layout(cfg.model), cfg.parallel
+    LoRA (lora.rank > 0): the trainable flat vector (self.params, self.layout) is the adapters, and
+    everything above (the partition, the reducer, clipping, AdamW, ZeRO-1, DiLoCo's outer sync,
+    checkpoints) works on it unchanged. The frozen base is loaded once per node into shared memory
+    (_lora_model); `base` (a weights.InitSource) may be given, else init_from is opened here."""
+
+    def __init__(self, cfg: Config, comm: dist.Comm, params: np.ndarray, base: InitSource | None = None):
+        t, par = cfg.train, cfg.parallel
         self.cfg, self.comm = cfg, comm
         self.precision = bf16.resolve(t.precision)        # "auto" -> bf16 where it is fast, else fp32
+        # the trainable flat vector's layout: the model's, or with LoRA the adapters'
+        self.lora = lora_layout(cfg)
+        self.layout = layout = self.lora or Layout(cfg.model)
         diloco = par.sync == "diloco"
         if diloco and not comm.same_ranks_per_node:
             raise ConfigError("parallel.sync = diloco: expected the same number of ranks on every host "
@@ -117,24 +160,33 @@ class Trainer:
         self.group = group = comm.node_group() if diloco else comm
         zero = par.zero_for(comm.n_nodes) and group.size > 1
         self.partition = Partition(layout.size, group.size, group.rank, zero)
+        # (the adapters have no token table: no gradient of theirs arrives as sparse embedding rows)
+        token_table = None if self.lora is not None else (cfg.model.padded_vocab, cfg.model.n_embd)
         self.reducer = dist.make_reducer(group, self.partition, layout.layer_ranges, params,
                                          int(cfg.parallel.bucket_mb * 2**20), cfg.parallel.reduce,
-                                         cfg.parallel.grad_wire, cfg.parallel.comm_thread,
-                                         (cfg.model.padded_vocab, cfg.model.n_embd))
+                                         cfg.parallel.grad_wire, cfg.parallel.comm_thread, token_table)
+        self.params = self.reducer.params       # what the optimizer steps (the adapters with LoRA)
         # bf16: the copy of the matmul weights (bf16.Bf16Weights). With the parameters shared on one
         # node (ZeRO-1) it is shared too, each rank converting the slice it updates: the node
         # converts it once per step, not once per rank. Otherwise each rank's own, remade by its
-        # next pass after a change.
+        # next pass after a change. (LoRA: the frozen base is held in bf16 itself, no copy.)
         self.weights16 = None
-        if self.precision == "bf16":
-            shared = None
-            if self.reducer.shares_params:
-                bufs, _ = group.shared_buffers(layout.size, np.uint16, per_rank=False)
-                shared = None if bufs is None else bufs[0]
-            self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
-                                              shared=shared, rank_slice=self.partition.updated)
-        self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
-                         precision=self.precision, weights16=self.weights16, recompute=t.recompute)
+        self.base: dict | None = None           # LoRA: {"source", "sha256"} of the frozen base
+        self.base_shared = False                # ... held once per node in shared memory
+        self.base_why_private = ""
+        self.base_node: dist.Comm | None = None     # ... the ranks that share it
+        if self.lora is not None:
+            self.model = self._lora_model(cfg, comm, group, base)
+        else:
+            if self.precision == "bf16":
+                shared = None
+                if self.reducer.shares_params:
+                    bufs, _ = group.shared_buffers(layout.size, np.uint16, per_rank=False)
+                    shared = None if bufs is None else bufs[0]
+                self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
+                                                  shared=shared, rank_slice=self.partition.updated)
+            self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
+                             precision=self.precision, weights16=self.weights16, recompute=t.recompute)
         lo, hi = self.partition.updated
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.hooks = self.reducer.hooks if cfg.parallel.overlap else None
@@ -143,11 +195,49 @@ class Trainer:
         if diloco:      # (collective: every rank builds its column)
             a, b = self.partition.owned
             self.outer = OuterSync(par.diloco, comm, comm.column(), a, b)
-            self.outer.reset(self.reducer.params, 0)
+            self.outer.reset(self.params, 0)
             self.timing["outer"] = 0.0
         # one slot per worker for its gradient norm's pieces in the step's statistics allreduce
         self.norm_slot = comm.node_index if diloco else 0
         self.norm_slots = comm.n_nodes if diloco else 1
+
+    def _lora_model(self, cfg: Config, comm: dist.Comm, group: dist.Comm, base: InitSource | None) -> GPT:
+        """Collective: the frozen base, loaded once per node into one shared-memory buffer (bf16 bits
+        for a bf16 run, float32 otherwise) that the node's ranks all read, and the model with the
+        adapters (self.params, the reducer's) on it. Only the node's first rank reads the weights,
+        tensor by tensor; a single process (or a node whose /dev/shm lacks the room) holds its own."""
+        from distgpt import weights
+
+        if base is None:
+            _, base = open_base(cfg)
+        held = np.uint16 if self.precision == "bf16" else np.float32
+        n = Layout(cfg.model).size
+        node = group if group.n_nodes == 1 else comm.node_group()      # (collective)
+        bufs, why = node.shared_buffers(n, held, per_rank=False)
+        self.base_shared = bufs is not None
+        self.base_why_private = why
+        if bufs is None and node.size > 1 and comm.rank == 0:
+            warnings.warn(f"the frozen base is not shared between ranks (each holds its own): {why}",
+                          stacklevel=2)
+        buf = bufs[0] if bufs is not None else np.empty(n, held)
+        err, digest = None, None
+        if bufs is None or node.rank == 0:
+            try:
+                digest = base.fill(buf, digest=comm.rank == 0)
+            except (weights.WeightsError, OSError, ValueError) as e:
+                err = str(e)
+        errors = [e for e in comm.allgather_obj(err) if e]      # every rank stops alike
+        if errors:
+            raise BaseLoadError(errors[0])
+        if bufs is not None:
+            node.shared_barrier()           # the base, written by the node's first rank, seen by all
+        self.base = {"source": cfg.init_from, "sha256": comm.bcast_obj(digest)}
+        self.base_node = node
+        common = dict(recompute=cfg.train.recompute, lora=self.lora, lora_params=self.reducer.params,
+                      lora_grads=self.reducer.grads)
+        if held is np.uint16:
+            return GPT(cfg.model, precision="bf16", base16=buf, **common)
+        return GPT(cfg.model, params=buf, precision=self.precision, **common)
 
     def step(self, step: int, micro: list[tuple[np.ndarray, np.ndarray, int]],
              stop: Callable[[], tuple[bool, bool]] | None = None) -> StepResult:
@@ -158,7 +248,8 @@ class Trainer:
         cfg, comm, model, reducer, timing = self.cfg, self.comm, self.model, self.reducer, self.timing
         t = cfg.train
         scale = 1.0 / (len(micro) * self.group.size)    # SUM-reduced gradients then average the batch
-        dropout_seed = (t.seed, step) if cfg.model.dropout > 0 else None
+        # (the model's dropout and LoRA's each draw their masks from it, when they are on)
+        dropout_seed = (t.seed, step) if cfg.model.dropout > 0 or cfg.lora.dropout > 0 else None
         model.zero_grad()
         loss_sum = 0.0
         for i, (x, y, row0) in enumerate(micro):
@@ -188,7 +279,7 @@ class Trainer:
         td = time.perf_counter()
         lo, hi = self.partition.updated
         clip = clip_coefficient(grad_norm, t.grad_clip)
-        self.opt.step(model.params[lo:hi], reducer.updated_grads, lr, clip)
+        self.opt.step(self.params[lo:hi], reducer.updated_grads, lr, clip)
         if self.weights16 is not None:
             self.weights16.changed(lo, hi)          # shared: this rank's slice of the copy, now
         if self.partition.zero:
@@ -200,7 +291,7 @@ class Trainer:
         outer = None
         if self.outer is not None and self.outer.due(step + 1, t.max_steps):
             with comm.watch(dist.Phase.OUTER_SYNC, step):
-                outer = self.outer.sync(model.params, step + 1)
+                outer = self.outer.sync(self.params, step + 1)
                 self._slice_updated()
             timing["outer"] += outer.seconds
         loss = float(stats[0] * (1.0 / (len(micro) * comm.size)))     # the global batch's mean
@@ -223,7 +314,7 @@ class Trainer:
         """The parameter check: every rank agrees; under DiLoCo only the host's ranks do between
         outer syncs (each host has its own parameters then), all of them right after one."""
         everywhere = self.outer is None or self.outer.last_sync == step
-        check_params_agree(self.comm if everywhere else self.group, self.model.params, step)
+        check_params_agree(self.comm if everywhere else self.group, self.params, step)
 
     def broadcast_params(self) -> None:
         """Rank 0's parameters on every rank (the start of a run)."""
@@ -231,12 +322,12 @@ class Trainer:
             self.reducer.broadcast_params()
         else:       # to every host (the group's reducer only reaches its own), then the cycle starts
             a, b = self.partition.owned
-            view = self.model.params[a:b]
+            view = self.params[a:b]
             piece = np.ascontiguousarray(view)
             self.outer.column.bcast_(piece)         # host 0's slice to every host's rank of that slice
             view[:] = piece
             self.reducer.allgather_params()
-            self.outer.reset(self.model.params, 0)
+            self.outer.reset(self.params, 0)
         self._weights_updated()
 
     def _weights_updated(self) -> None:
@@ -256,12 +347,12 @@ class Trainer:
         DiLoCo: `outer` is (global parameters, momentum, the step of the last sync) of the slice;
         None starts a cycle at this step from the loaded parameters."""
         a, b = self.partition.owned
-        self.model.params[a:b] = params
+        self.params[a:b] = params
         self.reducer.allgather_params()             # (within the host under DiLoCo: its reducer's ranks)
         self._weights_updated()
         if self.outer is not None:
             if outer is None:
-                self.outer.reset(self.model.params, state.step)
+                self.outer.reset(self.params, state.step)
             else:
                 self.outer.global_[:], self.outer.momentum[:], self.outer.last_sync = outer
         opt = self.opt
@@ -277,8 +368,8 @@ class Trainer:
         """params, m, v of this rank's owned slice (its checkpoint shard)."""
         a, b = self.partition.owned
         if self.partition.zero:
-            return self.model.params[a:b], self.opt.m, self.opt.v
-        return self.model.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
+            return self.params[a:b], self.opt.m, self.opt.v
+        return self.params[a:b], self.opt.m[a:b], self.opt.v[a:b]
 
     def outer_slices(self) -> tuple[np.ndarray, np.ndarray] | None:
         """DiLoCo: the global parameters and outer momentum of this rank's owned slice."""

@@ -5,6 +5,11 @@ Our per-tensor names are Hugging Face's without the "transformer." prefix, and o
 weights are stored (in, out) like its Conv1D, so the HF mapping is a rename plus vocab padding.
 llm.c stores the same tensors stacked over layers and its matmul weights (out, in), so that
 mapping is a transpose per layer.
+
+Loading goes through open_init: the source's config and its tensors' names and shapes first, then
+InitSource.fill streams the tensors one at a time (safetensors and llm.c files memory-mapped, a
+distgpt checkpoint's shards by byte range) into the destination, float32 or bf16 bits (a LoRA run's
+frozen base in shared memory), never holding a whole float32 copy beside it.
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 
+from distgpt import bf16
 from distgpt.config import SHAPE_KEYS
 from distgpt.fileio import atomic_write, fsync_dir, write_json_atomic
 from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
@@ -100,40 +106,137 @@ def check_shape(user: dict[str, int], file_cfg: ModelConfig, source: str) -> Non
             raise WeightsError(f"model.{key} is {value} in the config but {have} in {source}")
 
 
+class InitSource:
+    """Weights to start from, opened: the model config they imply (`cfg`) and their tensors, read one
+    at a time when fill() asks (memory-mapped or a byte range of the file each), so that filling a
+    buffer never holds more than that buffer and one tensor. Every tensor's name and shape was
+    checked when the source was opened."""
+
+    def __init__(self, spec: str, cfg: ModelConfig, state: _LazyState):
+        self.spec, self.cfg, self._state = spec, cfg, state
+
+    def fill(self, dest: np.ndarray, digest: bool = False) -> str | None:
+        """Write the weights into `dest`, a flat buffer in Layout(cfg): float32 values, or bf16 bits
+        (uint16, each value rounded to nearest even) for a base held in bf16. With `digest`: the
+        sha256 of the float32 values in layout order as read (the vocabulary padding as zeros),
+        whatever dest holds: the base's identity for a LoRA checkpoint."""
+        layout = Layout(self.cfg)
+        if dest.shape != (layout.size,) or dest.dtype not in (np.float32, np.uint16):
+            raise ValueError(f"fill: a {dest.dtype}{dest.shape} buffer, expected float32 or uint16 "
+                             f"({layout.size},)")
+        h = hashlib.sha256() if digest else None
+        V = self.cfg.vocab_size
+        for name, view in layout.views(dest).items():
+            src = np.ascontiguousarray(self._state.load(_state_key(name)), np.float32)
+            if name == "wpe":
+                src = src[: view.shape[0]]   # a shorter block_size than the file's
+            rows = view[:V] if name == "wte" else view
+            if dest.dtype == np.uint16:
+                bf16.to_bf16(src, out=rows)
+            else:
+                rows[...] = src
+            if h is not None:
+                h.update(src)
+            if name == "wte":
+                view[V:] = 0
+                if h is not None:
+                    h.update(bytes(4 * view[V:].size))
+            del src
+        return None if h is None else h.hexdigest()
+
+
+def open_init(spec: str, cfg: ModelConfig | None = None, *, check: Iterable[str] = ()) -> InitSource:
+    """init_from, opened (see load_init for `cfg` and `check`): a Hugging Face folder, a hub id, an
+    llm.c .bin, or a distgpt checkpoint folder or out_dir (its newest checkpoint; a model pretrained
+    with distgpt). Reads the config and the tensors' names and shapes, no weights."""
+    ckpt = _distgpt_checkpoint(spec)
+    if ckpt is not None:
+        file_cfg, state = _read_checkpoint(ckpt, spec)
+    else:
+        path = _resolve(spec)
+        if path.is_file():
+            file_cfg, state = _read_llmc(path)
+        else:
+            file_cfg, state = _read_hf_folder(path)
+    model_cfg = file_cfg
+    if cfg is not None:
+        check_shape({k: getattr(cfg, k) for k in check}, file_cfg, spec)
+        check_shape({"block_size": cfg.block_size}, file_cfg, spec)
+        model_cfg = cfg.model_copy(update={k: getattr(file_cfg, k) for k in SHAPE_KEYS})
+    _check_tensors(Layout(model_cfg), state, spec)
+    return InitSource(spec, model_cfg, state)
+
+
 def load_init(
     spec: str, cfg: ModelConfig | None = None, *, check: Iterable[str] = ()
 ) -> tuple[ModelConfig, np.ndarray]:
     """Weights to start from: a Hugging Face folder (config.json + safetensors), a hub id such as
-    "gpt2", or an llm.c .bin. The model's shape comes from the file.
+    "gpt2", an llm.c .bin, or a distgpt checkpoint. The model's shape comes from the file.
 
     With `cfg`, its other fields (dropout, vocab_multiple, attention, window, and block_size, which
     may be smaller than the file's) are kept. Its shape keys are replaced by the file's, except that
     the keys named in `check` must agree with the file (the training loop instead calls check_shape
     with the keys the user set). Returns the config and a flat float32 vector in our layout.
     """
-    path = _resolve(spec)
-    if path.is_file():
-        file_cfg, state = _read_llmc(path)
-    else:
-        file_cfg, state = _read_hf_folder(path)
-    model_cfg = file_cfg
-    if cfg is not None:
-        check_shape({k: getattr(cfg, k) for k in check}, file_cfg, spec)
-        check_shape({"block_size": cfg.block_size}, file_cfg, spec)
-        model_cfg = cfg.model_copy(update={k: getattr(file_cfg, k) for k in SHAPE_KEYS})
-    layout = Layout(model_cfg)
-    params = np.zeros(layout.size, np.float32)
-    try:
-        from_hf_state_dict(layout, state, params)
-    except (KeyError, ValueError) as e:
-        msg = str(e.args[0]) if e.args else str(e)
-        raise WeightsError(f"{spec}: {msg.removeprefix('weights: ')}") from None
-    return model_cfg, params
+    source = open_init(spec, cfg, check=check)
+    params = np.zeros(Layout(source.cfg).size, np.float32)
+    source.fill(params)
+    return source.cfg, params
+
+
+def _state_key(name: str) -> str:
+    """Our layout's tensor name -> its Hugging Face state-dict key."""
+    return {"wte": "transformer.wte.weight", "wpe": "transformer.wpe.weight"}.get(name, hf_name(name))
+
+
+def _check_tensors(layout: Layout, state: _LazyState, spec: str) -> None:
+    """Every tensor the layout needs is in `state` with a shape that fits (from_hf_state_dict's rules)."""
+    cfg = layout.cfg
+    for e in layout.entries:
+        key = _state_key(e.name)
+        if key not in state.shapes:
+            raise WeightsError(f"{spec}: tensor {key!r} missing from the checkpoint")
+        shape = tuple(state.shapes[key])
+        want = tuple(e.shape)
+        if e.name == "wte":
+            want = (cfg.vocab_size, cfg.n_embd)
+        elif e.name == "wpe" and len(shape) == 2 and shape[0] >= want[0]:
+            shape = (want[0], *shape[1:])
+        if shape != want:
+            raise WeightsError(f"{spec}: {key} has shape {shape}, expected {want}")
+
+
+class _LazyState:
+    """A weights file's tensors by Hugging Face key: their shapes now, their float32 values when
+    load(key) is called (one tensor each time; nothing is kept)."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self._loaders: dict[str, Callable[[], np.ndarray]] = {}
+
+    def add(self, key: str, shape: Iterable[int], loader: Callable[[], np.ndarray]) -> None:
+        self.shapes[key] = tuple(int(d) for d in shape)
+        self._loaders[key] = loader
+
+    def load(self, key: str) -> np.ndarray:
+        return self._loaders[key]()
+
+    def rename(self, old: str, new: str) -> None:
+        self.shapes[new] = self.shapes.pop(old)
+        self._loaders[new] = self._loaders.pop(old)
+
+    def drop(self, key: str) -> None:
+        del self.shapes[key], self._loaders[key]
+
+    def materialise(self) -> dict[str, np.ndarray]:
+        return {k: self.load(k) for k in self.shapes}
 
 
 def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
     """Any weights worth sampling from or exporting: a distgpt checkpoint folder or out_dir (its
-    newest checkpoint), or anything load_init reads. Returns (config, params, tokenizer name or None)."""
+    newest checkpoint), or anything load_init reads. Returns (config, params, tokenizer name or None).
+    A LoRA checkpoint gives its base (read again from the source it records, which must still hold
+    the same weights) with the adapters merged in."""
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").exists() and not _has_hf_index(path):
         from distgpt.checkpoint import read_params
@@ -145,12 +248,74 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
                 f"{spec}: not a Hugging Face folder (no config.json) nor a readable distgpt checkpoint: {e}"
             ) from None
         meta = manifest.get("meta", {})
-        saved = meta.get("config", {}).get("model", {})
-        model = {k: v for k, v in saved.items() if k in ModelConfig.model_fields}
-        cfg = _model_config(model, f"{spec}: the checkpoint's model config")
-        return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
+        cfg = _checkpoint_model(meta, spec)
+        params = np.ascontiguousarray(params, dtype=np.float32)
+        if meta.get("lora"):
+            params = merged_lora(spec, cfg, meta["lora"], params)
+        return cfg, params, meta.get("tokenizer")
     cfg, params = load_init(spec)
     return cfg, params, None
+
+
+def merged_lora(spec: str, cfg: ModelConfig, lora: dict, adapters: np.ndarray) -> np.ndarray:
+    """A LoRA checkpoint's model as one flat float32 vector: its base (meta["lora"]["base"]: read
+    from its source, refused if its sha256 changed) with the adapters merged (lora.LoraLayout.merged)."""
+    from distgpt.lora import LoraLayout
+
+    base_info = lora.get("base") or {}
+    source = base_info.get("source")
+    if not isinstance(source, str):
+        raise WeightsError(f"{spec}: a LoRA checkpoint that does not record its base (meta lora.base.source)")
+    init = open_init(source, cfg)
+    base = np.zeros(Layout(init.cfg).size, np.float32)
+    digest = init.fill(base, digest=True)
+    if digest != base_info.get("sha256"):
+        raise WeightsError(f"{spec}: its LoRA adapters were trained on the base {source} (sha256 "
+                           f"{str(base_info.get('sha256'))[:16]}), which now holds other weights (sha256 "
+                           f"{digest[:16]})")
+    layout = LoraLayout(init.cfg, lora["rank"], lora["alpha"], lora["targets"], lora.get("dropout", 0.0))
+    return layout.merged(base, adapters)
+
+
+def _checkpoint_model(meta: dict, spec: str) -> ModelConfig:
+    saved = meta.get("config", {}).get("model", {})
+    model = {k: v for k, v in saved.items() if k in ModelConfig.model_fields}
+    return _model_config(model, f"{spec}: the checkpoint's model config")
+
+
+def _distgpt_checkpoint(spec: str) -> Path | None:
+    """`spec` as a distgpt checkpoint folder or out_dir, or None when it is not one."""
+    from distgpt.checkpoint import MANIFEST
+
+    path = Path(spec).expanduser()
+    if not path.is_dir() or (path / "config.json").exists() or _has_hf_index(path):
+        return None
+    return path if (path / MANIFEST).is_file() or (path / "ckpt").is_dir() else None
+
+
+def _read_checkpoint(path: Path, spec: str) -> tuple[ModelConfig, _LazyState]:
+    """A distgpt checkpoint as weights to start from: its model config and its tensors, each read
+    from the shards' byte range when loaded (a model pretrained with distgpt, fine-tuned next)."""
+    from distgpt.checkpoint import param_reader
+
+    try:
+        manifest, read = param_reader(path)
+    except Exception as e:  # CheckpointError and the file system's errors: relayed on one line
+        raise WeightsError(f"{spec}: not a readable distgpt checkpoint: {e}") from None
+    meta = manifest["meta"]
+    if meta.get("lora"):
+        raise WeightsError(f"{spec}: a LoRA checkpoint (adapters on a frozen base), not a whole model: "
+                           "export it merged (distgpt-export --format hf) and start from that folder")
+    cfg = _checkpoint_model(meta, spec)
+    state = _LazyState()
+    for e in manifest["layout"]:
+        shape, offset = tuple(e["shape"]), e["offset"]
+        if e["name"] == "wte":
+            shape = (cfg.vocab_size, shape[1])        # without the vocabulary padding
+        size = math.prod(shape)
+        state.add(_state_key(e["name"]), shape,
+                  lambda o=offset, n=size, s=shape: read(o, o + n).reshape(s))
+    return cfg, state
 
 
 def _has_hf_index(folder: Path) -> bool:
@@ -249,7 +414,7 @@ def _file_config(raw: dict, source: str) -> ModelConfig:
     return _model_config(fields, f"{source}/config.json")
 
 
-def _read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _read_hf_folder(folder: Path) -> tuple[ModelConfig, _LazyState]:
     try:
         raw = json.loads((folder / "config.json").read_bytes())
     except (UnicodeDecodeError, ValueError) as e:
@@ -268,32 +433,49 @@ def _read_hf_folder(folder: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
             else ""
         )
         raise WeightsError(f"{folder}: no model.safetensors or model.safetensors.index.json{hint}")
-    state: dict[str, np.ndarray] = {}
+    state = _LazyState()
     for file in files:
-        state.update(_read_safetensors(file))
+        _lazy_safetensors(file, state)
     return file_cfg, _normalise_hf_names(state, str(folder))
 
 
-def _normalise_hf_names(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+def _normalise_hf_names(state: _LazyState, source: str) -> _LazyState:
     """GPT2LMHeadModel saves "transformer.*"; GPT2Model (e.g. the hub's gpt2) saves bare names and the
-    attention-mask buffers. Map both onto the former and drop the buffers."""
-    out: dict[str, np.ndarray] = {}
-    for name, value in state.items():
+    attention-mask buffers. Map both onto the former and drop the buffers. An lm_head stored beside
+    wte must equal it (compared when wte is read)."""
+    for name in list(state.shapes):
         if re.search(r"(^|\.)h\.\d+\.attn\.(bias|masked_bias)$", name):
-            continue  # the causal mask, not a parameter
-        if name == "lm_head.weight":
-            continue  # tied to wte; compared below
-        out[name if name.startswith("transformer.") else hf_name(name)] = value
-    head = state.get("lm_head.weight")
-    wte = out.get("transformer.wte.weight")
-    if head is not None and wte is not None and not np.array_equal(head, wte):
-        raise WeightsError(f"{source}: lm_head.weight differs from wte; untied heads are not supported")
-    return out
+            state.drop(name)  # the causal mask, not a parameter
+        elif name != "lm_head.weight" and not name.startswith("transformer."):
+            state.rename(name, hf_name(name))
+    if "lm_head.weight" in state.shapes:
+        head = state._loaders.pop("lm_head.weight")
+        del state.shapes["lm_head.weight"]
+        wte_key = "transformer.wte.weight"
+        if wte_key in state.shapes:
+            wte = state._loaders[wte_key]
+
+            def tied() -> np.ndarray:
+                w = wte()
+                if not np.array_equal(head(), w):
+                    raise WeightsError(f"{source}: lm_head.weight differs from wte; untied heads are not "
+                                       "supported")
+                return w
+            state._loaders[wte_key] = tied
+    return state
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of one safetensors file as float32. NumPy has no bfloat16, so those tensors are
-    read from the raw bytes (the format: u64 header length, JSON header, then data)."""
+    """All tensors of one safetensors file as float32."""
+    state = _LazyState()
+    _lazy_safetensors(path, state)
+    return state.materialise()
+
+
+def _lazy_safetensors(path: Path, state: _LazyState) -> None:
+    """The tensors of one safetensors file into `state`, each read when loaded: float32 and float16
+    through safetensors' memory map, bfloat16 (NumPy has none) from its raw bytes (the format: u64
+    header length, JSON header, then data)."""
     from safetensors import safe_open
 
     size = path.stat().st_size
@@ -307,22 +489,24 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ValueError("header is not a JSON object")
     except (UnicodeDecodeError, ValueError) as e:
         raise WeightsError(f"{path}: not a safetensors file ({e})") from None
-    out = {}
     try:
         with safe_open(str(path), framework="np") as f:
             names = list(f.keys())
     except Exception as e:  # safetensors' own error type varies by version
         raise WeightsError(f"{path}: not a readable safetensors file ({e})") from None
-    with safe_open(str(path), framework="np") as f:
-        for name in names:
-            info = header[name]
-            if info["dtype"] == "BF16":
-                lo, hi = info["data_offsets"]
-                raw = np.fromfile(path, dtype="<u2", count=(hi - lo) // 2, offset=8 + n + lo)
-                out[name] = _bf16_to_f32(raw).reshape(info["shape"])
-            else:
-                out[name] = f.get_tensor(name).astype(np.float32, copy=False)
-    return out
+
+    def loader(name: str, info: dict) -> Callable[[], np.ndarray]:
+        if info["dtype"] == "BF16":
+            lo, hi = info["data_offsets"]
+            return lambda: _bf16_to_f32(np.fromfile(path, dtype="<u2", count=(hi - lo) // 2,
+                                                    offset=8 + n + lo)).reshape(info["shape"])
+
+        def read() -> np.ndarray:
+            with safe_open(str(path), framework="np") as f:
+                return f.get_tensor(name).astype(np.float32, copy=False)
+        return read
+    for name in names:
+        state.add(name, header[name]["shape"], loader(name, header[name]))
 
 
 def _bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -341,7 +525,7 @@ def _llmc_tensors(L: int, C: int, Vp: int, maxT: int) -> list[tuple[str, tuple[i
     return [("wte", (Vp, C)), ("wpe", (maxT, C)), *stacked, ("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
 
 
-def _read_llmc(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def _read_llmc(path: Path) -> tuple[ModelConfig, _LazyState]:
     header = np.fromfile(path, dtype="<i4", count=LLMC_HEADER_INTS)
     if header.size < LLMC_HEADER_INTS or header[0] != LLMC_MAGIC:
         raise WeightsError(f"{path}: not an llm.c model checkpoint (bad magic number)")
@@ -357,24 +541,29 @@ def _read_llmc(path: Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         raise WeightsError(
             f"{path}: {path.stat().st_size} bytes, but its header describes {expected} (truncated file?)"
         )
-    if version == 3:
-        flat = np.fromfile(path, dtype="<f4", count=count, offset=4 * LLMC_HEADER_INTS)
-    else:
-        flat = _bf16_to_f32(np.fromfile(path, dtype="<u2", count=count, offset=4 * LLMC_HEADER_INTS))
+    # memory-mapped: each tensor is read (and, version 5, widened) when it is loaded
+    flat = np.memmap(path, dtype="<f4" if version == 3 else "<u2", mode="r", offset=4 * LLMC_HEADER_INTS,
+                     shape=(count,))
     arrays, offset = {}, 0
     for name, shape in tensors:
         arrays[name] = flat[offset : offset + math.prod(shape)].reshape(shape)
         offset += math.prod(shape)
-    state = {
-        "transformer.wte.weight": arrays.pop("wte")[:V],
-        "transformer.wpe.weight": arrays.pop("wpe"),
-        "transformer.ln_f.weight": arrays.pop("ln_f.weight"),
-        "transformer.ln_f.bias": arrays.pop("ln_f.bias"),
-    }
+
+    def widen(a: np.ndarray) -> np.ndarray:
+        return np.asarray(a, np.float32) if version == 3 else _bf16_to_f32(np.ascontiguousarray(a))
+
+    state = _LazyState()
+    wte = arrays.pop("wte")
+    state.add("transformer.wte.weight", (V, C), lambda: widen(wte[:V]))
+    for ours, key in (("wpe", "transformer.wpe.weight"), ("ln_f.weight", "transformer.ln_f.weight"),
+                      ("ln_f.bias", "transformer.ln_f.bias")):
+        a = arrays.pop(ours)
+        state.add(key, a.shape, lambda a=a: widen(a))
     for name, stacked in arrays.items():
         matmul = stacked.ndim == 3  # llm.c multiplies by (out, in) weights; ours are (in, out)
         for layer in range(L):
-            state[f"transformer.h.{layer}.{name}"] = stacked[layer].T if matmul else stacked[layer]
+            t = stacked[layer].T if matmul else stacked[layer]
+            state.add(f"transformer.h.{layer}.{name}", t.shape, lambda t=t: widen(t))
     return ModelConfig(n_layer=L, n_head=NH, n_embd=C, block_size=maxT, vocab_size=V), state
 
 

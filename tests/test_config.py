@@ -276,7 +276,9 @@ def _readme_defaults() -> dict[str, object]:
     defaults = {}
     for keys, default in re.findall(r"^\| (`[^|]+) \| ([^|]+) \|", text, re.M):
         names = re.findall(r"`([\w.]+)`", keys)
-        values = [v.strip() for v in default.split(",")]
+        # a list default ([a, b]) is one YAML value, not a value per key
+        listed = default.lstrip().startswith("[")
+        values = [default.strip()] if listed else [v.strip() for v in default.split(",")]
         section = names[0].rpartition(".")[0]
         for name, value in zip(names, values * len(names) if len(values) == 1 else values, strict=True):
             key = name if "." in name or not section else f"{section}.{name}"
