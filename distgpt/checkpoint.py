@@ -468,6 +468,16 @@ def _read_range(path: Path, manifest: dict, start: int, end: int, rows: int, wor
     return out
 
 
+def _manifest_for(path: Path, layout) -> dict:
+    """The manifest of checkpoint `path`, refused (CheckpointError) unless it was saved for `layout`."""
+    manifest = _read_manifest(path)
+    mf = path / MANIFEST
+    _check_model(mf, manifest, layout)
+    if manifest["n_params"] != layout.size:
+        raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
+    return manifest
+
+
 def load_checkpoint(path: str | Path, comm, layout, partition: Partition, verify: bool = False,
                     worker: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Collective: params, m, v of this rank's owned slice (partition.owned = [start, end)) and the
@@ -480,11 +490,7 @@ def load_checkpoint(path: str | Path, comm, layout, partition: Partition, verify
     start, end = partition.owned
     err = None
     try:
-        manifest = _read_manifest(path)
-        mf = path / MANIFEST
-        _check_model(mf, manifest, layout)
-        if manifest["n_params"] != layout.size:
-            raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
+        manifest = _manifest_for(path, layout)
         if verify:
             for record in manifest["shards"][comm.rank::comm.size]:
                 _check_shard_hash(_check_shard_size(path, record), record)
@@ -552,11 +558,7 @@ def load_worker_state(path: str | Path, comm, layout, partition: Partition, work
     a, b = partition.owned
     result, err = None, None
     try:
-        manifest = _read_manifest(path)
-        mf = path / MANIFEST
-        _check_model(mf, manifest, layout)
-        if manifest["n_params"] != layout.size:
-            raise CheckpointError(f"{mf}: {manifest['n_params']} values, the model has {layout.size}")
+        manifest = _manifest_for(path, layout)
         saved = manifest["meta"].get("diloco")
         old = manifest.get("workers", 1)
         if saved is None:

@@ -212,25 +212,13 @@ class LoraCheckpoint:
     tokenizer: str | None
 
 
-def _model_config(fields: dict, source: str) -> ModelConfig:
-    from pydantic import ValidationError
-
-    from distgpt.weights import WeightsError
-
-    try:
-        return ModelConfig(**fields)
-    except ValidationError as e:
-        reasons = "; ".join(str(err.get("msg", err)).removeprefix("Value error, ") for err in e.errors())
-        raise WeightsError(f"{source}: {reasons}") from None
-
-
 def read_lora(spec: str, base: str | None = None) -> LoraCheckpoint:
     """A LoRA run's checkpoint (folder or out_dir): its adapters and what they need. `base` replaces
     the base source that its manifest records (the base moved since training). WeightsError, one line,
     for anything missing or inconsistent."""
     from distgpt import checkpoint
     from distgpt.lora import LoraLayout
-    from distgpt.weights import WeightsError
+    from distgpt.weights import WeightsError, model_config
 
     try:
         manifest, lcfg, adapters = checkpoint.read_lora(spec)
@@ -251,8 +239,8 @@ def read_lora(spec: str, base: str | None = None) -> LoraCheckpoint:
     saved = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
     if not isinstance(saved, dict) or not saved:
         raise WeightsError(f"{spec}: the checkpoint's meta has no config.model (the shape of the base)")
-    cfg = _model_config({k: v for k, v in saved.items() if k in ModelConfig.model_fields},
-                        f"{spec}: the checkpoint's model config")
+    cfg = model_config({k: v for k, v in saved.items() if k in ModelConfig.model_fields},
+                       f"{spec}: the checkpoint's model config")
     try:
         layout = LoraLayout(cfg, lcfg["rank"], lcfg["alpha"], lcfg["targets"], lcfg.get("dropout", 0.0))
     except (ValueError, TypeError) as e:

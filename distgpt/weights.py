@@ -280,7 +280,7 @@ def merged_lora(spec: str, cfg: ModelConfig, lora: dict, adapters: np.ndarray) -
 def _checkpoint_model(meta: dict, spec: str) -> ModelConfig:
     saved = meta.get("config", {}).get("model", {})
     model = {k: v for k, v in saved.items() if k in ModelConfig.model_fields}
-    return _model_config(model, f"{spec}: the checkpoint's model config")
+    return model_config(model, f"{spec}: the checkpoint's model config")
 
 
 def _distgpt_checkpoint(spec: str) -> Path | None:
@@ -368,7 +368,7 @@ def _snapshot(repo_id: str) -> Path:
     return Path(folder)
 
 
-def _model_config(fields: dict, source: str) -> ModelConfig:
+def model_config(fields: dict, source: str) -> ModelConfig:
     """ModelConfig(**fields), its validation errors as one WeightsError line naming `source`."""
     from pydantic import ValidationError
 
@@ -411,7 +411,7 @@ def _file_config(raw: dict, source: str) -> ModelConfig:
         )
     fields = dict(n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=C,
                   block_size=raw.get("n_positions", raw.get("n_ctx")), vocab_size=raw["vocab_size"])
-    return _model_config(fields, f"{source}/config.json")
+    return model_config(fields, f"{source}/config.json")
 
 
 def _read_hf_folder(folder: Path) -> tuple[ModelConfig, _LazyState]:
