@@ -33,7 +33,6 @@ works offline; a bytes-tokenizer model has no tokenizer files to write.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,6 @@ PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # peft's own marker, beside (never instead of) an hf export's: each format recognises only the files
 # it wrote itself, so neither replaces or deletes the other's
 PEFT_MARKER = ".distgpt-peft-export.json"
-_PEFT_MARKER_FORMAT = "distgpt-peft-export"
 
 
 def _fail(message: str) -> NoReturn:
@@ -314,40 +312,17 @@ def load_weights(spec: str, base: str | None = None) -> Weights:
 # peft's folder
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _peft_marker(folder: Path) -> dict[str, list[str]] | None:
-    """{file name: sha256 values a peft export wrote under that name}, or None when the folder has no
-    marker of ours (then nothing in it counts as written by export)."""
-    try:
-        marker = json.loads((folder / PEFT_MARKER).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    files = marker.get("files") if isinstance(marker, dict) and marker.get("format") == _PEFT_MARKER_FORMAT \
-        else None
-    if not isinstance(files, dict):
-        return None
-    return {name: [h for h in hashes if isinstance(h, str)] for name, hashes in files.items()
-            if name in PEFT_FILES and isinstance(hashes, list)}
-
-
-def _written_by_peft_export(folder: Path, name: str, marker: dict[str, list[str]] | None) -> bool:
-    path = folder / name
-    return (marker is not None and name in marker and path.is_file() and not path.is_symlink()
-            and _sha256(path.read_bytes()) in marker[name])
-
-
 def peft_export_conflicts(folder: str | Path) -> list[str]:
-    """What in `folder` a peft export did not write (names, sorted); [] for a missing or empty folder
-    or an earlier peft export: as weights.hf_export_conflicts, with peft's own marker."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    marker = _peft_marker(folder)
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name != PEFT_MARKER and not _written_by_peft_export(folder, p.name, marker))
+    """What in `folder` a peft export did not write (weights.ExportFolder.conflicts)."""
+    return _peft_export().conflicts(folder)
+
+
+def _peft_export():
+    """peft's folder as export writes it: weights.ExportFolder with peft's own marker, so an hf and a
+    peft export never take each other's files for their own."""
+    from distgpt.weights import ExportFolder
+
+    return ExportFolder(PEFT_MARKER, "distgpt-peft-export", PEFT_FILES)
 
 
 def adapter_config(layout: LoraLayout, base_model: str | None) -> dict:
@@ -376,29 +351,12 @@ def save_peft(folder: str | Path, layout: LoraLayout, adapters: np.ndarray, base
     temporary name and renamed; the marker lists old and new contents while they change, then the new."""
     from safetensors.numpy import save
 
-    from distgpt.fileio import atomic_write, fsync_dir
-
     folder = Path(folder)
     state = layout.to_peft_state_dict(np.asarray(adapters, dtype=np.float32))
     config = json.dumps(adapter_config(layout, base_model), indent=2) + "\n"
     files = {"adapter_model.safetensors": save(state, metadata={"format": "pt"}),
              "adapter_config.json": config.encode()}
-    new = {name: [_sha256(data)] for name, data in files.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    old = _peft_marker(folder) or {}
-    _write_peft_marker(folder, {name: sorted(set(old.get(name, [])) | set(new[name])) for name in new})
-    for name, data in files.items():
-        with atomic_write(folder / name) as f:
-            f.write(data)
-    _write_peft_marker(folder, new)
-    fsync_dir(folder)
-
-
-def _write_peft_marker(folder: Path, files: dict[str, list[str]]) -> None:
-    from distgpt.fileio import write_json_atomic
-
-    write_json_atomic(folder / PEFT_MARKER,
-                      {"format": _PEFT_MARKER_FORMAT, "version": 1, "files": dict(sorted(files.items()))})
+    _peft_export().write(folder, files)
 
 
 def _peft_base_name(source: str) -> str | None:

@@ -118,32 +118,24 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
         + ("" if group == 1 else ", ZeRO-1" if zero else ", replicated")
         + (" within each host" if diloco_run and group > 1 else ""),
         f"matmuls: {blas.describe()}"]
-    if lora is None:
-        copy16 = 2 * layout.size if low else 0                 # the bf16 copy of the weights
-        total = 2 * 4 * layout.size + moments + acts + masks + copy16 + outer
-        lines.append(
-            f"memory per rank (estimate): params {mb(4 * layout.size)}, grads {mb(4 * layout.size)}, "
-            f"AdamW moments {mb(moments)}, activations {mb(acts)}"
-            + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
-            + (f", dropout masks {mb(masks)}" if masks else "")
-            + (f", bf16 weights {mb(copy16)}" if low else "")
-            + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}")
-        return lines
-    per_node = world // n_nodes
-    base = (2 if low else 4) * layout.size                  # one copy per node, shared by its ranks
-    # a base held in bf16 keeps float32 copies of what no matmul reads: LayerNorms, biases, wpe
     C, L = m.n_embd, m.n_layer
-    small = 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0
-    total = 2 * 4 * lora.size + moments + acts + masks + small + outer
-    lines.append(
-        f"memory per rank (estimate): adapters {mb(4 * lora.size)}, grads {mb(4 * lora.size)}, "
-        f"AdamW moments {mb(moments)}, activations {mb(acts)}"
-        + ("" if t.recompute == "none" else f" (recompute {t.recompute})")
-        + (f", dropout masks {mb(masks)}" if masks else "")
-        + (f", float32 LayerNorms/biases/wpe {mb(small)}" if small else "")
-        + (f", DiLoCo outer state {mb(outer)}" if outer else "") + f"; total {mb(total)}; "
-        f"the frozen base {mb(base)} per node ({'bf16' if low else 'fp32'}, one copy shared by the node's "
-        f"ranks); per node with {per_node} rank(s): {mb(base + per_node * total)}")
+    if lora is None:        # bf16: the copy of the matmul weights
+        held, extra = ("params", layout.size), ("bf16 weights", 2 * layout.size if low else 0)
+    else:                   # a base held in bf16 keeps float32 copies of what no matmul reads
+        held = ("adapters", lora.size)
+        extra = ("float32 LayerNorms/biases/wpe", 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0)
+    shown = [f"{held[0]} {mb(4 * held[1])}", f"grads {mb(4 * held[1])}", f"AdamW moments {mb(moments)}",
+             f"activations {mb(acts)}" + ("" if t.recompute == "none" else f" (recompute {t.recompute})")]
+    optional = (("dropout masks", masks), extra, ("DiLoCo outer state", outer))
+    shown += [f"{name} {mb(b)}" for name, b in optional if b]
+    total = 2 * 4 * held[1] + moments + acts + masks + extra[1] + outer
+    line = f"memory per rank (estimate): {', '.join(shown)}; total {mb(total)}"
+    if lora is not None:
+        per_node = world // n_nodes
+        base = (2 if low else 4) * layout.size                  # one copy per node, shared by its ranks
+        line += (f"; the frozen base {mb(base)} per node ({'bf16' if low else 'fp32'}, one copy shared by "
+                 f"the node's ranks); per node with {per_node} rank(s): {mb(base + per_node * total)}")
+    lines.append(line)
     return lines
 
 

@@ -300,13 +300,10 @@ class Trainer:
     def _slice_updated(self) -> None:
         """This rank has written its owned slice of the parameters (an outer sync): the host's
         other ranks see it, and so does the bf16 copy."""
-        a, b = self.partition.owned
         w16 = self.weights16
-        if w16 is not None and self.reducer.shares_params:
-            w16.changed(a, b)               # the host's one copy: each rank converts its slice
-        elif w16 is not None:
-            w16.changed_all()
-        self.reducer.allgather_params()     # (one copy on the host: a barrier makes it visible)
+        if w16 is not None:
+            w16.changed(*self.partition.owned)  # (shared: converts this rank's slice; private: stale)
+        self.reducer.allgather_params()         # (one copy on the host: a barrier makes it visible)
         if w16 is not None:
             w16.current()
 
@@ -322,10 +319,7 @@ class Trainer:
             self.reducer.broadcast_params()
         else:       # to every host (the group's reducer only reaches its own), then the cycle starts
             a, b = self.partition.owned
-            view = self.params[a:b]
-            piece = np.ascontiguousarray(view)
-            self.outer.column.bcast_(piece)         # host 0's slice to every host's rank of that slice
-            view[:] = piece
+            self.outer.column.bcast_(self.params[a:b])  # host 0's slice to every host's rank of it
             self.reducer.allgather_params()
             self.outer.reset(self.params, 0)
         self._weights_updated()

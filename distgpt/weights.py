@@ -20,6 +20,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -632,7 +633,6 @@ def hf_config(cfg: ModelConfig) -> dict:
 HF_EXPORT_MARKER = ".distgpt-export.json"
 HF_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 HF_EXPORT_FILES = ("config.json", "model.safetensors", *HF_TOKENIZER_FILES)
-_MARKER_FORMAT = "distgpt-hf-export"
 
 
 def gpt2_tokenizer_files(block_size: int) -> dict[str, bytes]:
@@ -690,43 +690,80 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_export_marker(folder: Path) -> dict[str, list[str]] | None:
-    """{file name: sha256 values export wrote under that name} from the folder's marker, or None when
-    there is none or it is not ours (then nothing in the folder counts as written by export)."""
-    try:
-        marker = json.loads((folder / HF_EXPORT_MARKER).read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    ours = isinstance(marker, dict) and marker.get("format") == _MARKER_FORMAT
-    files = marker.get("files") if ours else None
-    if not isinstance(files, dict):
-        return None
-    return {name: [h for h in hashes if isinstance(h, str)] for name, hashes in files.items()
-            if name in HF_EXPORT_FILES and isinstance(hashes, list)}
+@dataclass(frozen=True)
+class ExportFolder:
+    """A folder format that export writes (hf here; peft in distgpt/export.py), recognised as its own
+    by a marker file listing the sha256 of every file it wrote: a folder is an earlier export when
+    everything in it is the marker or a file the marker lists, with the contents export gave it.
+    Recognising the file names alone would take a folder someone else saved (save_pretrained writes
+    a config.json and model.safetensors too) or an exported file the user edited since for ours, and
+    replacing either would lose their work. Folders exported before the marker existed are therefore
+    not recognised: `--force` replaces them."""
+
+    marker: str                 # the marker's file name
+    kind: str                   # its "format" field
+    files: tuple[str, ...]      # the names this format may write
+
+    def read_marker(self, folder: Path) -> dict[str, list[str]] | None:
+        """{file name: sha256 values export wrote under that name}, or None when there is no marker
+        of ours (then nothing in the folder counts as written by export)."""
+        try:
+            marker = json.loads((folder / self.marker).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            return None
+        ours = isinstance(marker, dict) and marker.get("format") == self.kind
+        files = marker.get("files") if ours else None
+        if not isinstance(files, dict):
+            return None
+        return {name: [h for h in hashes if isinstance(h, str)] for name, hashes in files.items()
+                if name in self.files and isinstance(hashes, list)}
+
+    def written(self, folder: Path, name: str, marker: dict[str, list[str]] | None) -> bool:
+        path = folder / name
+        return (marker is not None and name in marker and path.is_file() and not path.is_symlink()
+                and _sha256_file(path) in marker[name])
+
+    def conflicts(self, folder: str | os.PathLike) -> list[str]:
+        """What in `folder` export did not write (names, sorted); [] for a missing or empty folder
+        or an earlier export of this format."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            return []
+        marker = self.read_marker(folder)
+        return sorted(p.name for p in folder.iterdir()
+                      if p.name != self.marker and not self.written(folder, p.name, marker))
+
+    def write(self, folder: Path, files: dict[str, bytes]) -> None:
+        """`files` into `folder` (made if missing), each to a temporary name renamed over its own;
+        nothing else is touched but files of an earlier export of this format (listed in its marker,
+        unchanged) that this one does not write. The marker is written first listing the old and the
+        new contents, and last listing only the new: a crash in between leaves a folder that is
+        still recognised as an export."""
+        new = {name: [hashlib.sha256(data).hexdigest()] for name, data in files.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        old = self.read_marker(folder) or {}
+        stale = [name for name in old if name not in files and self.written(folder, name, old)]
+        self._write_marker(folder, {name: sorted(set(old.get(name, [])) | set(new.get(name, [])))
+                                    for name in {*old, *new}})
+        for name, data in files.items():
+            with atomic_write(folder / name) as f:
+                f.write(data)
+        for name in stale:
+            (folder / name).unlink()
+        self._write_marker(folder, new)
+        fsync_dir(folder)
+
+    def _write_marker(self, folder: Path, files: dict[str, list[str]]) -> None:
+        write_json_atomic(folder / self.marker,
+                          {"format": self.kind, "version": 1, "files": dict(sorted(files.items()))})
 
 
-def _written_by_export(folder: Path, name: str, marker: dict[str, list[str]] | None) -> bool:
-    path = folder / name
-    return (marker is not None and name in marker and path.is_file() and not path.is_symlink()
-            and _sha256_file(path) in marker[name])
+HF_EXPORT = ExportFolder(HF_EXPORT_MARKER, "distgpt-hf-export", HF_EXPORT_FILES)
 
 
 def hf_export_conflicts(folder: str | os.PathLike) -> list[str]:
-    """What in `folder` export did not write (names, sorted); [] for a missing or empty folder or
-    an earlier export.
-
-    An earlier export is recognised by its marker, HF_EXPORT_MARKER, which save_hf writes with the
-    sha256 of every file it wrote: a folder is one when everything in it is the marker or a file the
-    marker lists, with the contents export gave it. Recognising the file names alone would take a
-    folder someone else saved (save_pretrained writes a config.json and model.safetensors too) or an
-    exported file the user edited since for ours, and replacing either would lose their work. Folders
-    exported before the marker existed are therefore not recognised: `--force` replaces them."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    marker = _read_export_marker(folder)
-    return sorted(p.name for p in folder.iterdir()
-                  if p.name != HF_EXPORT_MARKER and not _written_by_export(folder, p.name, marker))
+    """What in `folder` an hf export did not write (ExportFolder.conflicts)."""
+    return HF_EXPORT.conflicts(folder)
 
 
 def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray,
@@ -755,21 +792,6 @@ def save_hf(folder: str | os.PathLike, cfg: ModelConfig, params: np.ndarray,
     # (save_file writes from Rust, unsynced, and fails with a SafetensorError that hides the errno)
     files = {"model.safetensors": save(state, metadata={"format": "pt"}), **extra_files,
              "config.json": _json_bytes(hf_config(cfg))}  # config.json last, as save_pretrained
-    new = {name: [hashlib.sha256(data).hexdigest()] for name, data in files.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    old = _read_export_marker(folder) or {}
-    stale = [name for name in old if name not in files and _written_by_export(folder, name, old)]
-    both = {name: sorted(set(old.get(name, [])) | set(new.get(name, []))) for name in {*old, *new}}
-    _write_marker(folder, both)
-    for name, data in files.items():
-        with atomic_write(folder / name) as f:
-            f.write(data)
-    for name in stale:
-        (folder / name).unlink()
-    _write_marker(folder, new)
-    fsync_dir(folder)
+    HF_EXPORT.write(folder, files)
 
 
-def _write_marker(folder: Path, files: dict[str, list[str]]) -> None:
-    write_json_atomic(folder / HF_EXPORT_MARKER,
-                      {"format": _MARKER_FORMAT, "version": 1, "files": dict(sorted(files.items()))})
