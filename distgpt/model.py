@@ -48,7 +48,8 @@ from distgpt.config import RECOMPUTE_MODES, ModelConfig
 if TYPE_CHECKING:                   # lora.py builds on this module's Layout
     from distgpt.lora import BlockAdapters, LoraLayout
 
-__all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes", "dropout_mask_bytes"]
+__all__ = ["GPT", "Layout", "ModelConfig", "KVCache", "init_params", "activation_bytes", "dropout_mask_bytes",
+           "workspace_bytes"]
 
 
 # ----------------------------------------------------------------------------- the parameter table
@@ -384,6 +385,17 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
         dropped = 4 * BT * C if lora_dropout else 0
         lora = itemsize * (2 * BT * lora_rank + dropped) + (4 * BT * C if low else 0)
     return itemsize * (sets * per_layer + inputs * BT * C + scratch + head) + lora
+
+
+def workspace_bytes(cfg: ModelConfig, B: int, T: int, precision: str = "fp32",
+                    head_chunk_rows: int = 512) -> int:
+    """Bytes of a bf16 model's kernel workspace (ops.Bf16Kernels' bf16.Workspace) at its largest:
+    a linear's input and output gradient rounded to bf16, at most B*T x 4C each (the MLP's), the
+    head's input (B*T x C) and one chunk of the logits' gradient. 0 in fp32, which rounds nothing."""
+    if precision != "bf16":
+        return 0
+    BT, C = B * T, cfg.n_embd
+    return 2 * (2 * BT * 4 * C + BT * C + min(BT, head_chunk_rows) * cfg.vocab_size)
 
 
 class Dropout:
@@ -780,12 +792,24 @@ class GPT:
         if key not in self._acts:
             if len(self._acts) >= 3:  # training, eval and one more shape; drop the oldest
                 self._acts.pop(next(iter(self._acts)))
+            if training:        # from now on passes without gradients use the training set
+                self._acts.pop((B, T, False), None)
             sets, inputs = self._saved if training else (1, 0)
             lo = self.lora
             self._acts[key] = Activations(self.cfg, B, T, self.dtype, self.head_chunk_rows, sets, training,
                                           self.precision, inputs, 0 if lo is None else lo.rank,
                                           lo is not None and lo.dropout > 0)
         return self._acts[key]
+
+    def _inference_activations(self, B: int, T: int) -> Activations:
+        """A pass without gradients (evaluation, logits): in the training buffers of its shape when no
+        backward awaits them (they hold all that such a pass writes: on GPT-2 XL at T1024 that is
+        ~200 MiB per rank not allocated a second time), else in a set of its own, which the first
+        training pass of that shape frees (a run's evaluation at step 0)."""
+        training = self._acts.get((B, T, True))
+        if training is not None and training.owner is None:
+            return training
+        return self._activations(B, T, training=False)
 
     def _dropout(self, B: int, T: int, seed: tuple[int, ...] | None, row0: int) -> Dropout:
         if seed is None or self.cfg.dropout == 0.0:
@@ -904,7 +928,7 @@ class GPT:
         """Mean cross-entropy of targets given idx (both (B, T)), without gradients; without dropout
         unless dropout_seed is given (then with the masks a training forward would draw)."""
         B, T = idx.shape
-        a = self._activations(B, T, training=False)
+        a = self._inference_activations(B, T)
         self._trunk(idx, a, self._dropout(B, T, dropout_seed, row0),
                     lora_drop=self._lora_dropout(B, T, dropout_seed, row0))
         V = self.cfg.vocab_size
@@ -915,7 +939,7 @@ class GPT:
         """(B, T, V) logits of idx (B, T). With a KV cache, idx are the next positions after
         cache.length, and their keys and values are appended: a new token costs one position."""
         B, T = idx.shape
-        a = self._activations(B, T, training=False)
+        a = self._inference_activations(B, T)
         self._trunk(idx, a, Dropout.OFF, cache)
         V = self.cfg.vocab_size
         wte = self.w.wte

@@ -42,7 +42,7 @@ from distgpt.config import (
     describe_keys,
     load_config,
 )
-from distgpt.model import GPT, Layout, activation_bytes, dropout_mask_bytes
+from distgpt.model import GPT, Layout, activation_bytes, dropout_mask_bytes, workspace_bytes
 from distgpt.optim import lr_at
 from distgpt.progress import Progress
 from distgpt.trainer import (
@@ -76,6 +76,12 @@ class OutDirError(ValueError):
 
 # ----------------------------------------------------------------------------- summary
 
+# What a rank's process holds before its model: the interpreter, NumPy, MPI, the BLAS and bf16
+# libraries and the compiled kernels (measured: 160-175 MiB resident on Linux x86-64, about 100 of
+# them shared library pages). Counted whole per rank: a little high for several ranks on a node.
+RUNTIME_BYTES = 160 * 2**20
+
+
 def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_nodes: int = 1) -> list[str]:
     m, t = cfg.model, cfg.train
     layout = Layout(m)
@@ -94,6 +100,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
     acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute,
                             **lora_kw)
     masks = dropout_mask_bytes(m, t.micro_batch_size, t.seq_len)
+    scratch = workspace_bytes(m, t.micro_batch_size, t.seq_len, precision)
     lines = [
         f"model: {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}, "
         f"vocab {m.vocab_size} (padded {m.padded_vocab}), attention {m.attention}, dropout {m.dropout}",
@@ -126,9 +133,10 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
         extra = ("float32 LayerNorms/biases/wpe", 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0)
     shown = [f"{held[0]} {mb(4 * held[1])}", f"grads {mb(4 * held[1])}", f"AdamW moments {mb(moments)}",
              f"activations {mb(acts)}" + ("" if t.recompute == "none" else f" (recompute {t.recompute})")]
-    optional = (("dropout masks", masks), extra, ("DiLoCo outer state", outer))
+    optional = (("bf16 kernel scratch", scratch), ("dropout masks", masks), extra, ("DiLoCo outer state", outer),
+                ("runtime", RUNTIME_BYTES))
     shown += [f"{name} {mb(b)}" for name, b in optional if b]
-    total = 2 * 4 * held[1] + moments + acts + masks + extra[1] + outer
+    total = 2 * 4 * held[1] + moments + acts + scratch + masks + extra[1] + outer + RUNTIME_BYTES
     line = f"memory per rank (estimate): {', '.join(shown)}; total {mb(total)}"
     if lora is not None:
         per_node = world // n_nodes

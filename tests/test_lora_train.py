@@ -4,7 +4,9 @@ vector, the base is frozen and held once per node, checkpoints hold the adapters
 Tolerances are the existing fp32 world-size tests' (test_dist.py): summing the gradients over
 another number of ranks or micro-batches changes only the fp32 summation order, so losses agree to
 1e-5 relative and the parameters (here the adapters) to 1e-5 in norm after 5 steps; a resume on the
-same layout is bit-exact (the same arithmetic in the same order)."""
+same layout is bit-exact (the same arithmetic in the same order). bf16 runs on several ranks are held
+to test_dist.py's bf16 bound (test_ranks_agree_in_bf16 says why), and train.recompute=block to none's
+numbers exactly (test_recompute.py's reasoning)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from distgpt.model import Layout, ModelConfig
 from distgpt.partition import Partition
 from distgpt.weights import load_for_inference, load_init
 
-from conftest import MPIRUN, bf16_env, read_metrics, run_cli, tiny_config, tiny_hf_gpt2
+from conftest import MPIRUN, bf16_env, read_metrics, rel, run_cli, tiny_config, tiny_hf_gpt2
 
 MODEL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=257)
 RANK, ALPHA = 4, 8.0
@@ -231,6 +233,100 @@ def test_ranks_agree(tmp_path, shakespeare_bytes, hf_folder, ranks, micro, extra
     assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a)
 
 
+def nudged_checkpoint(src_out: Path, step: int, dst_out: Path) -> None:
+    """src_out's checkpoint at `step` written into dst_out with every nonzero adapter moved one float32
+    ulp up (AdamW's moments and the rest of the state as they were)."""
+    from distgpt.checkpoint import save_checkpoint, step_name
+
+    lo, comm = LoraLayout(MODEL, RANK, ALPHA), dist.Comm()
+    part = Partition(lo.size, 1, 0)
+    p, m, v, manifest = load_checkpoint(src_out / "ckpt" / step_name(step), comm, lo, part)
+    p = np.where(p != 0, np.nextafter(p, np.float32(np.inf)), p)
+    save_checkpoint(dst_out, step, comm, lo, part, p, m, v, manifest["meta"], keep=5)
+
+
+@pytest.mark.mpi
+def test_ranks_agree_in_bf16(tmp_path, shakespeare_bytes, hf_folder):
+    """1, 2 and 3 ranks in bf16, with the bound test_dist.py's test_world_size_invariance_in_bf16
+    derives for full training, on the same grounds.
+
+    Step 1 is invariant up to float32 summation order: the base's matmuls round their inputs to bf16
+    alike however the rows are split, and the adapters' matmuls are float32 on those same rows, so the
+    loss, the gradient norm and the updated adapters differ only through the order in which ranks and
+    micro-batches are summed (k float32 terms: below k x 2^-24, 4e-7 for k = 6): 1e-6 holds.
+
+    Later steps are not: a last-bit difference in an adapter changes the activations it adds to, and
+    one of those can flip its bf16 rounding on the way into the next base matmul, a 2^-8 change
+    that grows over the steps. The yardstick is of the same nature: the 1-rank run resumed at step 1
+    with every nonzero adapter moved one float32 ulp (step 1 is where the layouts' last bits first
+    part). After 5 steps, 2 ranks (ZeRO-1, 3 micro-batches accumulated), 3 ranks through MPI's
+    collectives (ZeRO-1 over 4,096 adapters, not a multiple of 3, so uneven slices; 2 accumulated)
+    and 3 replicated ranks (no accumulation) are no farther from the 1-rank run than that (measured
+    on a Zen 4 through oneDNN: layouts 2.8-3.0e-5, the yardstick 7.7e-5; through MKL's emulated bf16
+    gemm 0.03-0.6e-5 against 6.2e-5; fp32's 1e-5 would not hold through oneDNN, and the loss at step 5
+    is up to 1.9e-5 off). A wrong sum (a rank's gradient missing or counted twice, a micro-batch scaled
+    wrongly) moves step 1 by far more than 1e-6 (lr 0.1% off: 2.2e-5); a change confined to the later
+    steps moves the end beyond the yardstick (min_lr 10% off, which changes only the last steps' lr:
+    1.5e-4)."""
+    env = bf16_env()
+
+    def run(name: str, ranks: int, micro: int, *extra: str, resume_from: Path | None = None):
+        cfg, out = lora_config(tmp_path, shakespeare_bytes, hf_folder, name, max_steps=5, every=1,
+                               micro_batch_size=micro, precision="bf16")
+        if resume_from is not None:
+            nudged_checkpoint(resume_from, 1, out)
+            extra = (*extra, "--resume", "auto")
+        r = train(cfg, "parallel.check_every=1", *extra, ranks=ranks, env=env)
+        rows = {row["step"]: row for row in read_metrics(out) if "train_loss" in row}
+        return {"stdout": r.stdout, "rows": rows, "adapters1": read_params(out / "ckpt/step_0000001")[1],
+                "adapters": read_params(out)[1]}
+
+    ref = run("one", 1, 6)
+    assert sorted(ref["rows"]) == [1, 2, 3, 4, 5]
+    nudged = run("nudged", 1, 6, resume_from=tmp_path / "one" / "out")
+    assert sorted(nudged["rows"]) == [2, 3, 4, 5]
+    yardstick = rel(nudged["adapters"], ref["adapters"])
+    layouts = {"2 ranks": (2, 2), "3 ranks, mpi": (3, 2, "parallel.reduce=mpi"),
+               "3 ranks, no zero": (3, 4, "parallel.zero=false")}
+    for name, layout in layouts.items():
+        got = run(name.replace(" ", "_").replace(",", ""), *layout)
+        ranks = layout[0]
+        assert f"frozen base: {hf_folder} (bf16, " in got["stdout"], name
+        assert f"read by the node's {ranks} ranks" in got["stdout"], name
+        assert sorted(got["rows"]) == [1, 2, 3, 4, 5], name
+        for key in ("train_loss", "grad_norm"):
+            assert got["rows"][1][key] == pytest.approx(ref["rows"][1][key], rel=1e-6), (name, key)
+        assert rel(got["adapters1"], ref["adapters1"]) <= 1e-6, name
+        distance = rel(got["adapters"], ref["adapters"])
+        assert distance <= yardstick, f"{name}: {distance:.3g} from 1 rank, a 1-ulp nudge: {yardstick:.3g}"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("precision, dropout", [("fp32", 0.0), ("bf16", 0.1)])
+def test_block_recompute_on_two_ranks_is_bit_identical_to_none(tmp_path, shakespeare_bytes, hf_folder,
+                                                              precision, dropout):
+    """LoRA with train.recompute=block on 2 ranks, 3 micro-batches accumulated per step: the re-run of
+    each block's forward is the same arithmetic on the same inputs (the base's, the adapters', and
+    LoRA dropout's masks drawn again from the same counters), so the losses, the gradient norms and
+    the final adapters are bit-identical to recompute=none's: no tolerance."""
+    env = bf16_env() if precision == "bf16" else {}
+    runs = {}
+    for mode in ("none", "block"):
+        cfg, out = lora_config(tmp_path, shakespeare_bytes, hf_folder, mode, max_steps=5, every=0,
+                               micro_batch_size=2, precision=precision, recompute=mode)
+        r = train(cfg, f"lora.dropout={dropout}", "parallel.check_every=1", ranks=2, env=env)
+        # the header names the mode the trainer was given: both runs in `none` would pass below
+        assert ("(recompute block)" in r.stdout) == (mode == "block"), r.stdout
+        assert f"dropout {dropout:g} on" in r.stdout and read_lora(out)[1]["dropout"] == dropout
+        rows = [{k: row[k] for k in ("step", "train_loss", "grad_norm", "lr")}
+                for row in read_metrics(out) if "train_loss" in row]
+        runs[mode] = rows, read_params(out)[1]
+    (rows, adapters), (r_rows, r_adapters) = runs["none"], runs["block"]
+    assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+    assert r_rows == rows                                    # floats compared with ==: bit-identical
+    assert np.array_equal(r_adapters, adapters)
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize("ranks, precision", [(1, "fp32"), (2, "fp32"), (2, "bf16")])
 def test_resume_is_bit_exact(tmp_path, shakespeare_bytes, hf_folder, ranks, precision):
@@ -385,7 +481,7 @@ def test_the_memory_plan_of_gpt2_xl_with_lora():
     per element (ZeRO-1 halves the moments), activations as the model counts them with the adapters."""
     from distgpt.config import Config, LoraConfig, TrainConfig
     from distgpt.model import activation_bytes
-    from distgpt.train import summary
+    from distgpt.train import RUNTIME_BYTES, summary
 
     xl = ModelConfig(n_layer=48, n_head=25, n_embd=1600, block_size=1024)
     cfg = Config(model=xl, init_from="gpt2-xl", lora=LoraConfig(rank=8),
@@ -405,6 +501,10 @@ def test_the_memory_plan_of_gpt2_xl_with_lora():
                           f"{mib(acts)} (recompute block)")
     base = 2 * Layout(xl).size
     small = 4 * (1024 * 1600 + 2 * 1600 + 48 * 13 * 1600)      # the float32 LayerNorms, biases and wpe
-    per_rank = 8 * n_adapters + 8 * n_adapters / 2 + acts + small
+    # the bf16 kernels' workspace: the MLP's input and output gradient (BT x 4C each), the head's
+    # input (BT x C) and one 512-row chunk of the logits' gradient, all bf16
+    scratch = 2 * (2 * 1024 * 6400 + 1024 * 1600 + 512 * 50257)
+    assert f"bf16 kernel scratch {mib(scratch)}, float32 LayerNorms/biases/wpe {mib(small)}, runtime " in mem
+    per_rank = 8 * n_adapters + 8 * n_adapters / 2 + acts + small + scratch + RUNTIME_BYTES
     assert mem.endswith(f"; total {mib(per_rank)}; the frozen base {mib(base)} per node (bf16, one copy "
                         f"shared by the node's ranks); per node with 2 rank(s): {mib(base + 2 * per_rank)}")

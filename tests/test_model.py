@@ -356,3 +356,37 @@ def test_dropout_mask_bytes_counts_what_a_training_forward_draws():
     drawn = Dropout.draw(cfg, 2, 8, (1, 0), 0)
     assert dropout_mask_bytes(cfg, 2, 8) == sum(m.nbytes for m in drawn.masks.values())
     assert dropout_mask_bytes(cfg.model_copy(update={"dropout": 0.0}), 2, 8) == 0
+
+
+def test_evaluation_after_training_reuses_the_training_buffers_and_changes_nothing():
+    """loss() and logits() run in the training set of their shape once one exists and no backward
+    awaits it (a second set would cost GPT-2 XL ~200 MiB per rank); the set a step-0 evaluation
+    made is freed by the first training pass. Neither changes a loss or a gradient: a model that
+    evaluates between steps trains bit for bit as one that does not."""
+    cfg = ModelConfig(n_layer=2, n_head=NH, n_embd=C, block_size=BLOCK, vocab_size=V)
+    idx, tgt = tokens(0, (B, T))
+    quiet, chatty = GPT(cfg), GPT(cfg)
+    randomize(quiet, 1)
+    chatty.params[:] = quiet.params
+    before = chatty.loss(idx, tgt)                      # step 0: no training set yet, a set of its own
+    assert list(chatty._acts) == [(B, T, False)]
+    for m in (quiet, chatty):
+        m.zero_grad()
+        m.backward(m.forward(idx, tgt, grad_scale=1.0))
+    assert list(chatty._acts) == [(B, T, True)]         # the evaluation set was freed
+    assert chatty.loss(idx, tgt) == before              # ... and evaluation now runs in the training set
+    chatty.logits(idx)
+    assert list(chatty._acts) == [(B, T, True)]
+    for m in (quiet, chatty):
+        m.zero_grad()
+        m.backward(m.forward(idx, tgt, grad_scale=1.0))
+    assert np.array_equal(quiet.grads, chatty.grads)
+    # a forward that awaits its backward keeps its buffers: evaluation takes a set of its own
+    chatty.zero_grad()
+    fwd = chatty.forward(idx, tgt, grad_scale=1.0)
+    assert chatty.loss(idx, tgt) == before
+    assert (B, T, False) in chatty._acts
+    chatty.backward(fwd)
+    quiet.zero_grad()
+    quiet.backward(quiet.forward(idx, tgt, grad_scale=1.0))
+    assert np.array_equal(quiet.grads, chatty.grads)
