@@ -133,8 +133,8 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
         extra = ("float32 LayerNorms/biases/wpe", 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0)
     shown = [f"{held[0]} {mb(4 * held[1])}", f"grads {mb(4 * held[1])}", f"AdamW moments {mb(moments)}",
              f"activations {mb(acts)}" + ("" if t.recompute == "none" else f" (recompute {t.recompute})")]
-    optional = (("bf16 kernel scratch", scratch), ("dropout masks", masks), extra, ("DiLoCo outer state", outer),
-                ("runtime", RUNTIME_BYTES))
+    optional = (("bf16 kernel scratch", scratch), ("dropout masks", masks), extra,
+                ("DiLoCo outer state", outer), ("runtime", RUNTIME_BYTES))
     shown += [f"{name} {mb(b)}" for name, b in optional if b]
     total = 2 * 4 * held[1] + moments + acts + scratch + masks + extra[1] + outer + RUNTIME_BYTES
     line = f"memory per rank (estimate): {', '.join(shown)}; total {mb(total)}"
