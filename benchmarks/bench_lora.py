@@ -312,7 +312,8 @@ def main() -> None:
             print(f"   {r['tok_s']:.1f} tok/s (median {r['tok_s_median']:.1f}); peak Pss "
                   f"{r['peak_pss_mib']:,.0f} MiB; VmHWM {', '.join(f'{h:,.0f}' for h in r['hwm_mib'])} MiB"
                   f"{est}; {r['wall_s']:.0f} s", flush=True)
-    print("\n| shape | run | layout | tok/s (median) | peak memory, all processes | vs peft (same recompute) |")
+    print("\n| shape | run | layout | tok/s (median) | peak memory, all processes "
+          "| vs peft (same recompute) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         # distgpt's recompute against peft's gradient checkpointing, none against none
@@ -320,7 +321,8 @@ def main() -> None:
         anchor = next((a for a in rows if a["shape"] == r["shape"] and a["tool"] == "peft"
                        and a["mode"] == want), None)
         vs = "-" if anchor is None or r is anchor else (
-            f"{r['tok_s'] / anchor['tok_s']:.2f}x tok/s, {r['peak_pss_mib'] / anchor['peak_pss_mib']:.2f}x memory")
+            f"{r['tok_s'] / anchor['tok_s']:.2f}x tok/s, "
+            f"{r['peak_pss_mib'] / anchor['peak_pss_mib']:.2f}x memory")
         run = f"{r['tool']} {'recompute ' if r['tool'] == 'distgpt' else ''}{r['mode']}"
         print(f"| {r['shape']} | {run} | {r['ranks']}x{r['threads']} | {r['tok_s']:.1f} "
               f"({r['tok_s_median']:.1f}) | {r['peak_pss_mib'] / 1024:.2f} GB | {vs} |")
