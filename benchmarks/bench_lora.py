@@ -18,11 +18,11 @@ written as a distgpt token shard.
 Measured per case, each in its own processes:
 - tokens/s: the fastest timed step (the least disturbed by anything else on the machine) and the
   median; distgpt's from its metrics.jsonl, peft's timed around forward, backward and step;
-- peak memory of all the case's processes together: the sum of their proportional set sizes (Pss:
-  a page shared by n processes counts 1/n to each, so the node-shared base and the libraries count
-  once), sampled every 50 ms by this script for the whole run, loading included, and each
-  process's own peak RSS (VmHWM) read just before it ends. For one process the two agree up to
-  the sampling; the peak Pss is what "the node's ranks together" hold.
+- peak memory of all the case's processes together, sampled every 50 ms for the whole run,
+  loading included: the sum of their private pages plus the largest file-backed and shared part
+  of any one of them (the node-shared base and the libraries are the same pages in every rank:
+  counted once); and each process's own peak RSS (VmHWM). For one process the two agree up to
+  the sampling; the first is what "the node's ranks together" hold.
 distgpt's own estimate (the run header's "per node" figure) is printed beside its measurement.
 
 GB in the output are GiB (2^30 bytes), MiB 2^20.
@@ -110,50 +110,51 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def status_kib(pid: int, key: str) -> int:
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmHWM, RssAnon, RssFile and RssShmem of a process from /proc/PID/status: counters the
+    kernel keeps, read without walking the page tables (smaps_rollup does walk them, under the
+    process's mmap lock: sampled often, it slowed a 6 GB PyTorch process down several times)."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
+                key = line.split(":", 1)[0]
+                if key in ("VmHWM", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
-
-
-def pss_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return out
 
 
 class Sampler(threading.Thread):
-    """Peak of the summed Pss of a process tree, and each python process's last VmHWM."""
+    """Peak memory of a process tree, the shared pages counted once: the sum of the processes'
+    private (anonymous) pages plus the largest file-backed and shared-memory part of any one of
+    them (the node-shared base, the libraries: the same pages in every rank); and each python
+    process's own peak RSS (VmHWM)."""
 
     def __init__(self, pid: int, every: float = 0.05):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
-        self.peak_pss = 0
+        self.peak = 0
         self.hwm: dict[int, int] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.is_set():
-            pids = descendants(self.pid)
-            self.peak_pss = max(self.peak_pss, sum(pss_kib(p) for p in pids))
-            for p in pids:
-                hwm = status_kib(p, "VmHWM")
+            anon = shared = 0
+            for p in descendants(self.pid):
+                m = memory_kib(p)
+                if not m:
+                    continue
+                anon += m.get("RssAnon", 0)
+                shared = max(shared, m.get("RssFile", 0) + m.get("RssShmem", 0))
                 try:
                     name = Path(f"/proc/{p}/comm").read_text().strip()
                 except OSError:
                     continue
-                if hwm and name.startswith("python"):
-                    self.hwm[p] = max(self.hwm.get(p, 0), hwm)
+                if name.startswith("python"):
+                    self.hwm[p] = max(self.hwm.get(p, 0), m.get("VmHWM", 0))
+            self.peak = max(self.peak, anon + shared)
             time.sleep(self.every)
 
 
@@ -203,7 +204,7 @@ def distgpt_case(folder: Path, data_dir: Path, work: Path, ranks: int, threads: 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms_per_step"] for r in records if "ms_per_step" in r]
     est = re.search(r"per node with \d+ rank\(s\): ([\d,]+) MiB", text)
-    return {"ms": ms, "peak_pss_mib": s.peak_pss / 1024, "hwm_mib": sorted(v / 1024 for v in s.hwm.values()),
+    return {"ms": ms, "peak_mib": s.peak / 1024, "hwm_mib": sorted(v / 1024 for v in s.hwm.values()),
             "estimate_mib": float(est.group(1).replace(",", "")) if est else None,
             "tokens_per_step": ranks * SEQ, "wall_s": wall}
 
@@ -254,7 +255,7 @@ def peft_case(folder: Path, work: Path, threads: int, mode: str, steps: int, pre
     if rc != 0:
         raise SystemExit(f"{tag}: the peft run exited {rc}; its output is in {log}:\n{text[-3000:]}")
     res = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
-    return {"ms": res["ms"], "peak_pss_mib": s.peak_pss / 1024,
+    return {"ms": res["ms"], "peak_mib": s.peak / 1024,
             "hwm_mib": sorted(v / 1024 for v in s.hwm.values()), "estimate_mib": None,
             "tokens_per_step": SEQ, "wall_s": wall}
 
@@ -309,8 +310,8 @@ def main() -> None:
                      tok_s_median=r["tokens_per_step"] / (statistics.median(timed) / 1000))
             rows.append(r)
             est = f", estimate {r['estimate_mib']:,.0f} MiB" if r["estimate_mib"] else ""
-            print(f"   {r['tok_s']:.1f} tok/s (median {r['tok_s_median']:.1f}); peak Pss "
-                  f"{r['peak_pss_mib']:,.0f} MiB; VmHWM {', '.join(f'{h:,.0f}' for h in r['hwm_mib'])} MiB"
+            print(f"   {r['tok_s']:.1f} tok/s (median {r['tok_s_median']:.1f}); peak memory "
+                  f"{r['peak_mib']:,.0f} MiB; VmHWM {', '.join(f'{h:,.0f}' for h in r['hwm_mib'])} MiB"
                   f"{est}; {r['wall_s']:.0f} s", flush=True)
     print("\n| shape | run | layout | tok/s (median) | peak memory, all processes "
           "| vs peft (same recompute) |")
@@ -322,10 +323,10 @@ def main() -> None:
                        and a["mode"] == want), None)
         vs = "-" if anchor is None or r is anchor else (
             f"{r['tok_s'] / anchor['tok_s']:.2f}x tok/s, "
-            f"{r['peak_pss_mib'] / anchor['peak_pss_mib']:.2f}x memory")
+            f"{r['peak_mib'] / anchor['peak_mib']:.2f}x memory")
         run = f"{r['tool']} {'recompute ' if r['tool'] == 'distgpt' else ''}{r['mode']}"
         print(f"| {r['shape']} | {run} | {r['ranks']}x{r['threads']} | {r['tok_s']:.1f} "
-              f"({r['tok_s_median']:.1f}) | {r['peak_pss_mib'] / 1024:.2f} GB | {vs} |")
+              f"({r['tok_s_median']:.1f}) | {r['peak_mib'] / 1024:.2f} GB | {vs} |")
     if args.json:
         args.json.write_text(json.dumps({"cpu": cpu_line(), "precision": args.precision, "rows": rows},
                                         indent=1))
