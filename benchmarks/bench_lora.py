@@ -7,7 +7,8 @@
 The anchor is what a user of the Hugging Face stack runs: GPT2LMHeadModel.from_pretrained with its
 weights in bf16, peft's LoRA r 8, alpha 16 on c_attn, c_proj (attention's and the MLP's) and c_fc
 (fan_in_fan_out: GPT-2's Conv1D), adapters in float32 (peft's default), bf16 autocast, AdamW on the
-adapters, with and without gradient checkpointing. distgpt runs the same LoRA as a user would,
+adapters, with and without gradient checkpointing, dropout 0 (as distgpt's runs). distgpt runs the
+same LoRA as a user would,
 `python -m distgpt.train` (under mpirun for several ranks) with `lora.rank 8` on the same folder,
 `train.recompute` block or none. Both train on T1024 sequences, one per rank per step (B1).
 
@@ -220,7 +221,12 @@ def peft_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     low = args.precision == "bf16"
-    model = GPT2LMHeadModel.from_pretrained(args.folder, dtype=torch.bfloat16 if low else torch.float32)
+    # no dropout, as distgpt's runs here (GPT-2's config has 0.1: with it, attention leaves the fused
+    # kernel for one that materialises every head's T x T probabilities)
+    model = GPT2LMHeadModel.from_pretrained(args.folder, dtype=torch.bfloat16 if low else torch.float32,
+                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                            attn_implementation="sdpa")
+    print(f"attention: {model.config._attn_implementation}", flush=True)
     if args.mode == "ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
