@@ -25,6 +25,9 @@ backward), so it reproduces the saved activations bit for bit: losses and gradie
 recompute="none". In fp32 a block's saved state is 12 (B*T, C) floats, its input one: the
 blocks keep 12 + (L - 1) of them instead of 12 L, for 2/3 of the matmuls of another forward of
 L - 1 blocks (GPT-2 small, T 1024, B 1, 2 cores of a Zen 4: ~1.17x the step time, fp32 and bf16).
+There is no "selective" mode (keep the matmul outputs, recompute the cheap layers): recompute="none"
+already keeps neither attention's probabilities nor the GELU's output, so what is left to drop is
+the LayerNorms' outputs, 4 of a block's 36 bytes per row and width in bf16 (8 of 48 in fp32).
 
 lora (distgpt/lora.py): low-rank adapters on a frozen base. Each adapted linear adds
 scale * (x @ A.T) @ B.T to its output (float32 matmuls, also in a bf16 model); the adapters are one
