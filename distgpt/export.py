@@ -253,30 +253,6 @@ def read_lora(spec: str, base: str | None = None) -> LoraCheckpoint:
                           sha if isinstance(sha, str) else None, meta.get("tokenizer"))
 
 
-def _load_base(ck: LoraCheckpoint) -> np.ndarray:
-    """The base's float32 parameters in the LoRA run's model layout (ck.cfg: its block_size and
-    vocabulary padding), streamed from ck.base as training loaded them (weights.open_init: an HF
-    folder or hub id, an llm.c .bin, a distgpt checkpoint), and checked against the sha256 the
-    checkpoint records: the one InitSource.fill computes, over the float32 values in layout order."""
-    from distgpt.config import SHAPE_KEYS
-    from distgpt.weights import WeightsError, open_init
-
-    try:
-        init = open_init(ck.base, ck.cfg, check=SHAPE_KEYS)
-        base = np.zeros(Layout(init.cfg).size, np.float32)
-        digest = init.fill(base, digest=True)
-    except (ValueError, KeyError, OSError) as e:     # WeightsError among them
-        msg = str(e) if isinstance(e, OSError) or not e.args else str(e.args[0])
-        hint = "" if Path(ck.base).expanduser().exists() else "; pass --base to point at it"
-        raise WeightsError(f"{ck.spec}: cannot load the LoRA base it was trained on ({msg}){hint}") from None
-    if ck.base_sha256 is not None and digest != ck.base_sha256:
-        raise WeightsError(
-            f"{ck.spec}: its LoRA base {ck.base} has changed since training (sha256 {digest[:16]}, the "
-            f"checkpoint records {ck.base_sha256[:16]}): the adapters fit only the weights they were trained "
-            "on; pass --base to point at those")
-    return base
-
-
 @dataclass
 class Weights:
     """What export and sample read: a model config, flat float32 parameters in its layout, the
@@ -292,7 +268,7 @@ def load_weights(spec: str, base: str | None = None) -> Weights:
     """Anything weights.load_for_inference reads, and a LoRA run's checkpoint: its base (`base`, else
     the source its manifest records) with the adapters merged in (LoraLayout.merged: peft's merge),
     a plain GPT-2 for sampling and for the hf and llmc formats."""
-    from distgpt.weights import WeightsError, load_for_inference
+    from distgpt.weights import WeightsError, load_for_inference, lora_base
 
     meta = peek_meta(spec)
     if not is_lora(meta):
@@ -302,10 +278,9 @@ def load_weights(spec: str, base: str | None = None) -> Weights:
         cfg, params, tokenizer = load_for_inference(spec)
         return Weights(cfg, params, tokenizer)
     ck = read_lora(spec, base)
-    base_params = _load_base(ck)
-    merged = ck.layout.merged(base_params, ck.adapters)
-    del base_params
-    return Weights(ck.cfg, merged, ck.tokenizer, ck)
+    params = lora_base(ck.spec, ck.cfg, ck.base, ck.base_sha256)
+    ck.layout.merge_into(params, ck.adapters)
+    return Weights(ck.cfg, params, ck.tokenizer, ck)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -162,22 +162,26 @@ class LoraLayout:
                 v[e.name][...] = 0.0
 
     def merged(self, base: np.ndarray, flat: np.ndarray) -> np.ndarray:
-        """A new flat parameter vector in the base's model.Layout: the base with every adapted weight
-        W (in, out) replaced by W + scale * (B @ A).T, computed as peft merges (B @ A in the
-        adapters' dtype, transposed, scaled, added). The base is not changed."""
-        layout = Layout(self.cfg)
-        if base.shape != (layout.size,):
-            raise ValueError(f"base parameters of shape {base.shape}, the model's layout has "
-                             f"({layout.size},)")
+        """A new flat parameter vector: merge_into on a copy of the base (which is not changed)."""
         out = base.copy()
-        w = layout.views(out)
+        self.merge_into(out, flat)
+        return out
+
+    def merge_into(self, params: np.ndarray, flat: np.ndarray) -> None:
+        """In place, in the base's model.Layout: every adapted weight W (in, out) of `params` becomes
+        W + scale * (B @ A).T, computed as peft merges (B @ A in the adapters' dtype, transposed,
+        scaled, added)."""
+        layout = Layout(self.cfg)
+        if params.shape != (layout.size,):
+            raise ValueError(f"base parameters of shape {params.shape}, the model's layout has "
+                             f"({layout.size},)")
+        w = layout.views(params)
         v = self.views(flat)
         for layer in range(self.cfg.n_layer):
             for t in self.targets:
                 a, b = v[f"h.{layer}.{t}.lora_A.weight"], v[f"h.{layer}.{t}.lora_B.weight"]
                 delta = (b @ a).T * np.asarray(self.scale, b.dtype)
-                w[f"h.{layer}.{t}.weight"][...] += delta.astype(out.dtype, copy=False)
-        return out
+                w[f"h.{layer}.{t}.weight"][...] += delta.astype(params.dtype, copy=False)
 
     # ------------------------------------------------------------------ peft's format
 

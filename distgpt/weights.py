@@ -259,23 +259,41 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
 
 
 def merged_lora(spec: str, cfg: ModelConfig, lora: dict, adapters: np.ndarray) -> np.ndarray:
-    """A LoRA checkpoint's model as one flat float32 vector: its base (meta["lora"]["base"]: read
-    from its source, refused if its sha256 changed) with the adapters merged (lora.LoraLayout.merged)."""
+    """A LoRA checkpoint's model as one flat float32 vector: the base its meta["lora"]["base"]
+    records (lora_base) with the adapters merged in place (lora.LoraLayout.merge_into: peft's
+    merge), so that one model's worth of memory is held."""
     from distgpt.lora import LoraLayout
 
-    base_info = lora.get("base") or {}
-    source = base_info.get("source")
+    recorded = lora.get("base") or {}
+    source = recorded.get("source")
     if not isinstance(source, str):
         raise WeightsError(f"{spec}: a LoRA checkpoint that does not record its base (meta lora.base.source)")
-    init = open_init(source, cfg)
-    base = np.zeros(Layout(init.cfg).size, np.float32)
-    digest = init.fill(base, digest=True)
-    if digest != base_info.get("sha256"):
-        raise WeightsError(f"{spec}: its LoRA adapters were trained on the base {source} (sha256 "
-                           f"{str(base_info.get('sha256'))[:16]}), which now holds other weights (sha256 "
-                           f"{digest[:16]})")
-    layout = LoraLayout(init.cfg, lora["rank"], lora["alpha"], lora["targets"], lora.get("dropout", 0.0))
-    return layout.merged(base, adapters)
+    params = lora_base(spec, cfg, source, recorded.get("sha256"))
+    layout = LoraLayout(cfg, lora["rank"], lora["alpha"], lora["targets"], lora.get("dropout", 0.0))
+    layout.merge_into(params, adapters)
+    return params
+
+
+def lora_base(spec: str, cfg: ModelConfig, source: str, sha256: str | None) -> np.ndarray:
+    """The float32 parameters of the base that LoRA checkpoint `spec` was trained on, in its model's
+    layout (cfg: its block_size and vocabulary padding), streamed from `source` as training loaded
+    them (open_init: an HF folder or hub id, an llm.c .bin, a distgpt checkpoint), and checked
+    against the sha256 the checkpoint records (InitSource.fill's, over the float32 values in layout
+    order). Every failure is one WeightsError line naming the checkpoint and the base."""
+    try:
+        init = open_init(source, cfg, check=SHAPE_KEYS)
+        params = np.zeros(Layout(init.cfg).size, np.float32)
+        digest = init.fill(params, digest=True)
+    except (ValueError, KeyError, OSError) as e:     # WeightsError among them
+        msg = str(e) if isinstance(e, OSError) or not e.args else str(e.args[0])
+        hint = "" if Path(source).expanduser().exists() else "; pass --base to point at it"
+        raise WeightsError(f"{spec}: cannot load the LoRA base it was trained on ({msg}){hint}") from None
+    if sha256 is not None and digest != sha256:
+        raise WeightsError(
+            f"{spec}: its LoRA base {source} has changed since training (sha256 {digest[:16]}, the "
+            f"checkpoint records {sha256[:16]}): the adapters fit only the weights they were trained "
+            "on; pass --base to point at those")
+    return params
 
 
 def _checkpoint_model(meta: dict, spec: str) -> ModelConfig:
