@@ -185,7 +185,8 @@ def distgpt_case(folder: Path, data_dir: Path, work: Path, ranks: int, threads: 
         "lora": {"rank": 8, "alpha": 16},
         "train": {"batch_size": ranks, "micro_batch_size": 1, "seq_len": SEQ, "max_steps": steps,
                   "lr": 1e-4, "warmup_steps": 1, "eval_every": 0, "eval_steps": 1, "log_every": 1,
-                  "sample_every": 0, "precision": precision, "recompute": recompute},
+                  "sample_every": 0, "precision": precision, "recompute": recompute.split("+")[0],
+                  "recompute_keep": int(recompute.split("+")[1]) if "+" in recompute else 0},
         "checkpoint": {"every": 0},
         "parallel": {"threads_per_rank": threads},
         "out_dir": str(out),
@@ -277,7 +278,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="medium,xl")
     ap.add_argument("--cases", default="distgpt:1x2:block,distgpt:1x2:none,distgpt:2x1:block,"
                                        "peft:1x2:ckpt,peft:1x2:none",
-                    help="tool:RANKSxTHREADS:mode; distgpt's mode is train.recompute, peft's ckpt or none")
+                    help="tool:RANKSxTHREADS:mode; distgpt's mode is train.recompute (block+K: "
+                         "train.recompute_keep K), peft's ckpt or none")
     ap.add_argument("--models", type=Path, default=REPO / "benchmarks" / ".models",
                     help="where the random HF folders are written (kept for later runs)")
     ap.add_argument("--work", type=Path, default=None, help="logs, configs, outputs (default: a temp dir)")
@@ -329,7 +331,7 @@ def main() -> None:
           "| vs peft (same recompute) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        # distgpt's recompute against peft's gradient checkpointing, none against none
+        # distgpt's recompute (block, block+K) against peft's gradient checkpointing, none against none
         want = "none" if r["mode"] == "none" else "ckpt"
         anchor = next((a for a in rows if a["shape"] == r["shape"] and a["tool"] == "peft"
                        and a["mode"] == want), None)

@@ -110,6 +110,9 @@ class TrainConfig(_Section):
     # what a block keeps for its backward: everything (none), or its input alone, its forward re-run
     # in backward (block: ~1.2x the step time, a fraction of the activation memory, the same gradients)
     recompute: Recompute = "none"
+    # recompute block: the last N blocks keep their activations and are not re-run (each costs one
+    # block's activations and saves 2/3 of a block's forward); more than n_layer - 1 is as none
+    recompute_keep: NonNegative = 0
 
     @model_validator(mode="after")
     def _min_lr_below_lr(self) -> TrainConfig:

@@ -301,14 +301,21 @@ class LoraScratch:
         return out
 
 
-def saved_state(recompute: str, n_layer: int) -> tuple[int, int]:
+def saved_state(recompute: str, n_layer: int, keep: int = 0) -> tuple[int, int]:
     """(sets of block activations, block inputs) a training pass keeps for its backward.
-    none: every block's activations. block: one set, which the forward leaves holding the last
-    block's (so its backward re-runs nothing) and each earlier block's backward re-fills from that
-    block's saved input: the inputs of every block but the last."""
+    none: every block's activations. block: one shared set, which the forward leaves holding the
+    last block's (so its backward re-runs nothing) and each earlier block's backward re-fills from
+    that block's saved input: the inputs of every block but the last. keep k (train.recompute_keep):
+    the last k blocks have sets of their own besides, so the shared set's last user is block
+    L - 1 - k and only blocks 0 .. L - 2 - k keep inputs and are re-run (k >= L - 1: as none)."""
     if recompute not in RECOMPUTE_MODES:
         raise ValueError(f"recompute {recompute!r}: expected one of {', '.join(RECOMPUTE_MODES)}")
-    return (n_layer, 0) if recompute == "none" else (1, n_layer - 1)
+    if keep < 0:
+        raise ValueError(f"recompute keep {keep}: expected >= 0")
+    if recompute == "none":
+        return n_layer, 0
+    k = min(keep, n_layer - 1)
+    return 1 + k, n_layer - 1 - k
 
 
 def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -339,7 +346,7 @@ class Activations:
         C, nh, BT = cfg.n_embd, cfg.n_head, B * T
         z = lambda *s: _aligned(s, dtype)  # noqa: E731
         m = (lambda *s: _aligned(s, np.uint16)) if precision == "bf16" else z  # noqa: E731
-        self.B, self.T = B, T
+        self.B, self.T, self.n_layer = B, T, cfg.n_layer
         self.x = z(BT, C)                                   # the residual stream (backward: its gradient)
         # one allocation per block and buffer (each on a 64-byte boundary, see _aligned)
         self.blocks = [BlockActs(z(BT, C), m(BT, C), z(BT), m(BT, 3 * C), z(B, nh, T), m(BT, C),
@@ -355,7 +362,8 @@ class Activations:
         self.owner: object = None                           # the TrainingForward whose activations these are
 
     def block(self, layer: int) -> BlockActs:
-        return self.blocks[layer % len(self.blocks)]
+        # the last len(blocks) - 1 blocks have sets of their own; every earlier one shares set 0
+        return self.blocks[max(0, layer - (self.n_layer - len(self.blocks)))]
 
 
 def dropout_mask_bytes(cfg: ModelConfig, B: int, T: int) -> int:
@@ -370,15 +378,16 @@ def dropout_mask_bytes(cfg: ModelConfig, B: int, T: int) -> int:
 
 def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 512, itemsize: int = 4,
                      precision: str = "fp32", recompute: str = "none", lora_rank: int = 0,
-                     lora_dropout: bool = False) -> int:
+                     lora_dropout: bool = False, recompute_keep: int = 0) -> int:
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
     chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16. Under recompute="block"
-    one block's set and L - 1 block inputs (BT x C each) instead of L sets. lora_rank r > 0: the
+    one block's set and L - 1 block inputs (BT x C each) instead of L sets (recompute_keep k:
+    1 + k sets and L - 1 - k inputs). lora_rank r > 0: the
     adapters' scratch (LoraScratch: 2 BT x r, in bf16 a float32 BT x C, with lora_dropout (p > 0)
     a BT x 4C; a pass's masks are drawn one adapter at a time, and not counted)."""
     low = precision == "bf16"
     C, BT = cfg.n_embd, B * T
-    sets, inputs = saved_state(recompute, cfg.n_layer)
+    sets, inputs = saved_state(recompute, cfg.n_layer, recompute_keep)
     stored = 6 * BT * C + (6 * BT * C * 2 // itemsize if low else 6 * BT * C)
     per_layer = stored + 2 * BT + B * cfg.n_head * T
     scratch = 17 * BT * C + BT
@@ -644,7 +653,8 @@ class GPT:
     the bf16 copy of its matmul weights from `weights16` (a bf16.Bf16Weights on these parameters:
     a node-shared one from the trainer), or from a private one it makes; whoever changes the
     parameters tells that copy (weights_changed(), or the trainer through the copy itself).
-    recompute: "none" or "block" (saved_state; the module's docstring), also chosen here, once.
+    recompute: "none" or "block" (saved_state; the module's docstring), also chosen here, once;
+    recompute_keep: under "block", how many of the last blocks keep their activations (saved_state).
 
     lora (a lora.LoraLayout of this cfg): LoRA on a frozen base. The base (`params`) gets no
     gradient buffer (self.grads and self.dw are None; `grads` must not be given) and backward runs
@@ -669,7 +679,7 @@ class GPT:
                  precision: str = "fp32", weights16: bf16.Bf16Weights | None = None,
                  recompute: str = "none", lora: LoraLayout | None = None,
                  lora_params: np.ndarray | None = None, lora_grads: np.ndarray | None = None,
-                 base16: np.ndarray | None = None):
+                 base16: np.ndarray | None = None, recompute_keep: int = 0):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"n_embd {cfg.n_embd} is not divisible by n_head {cfg.n_head}")
         if precision not in ("fp32", "bf16"):
@@ -679,7 +689,7 @@ class GPT:
         self.cfg = cfg
         self.precision = precision
         self.recompute = recompute
-        self._saved = saved_state(recompute, cfg.n_layer)    # (block sets, block inputs); checks the name
+        self._saved = saved_state(recompute, cfg.n_layer, recompute_keep)   # (block sets, block inputs)
         self.kernels = ops.kernels(precision)
         self.dtype = np.dtype(dtype)
         self.layout = Layout(cfg)

@@ -38,6 +38,7 @@ from distgpt.cli import add_version, prog_name
 from distgpt.config import (
     Config,
     ConfigError,
+    TrainConfig,
     check_batch_layout,
     describe_keys,
     load_config,
@@ -82,6 +83,14 @@ class OutDirError(ValueError):
 RUNTIME_BYTES = 160 * 2**20
 
 
+def recompute_note(t: TrainConfig, n_layer: int) -> str:
+    """How the header's activations are kept: "", " (recompute block)", or with the kept blocks."""
+    if t.recompute == "none":
+        return ""
+    kept = min(t.recompute_keep, n_layer - 1)
+    return f" (recompute {t.recompute}" + (f", the last {kept} blocks kept)" if kept else ")")
+
+
 def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_nodes: int = 1) -> list[str]:
     m, t = cfg.model, cfg.train
     layout = Layout(m)
@@ -98,6 +107,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
     low = precision == "bf16"
     lora_kw = {} if lora is None else {"lora_rank": lora.rank, "lora_dropout": lora.dropout > 0}
     acts = activation_bytes(m, t.micro_batch_size, t.seq_len, precision=precision, recompute=t.recompute,
+                            recompute_keep=t.recompute_keep,
                             **lora_kw)
     masks = dropout_mask_bytes(m, t.micro_batch_size, t.seq_len)
     scratch = workspace_bytes(m, t.micro_batch_size, t.seq_len, precision)
@@ -132,7 +142,7 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
         held = ("adapters", lora.size)
         extra = ("float32 LayerNorms/biases/wpe", 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0)
     shown = [f"{held[0]} {mb(4 * held[1])}", f"grads {mb(4 * held[1])}", f"AdamW moments {mb(moments)}",
-             f"activations {mb(acts)}" + ("" if t.recompute == "none" else f" (recompute {t.recompute})")]
+             f"activations {mb(acts)}" + recompute_note(t, m.n_layer)]
     optional = (("bf16 kernel scratch", scratch), ("dropout masks", masks), extra,
                 ("DiLoCo outer state", outer), ("runtime", RUNTIME_BYTES))
     shown += [f"{name} {mb(b)}" for name, b in optional if b]

@@ -186,7 +186,8 @@ class Trainer:
                 self.weights16 = bf16.Bf16Weights(self.reducer.params, layout.matmul_weight_ranges(),
                                                   shared=shared, rank_slice=self.partition.updated)
             self.model = GPT(cfg.model, params=self.reducer.params, grads=self.reducer.grads,
-                             precision=self.precision, weights16=self.weights16, recompute=t.recompute)
+                             precision=self.precision, weights16=self.weights16, recompute=t.recompute,
+                             recompute_keep=t.recompute_keep)
         lo, hi = self.partition.updated
         self.opt = AdamW(hi - lo, layout.decay_segments(lo, hi), t.beta1, t.beta2, t.eps, t.weight_decay)
         self.hooks = self.reducer.hooks if cfg.parallel.overlap else None
@@ -233,7 +234,8 @@ class Trainer:
             node.shared_barrier()           # the base, written by the node's first rank, seen by all
         self.base = {"source": cfg.init_from, "sha256": comm.bcast_obj(digest)}
         self.base_node = node
-        common = dict(recompute=cfg.train.recompute, lora=self.lora, lora_params=self.reducer.params,
+        common = dict(recompute=cfg.train.recompute, recompute_keep=cfg.train.recompute_keep,
+                      lora=self.lora, lora_params=self.reducer.params,
                       lora_grads=self.reducer.grads)
         if held is np.uint16:
             return GPT(cfg.model, precision="bf16", base16=buf, **common)

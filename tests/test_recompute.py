@@ -39,9 +39,9 @@ def precision(request) -> str:
     return request.param
 
 
-def build(precision: str, recompute: str, cfg: ModelConfig = CFG) -> GPT:
+def build(precision: str, recompute: str, cfg: ModelConfig = CFG, keep: int = 0) -> GPT:
     """A model away from GPT-2's init (gains != 1, biases != 0), the same for every call."""
-    m = GPT(cfg, precision=precision, recompute=recompute)
+    m = GPT(cfg, precision=precision, recompute=recompute, recompute_keep=keep)
     rng = np.random.default_rng(7)
     m.params[:] = (0.1 * rng.standard_normal(m.layout.size)).astype(np.float32)
     for e in m.layout.entries:
@@ -255,3 +255,36 @@ def test_the_trainer_builds_its_model_with_the_configured_recompute(tmp_path):
                                  "train.precision=fp32", f"train.recompute={mode}"])
         cfg, params = initial_params(cfg)
         assert Trainer(cfg, dist.Comm(), params).model.recompute == mode
+
+
+@pytest.mark.parametrize("keep", [1, 2, 99])
+def test_keeping_the_last_blocks_re_runs_only_the_others_bit_identically(precision, keep, monkeypatch,
+                                                                         two_threads):
+    """train.recompute_keep k: the last k blocks keep their activations, so only blocks 0 .. L-2-k
+    are re-run (k >= L - 1 re-runs none), and losses and gradients stay those of recompute=none."""
+    calls: list[str] = []
+    real_forward = model_module.block_forward
+
+    def counting_forward(*args, **kw):
+        calls.append("rerun" if kw.get("state_only") else "forward")
+        return real_forward(*args, **kw)
+
+    L = CFG.n_layer
+    k = min(keep, L - 1)
+    m = build(precision, "block", keep=keep)
+    monkeypatch.setattr(model_module, "block_forward", counting_forward)
+    x, y, row0 = micro_batches(0)[0]
+    m.zero_grad()
+    m.backward(m.forward(x, y, grad_scale=1.0, dropout_seed=(5, 0), row0=row0))
+    assert calls == ["forward"] * L + ["rerun"] * (L - 1 - k)
+    a = m._activations(B, T, training=True)
+    assert len(a.blocks) == 1 + k and len(a.inputs) == L - 1 - k
+    assert activation_bytes(CFG, B, T, precision=precision, recompute="block", recompute_keep=keep) == (
+        activation_bytes(CFG, B, T, precision=precision, recompute="block")
+        + k * (activation_bytes(CFG, B, T, precision=precision, recompute="none")
+               - activation_bytes(CFG, B, T, precision=precision, recompute="block")) // (L - 1))
+    monkeypatch.undo()
+    losses, grads, events = train(build(precision, "none"))
+    k_losses, k_grads, k_events = train(build(precision, "block", keep=keep))
+    assert k_losses == losses and k_events[:1] == events[:1]
+    np.testing.assert_array_equal(k_grads, grads)
