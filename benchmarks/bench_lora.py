@@ -159,7 +159,9 @@ class Sampler(threading.Thread):
             time.sleep(self.every)
 
 
-def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, Sampler, float]:
+def run_measured(cmd: list[str], env: dict, log: Path, what: str) -> tuple[str, Sampler, float]:
+    """Run cmd with its output in `log`, sampling its memory: (its output, the sampler, seconds).
+    A failed run stops the benchmark with the output's tail."""
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -168,7 +170,10 @@ def run_measured(cmd: list[str], env: dict, log: Path) -> tuple[int, Sampler, fl
         rc = proc.wait()
     s.done.set()
     s.join()
-    return rc, s, time.perf_counter() - t0
+    text = log.read_text()
+    if rc != 0:
+        raise SystemExit(f"{what} exited {rc}; its output is in {log}:\n{text[-3000:]}")
+    return text, s, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- distgpt
@@ -199,10 +204,7 @@ def distgpt_case(folder: Path, data_dir: Path, work: Path, ranks: int, threads: 
         cmd = [str(Path(sys.executable).parent / "mpirun"), "-n", str(ranks), *cmd]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     log = work / f"{tag}.log"
-    rc, s, wall = run_measured(cmd, env, log)
-    text = log.read_text()
-    if rc != 0:
-        raise SystemExit(f"{tag}: distgpt.train exited {rc}; its output is in {log}:\n{text[-3000:]}")
+    text, s, wall = run_measured(cmd, env, log, f"{tag}: distgpt.train")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ms = [r["ms_per_step"] for r in records if "ms_per_step" in r]
     est = re.search(r"per node with \d+ rank\(s\): ([\d,]+) MiB", text)
@@ -261,10 +263,7 @@ def peft_case(folder: Path, work: Path, threads: int, mode: str, steps: int, pre
            "--threads", str(threads), "--steps", str(steps), "--precision", precision]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     log = work / f"{tag}.log"
-    rc, s, wall = run_measured(cmd, env, log)
-    text = log.read_text()
-    if rc != 0:
-        raise SystemExit(f"{tag}: the peft run exited {rc}; its output is in {log}:\n{text[-3000:]}")
+    text, s, wall = run_measured(cmd, env, log, f"{tag}: the peft run")
     res = json.loads(text.split("RESULT ", 1)[1].splitlines()[0])
     return {"ms": res["ms"], "peak_mib": s.peak / 1024, "training_peak_mib": res["training_peak_mib"],
             "hwm_mib": sorted(v / 1024 for v in s.hwm.values()), "estimate_mib": None,
