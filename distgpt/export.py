@@ -158,21 +158,17 @@ def _undo(created: list[Path], folder: Path | None, names: tuple[str, ...]) -> N
 # a LoRA run's checkpoint: the adapters, the base they were trained on, the merged model
 
 
-def _checkpoint_spec(path: Path) -> bool:
-    """Whether weights.load_for_inference reads `path` as a distgpt checkpoint folder or out_dir."""
-    return (path.is_dir() and not (path / "config.json").exists()
-            and not (path / "model.safetensors.index.json").exists())
-
-
 def peek_meta(spec: str) -> dict | None:
     """The meta of the checkpoint that --ckpt names, from its manifest alone (no shard is read: the
     loader that runs next reads and hashes them once); None when spec is no distgpt checkpoint.
     For an out_dir, the newest checkpoint whose manifest parses: the runs of one out_dir are all
     LoRA or all not, so an older one answers for a newer one the loader will skip."""
-    path = Path(spec).expanduser()
-    if not _checkpoint_spec(path):
-        return None
     from distgpt import checkpoint
+    from distgpt.weights import is_checkpoint_dir
+
+    path = Path(spec).expanduser()
+    if not is_checkpoint_dir(path):
+        return None
 
     folders = [path] if (path / "manifest.json").exists() else checkpoint.list_checkpoints(path)
     for folder in folders:

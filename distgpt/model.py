@@ -183,6 +183,12 @@ class Layout:
         return [(wte.offset, wte.offset + self.cfg.vocab_size * self.cfg.n_embd)] + [
             (e.offset, e.offset + e.size) for e in blocks]
 
+    def float32_small_size(self) -> int:
+        """Values outside wte and the blocks' matmul weights (LayerNorms, biases, wpe): what a base
+        held in bf16 keeps as float32 copies (GPT._widened_small)."""
+        matmul = sum(b - a for a, b in self.matmul_weight_ranges())    # (wte's vocabulary rows among them)
+        return self.size - matmul - (self.cfg.padded_vocab - self.cfg.vocab_size) * self.cfg.n_embd
+
     def n_params(self, count_padding: bool = False) -> int:
         pad = 0 if count_padding else (self.cfg.padded_vocab - self.cfg.vocab_size) * self.cfg.n_embd
         return self.size - pad

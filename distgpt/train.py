@@ -52,6 +52,7 @@ from distgpt.trainer import (
     Trainer,
     TrainingState,
     flops_per_token,
+    initial_adapters,
     initial_params,
     lora_layout,
     open_base,
@@ -135,12 +136,11 @@ def summary(cfg: Config, world: int, accum: int, precision: str = "fp32", n_node
         + ("" if group == 1 else ", ZeRO-1" if zero else ", replicated")
         + (" within each host" if diloco_run and group > 1 else ""),
         f"matmuls: {blas.describe()}"]
-    C, L = m.n_embd, m.n_layer
     if lora is None:        # bf16: the copy of the matmul weights
         held, extra = ("params", layout.size), ("bf16 weights", 2 * layout.size if low else 0)
     else:                   # a base held in bf16 keeps float32 copies of what no matmul reads
         held = ("adapters", lora.size)
-        extra = ("float32 LayerNorms/biases/wpe", 4 * (m.block_size * C + 2 * C + L * 13 * C) if low else 0)
+        extra = ("float32 LayerNorms/biases/wpe", 4 * layout.float32_small_size() if low else 0)
     shown = [f"{held[0]} {mb(4 * held[1])}", f"grads {mb(4 * held[1])}", f"AdamW moments {mb(moments)}",
              f"activations {mb(acts)}" + recompute_note(t, m.n_layer)]
     optional = (("bf16 kernel scratch", scratch), ("dropout masks", masks), extra,
@@ -481,9 +481,14 @@ def run(cfg: Config, comm: dist.Comm, dry_run: bool = False) -> int:
     agree(comm, lambda: check_out_dir(cfg))
 
     # set up: weights, the checkpoint to resume, the trainer on this rank's buffers, out_dir
-    cfg, params = initial_params(cfg)
+    base = None                 # LoRA: the frozen base, opened once here, filled by the Trainer
+    if cfg.lora.rank:
+        cfg, base = open_base(cfg)
+        params = initial_adapters(cfg)
+    else:
+        cfg, params = initial_params(cfg)
     plan = plan_resume(cfg, comm, lora_layout(cfg) or Layout(cfg.model), loader, tokenizer_name)
-    trainer = Trainer(cfg, comm, params)
+    trainer = Trainer(cfg, comm, params, base)
     del params
     out_dir = Path(cfg.out_dir)
     created = agree(comm, lambda: make_out_dir(cfg))

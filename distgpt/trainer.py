@@ -53,13 +53,19 @@ def initial_params(cfg: Config) -> tuple[Config, np.ndarray]:
 
     if cfg.lora.rank:
         cfg, _ = open_base(cfg)
-        lora = lora_layout(cfg)
-        adapters = np.zeros(lora.size, np.float32)
-        lora.init(adapters, cfg.train.seed)
-        return cfg, adapters
+        return cfg, initial_adapters(cfg)
     mcfg, params = weights.load_init(cfg.init_from, cfg.model)
     weights.check_shape(user_model_keys(cfg), mcfg, cfg.init_from)
     return cfg.model_copy(update={"model": mcfg}), params
+
+
+def initial_adapters(cfg: Config) -> np.ndarray:
+    """A LoRA run's starting adapters, initialised as peft does from train.seed (cfg's model: the
+    base's, as open_base gives it)."""
+    lora = lora_layout(cfg)
+    adapters = np.zeros(lora.size, np.float32)
+    lora.init(adapters, cfg.train.seed)
+    return adapters
 
 
 def open_base(cfg: Config) -> tuple[Config, InitSource]:

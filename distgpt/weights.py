@@ -239,7 +239,7 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
     A LoRA checkpoint gives its base (read again from the source it records, which must still hold
     the same weights) with the adapters merged in."""
     path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and not _has_hf_index(path):
+    if is_checkpoint_dir(path):
         from distgpt.checkpoint import read_params
 
         try:
@@ -307,7 +307,7 @@ def _distgpt_checkpoint(spec: str) -> Path | None:
     from distgpt.checkpoint import MANIFEST
 
     path = Path(spec).expanduser()
-    if not path.is_dir() or (path / "config.json").exists() or _has_hf_index(path):
+    if not is_checkpoint_dir(path):
         return None
     return path if (path / MANIFEST).is_file() or (path / "ckpt").is_dir() else None
 
@@ -335,6 +335,12 @@ def _read_checkpoint(path: Path, spec: str) -> tuple[ModelConfig, _LazyState]:
         state.add(_state_key(e["name"]), shape,
                   lambda o=offset, n=size, s=shape: read(o, o + n).reshape(s))
     return cfg, state
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    """Whether a folder is read as a distgpt checkpoint folder or out_dir: a folder that is not a
+    Hugging Face one (no config.json, no sharded-safetensors index)."""
+    return path.is_dir() and not (path / "config.json").exists() and not _has_hf_index(path)
 
 
 def _has_hf_index(folder: Path) -> bool:
