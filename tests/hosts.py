@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,26 @@ _serial = itertools.count()         # several sets of hosts may exist at once
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:             # it ended meanwhile
+        pass
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its stopped parent has not reaped: either way its stderr is closed."""
+    st = _read(f"/proc/{pid}/stat")
+    return not st or st[st.rindex(")") + 2] in "ZX"
 
 
 def unavailable() -> str | None:
@@ -123,19 +144,55 @@ class Hosts:
         log = self.workdir / "launcher.log"
         return log.read_text() if log.exists() else ""
 
-    def dump_python_stacks(self) -> str:
-        """SIGABRT to every Python process in the hosts: with PYTHONFAULTHANDLER set, each prints
-        its threads' stacks to stderr (for a test that found a job hung). Returns what ran where."""
-        seen = []
-        for name, pid in self.processes():
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-                seen.append(f"{name} {pid} {cmd}")
-                if "python" in Path(f"/proc/{pid}/comm").read_text():
-                    os.kill(pid, signal.SIGABRT)
-            except OSError:
-                pass
-        return "\n".join(seen)
+    def dump_python_stacks(self, wait_s: float = 5.0) -> str:
+        """The Python stacks of every Python process in the hosts (for a test that found a job hung),
+        read straight from each process's stderr pipe. With PYTHONFAULTHANDLER set, SIGABRT makes
+        a process print its threads' stacks to stderr and die. Left to the launcher, that output
+        races the launcher itself: the first rank to die makes mpirun clean up the job, and a far
+        rank killed in that cleanup, or whose proxy goes before forwarding its output, loses its
+        stack (seen once in CI). So the launcher's processes are stopped first (SIGSTOP: nobody
+        else reads the pipes or reacts to a death), the ranks are aborted, and their pipes read
+        here until each rank has exited or `wait_s` passed; then the launcher resumes."""
+        procs = self.processes()
+        python = [(name, pid) for name, pid in procs if "python" in _read(f"/proc/{pid}/comm")]
+        launcher = [pid for name, pid in procs if (name, pid) not in python]
+        for pid in launcher:
+            _signal(pid, signal.SIGSTOP)
+        try:
+            pipes = {}
+            for name, pid in python:
+                try:
+                    fd = os.open(f"/proc/{pid}/fd/2", os.O_RDONLY | os.O_NONBLOCK)
+                except OSError:
+                    continue
+                if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                    pipes[(name, pid)] = (fd, bytearray())
+                else:
+                    os.close(fd)
+            for _, pid in python:
+                _signal(pid, signal.SIGABRT)
+            deadline = time.monotonic() + wait_s
+            while True:
+                for fd, text in pipes.values():
+                    while True:
+                        try:
+                            chunk = os.read(fd, 65536)
+                        except BlockingIOError:
+                            break
+                        if not chunk:
+                            break
+                        text += chunk
+                if all(_exited(pid) for _, pid in python) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        finally:
+            for pid in launcher:
+                _signal(pid, signal.SIGCONT)
+        out = []
+        for (name, pid), (fd, text) in pipes.items():
+            os.close(fd)
+            out.append(f"{name} pid {pid} stderr after SIGABRT:\n{text.decode(errors='replace').rstrip()}")
+        return "\n\n".join(out)
 
     def processes(self) -> list[tuple[str, int]]:
         """(namespace, pid) of every process in the hosts and the switch: only our jobs run there."""
