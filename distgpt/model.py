@@ -275,36 +275,56 @@ class LoraDropout:
 
 class LoraScratch:
     """The adapters' buffers (distgpt/lora.py), reused by every target of every block:
-    u, du   (BT, r)   scale * x @ A.T, and the gradient reaching it (backward)
-    x32     (BT, C)   a bf16 model's stored matmul input (bf16 bits) widened to float32, as the
-                      float32 adapter matmuls take it (None in an fp32 model)
+    u, du   (BT, r)   scale * x @ A.T, and the gradient reaching it (backward), float32
     xd      (BT, 4C)  with LoRA dropout: an adapter's input after dropout, then (backward) the
                       part of the input's gradient that goes through the adapter (None without)
-    drop    the pass's LoraDropout, or None (no dropout: p = 0, evaluation, inference)"""
+    drop    the pass's LoraDropout, or None (no dropout: p = 0, evaluation, inference)
+    A bf16 model's adapters multiply bf16 operands (ops.lora_forward), and add:
+    u16, du16 (BT, r)   u's and du's roundings
+    x16     (BT, 4C)  the rounding of an input not stored as bf16 (the GELU's output, a dropped input)
+    d16     (BT, 4C)  the rounding of the output's gradient (backward)"""
 
     def __init__(self, BT: int, C: int, rank: int, dtype: np.dtype, precision: str, dropout: bool = False):
         self.u = _aligned((BT, rank), dtype)
         self.du = _aligned((BT, rank), dtype)
-        self.x32 = _aligned((BT, C), np.float32) if precision == "bf16" else None
         self.xd = _aligned((BT * 4 * C,), dtype) if dropout else None
         self.drop: LoraDropout | None = None
+        low = precision == "bf16"
+        self.u16 = _aligned((BT, rank), np.uint16) if low else None
+        self.du16 = _aligned((BT, rank), np.uint16) if low else None
+        self.x16 = _aligned((BT * 4 * C,), np.uint16) if low else None
+        self.d16 = _aligned((BT * 4 * C,), np.uint16) if low else None
 
-    def input(self, x: np.ndarray) -> np.ndarray:
-        """x as the adapter's matmuls take it: itself, or its bf16 bits widened (exactly)."""
-        if x.dtype != np.uint16:
+    def input(self, x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+        """x (a linear's input: float32, or bf16 bits as a bf16 model stores it) as its adapter's
+        matmuls take it, after dropout where `keep` is given (x * keep * scale, made in xd): float32
+        in an fp32 model; in a bf16 one bf16 bits, x itself where it is stored so, else rounded."""
+        if keep is not None:
+            xd = self.work(x.shape)
+            if x.dtype == np.uint16:
+                bf16.to_float32(x, xd, parallel=True)
+                xd *= keep
+            else:
+                np.multiply(x, keep, out=xd)
+            xd *= self.drop.scale
+            x = xd
+        if self.x16 is None or x.dtype == np.uint16:
             return x
-        return bf16.to_float32(x, self.x32[: x.shape[0]], parallel=True)
+        return bf16.to_bf16(x, self._piece(self.x16, x.shape), parallel=True)
+
+    def grad(self, dout: np.ndarray) -> np.ndarray:
+        """An adapted linear's output gradient as its adapter's matmuls take it (rounded in bf16)."""
+        if self.d16 is None:
+            return dout
+        return bf16.to_bf16(dout, self._piece(self.d16, dout.shape), parallel=True)
 
     def work(self, shape: tuple[int, int]) -> np.ndarray:
-        """A contiguous (rows, width) piece of xd."""
-        return self.xd[: shape[0] * shape[1]].reshape(shape)
+        """A contiguous (rows, width) float32 piece of xd."""
+        return self._piece(self.xd, shape)
 
-    def dropped(self, x: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """x * keep * scale, in xd."""
-        out = self.work(x.shape)
-        np.multiply(x, keep, out=out)
-        out *= self.drop.scale
-        return out
+    @staticmethod
+    def _piece(buf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        return buf[: shape[0] * shape[1]].reshape(shape)
 
 
 def saved_state(recompute: str, n_layer: int, keep: int = 0) -> tuple[int, int]:
@@ -388,9 +408,9 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
     """Bytes of the training buffers Activations allocates for a (B, T) micro-batch, plus the head's
     chunk; a bf16 model stores 6 of each block's 12 BT x C floats in bf16. Under recompute="block"
     one block's set and L - 1 block inputs (BT x C each) instead of L sets (recompute_keep k:
-    1 + k sets and L - 1 - k inputs). lora_rank r > 0: the
-    adapters' scratch (LoraScratch: 2 BT x r, in bf16 a float32 BT x C, with lora_dropout (p > 0)
-    a BT x 4C; a pass's masks are drawn one adapter at a time, and not counted)."""
+    1 + k sets and L - 1 - k inputs). lora_rank r > 0: the adapters' scratch (LoraScratch:
+    2 BT x r, in bf16 also 2 BT x r and 2 BT x 4C bf16, with lora_dropout (p > 0) a BT x 4C; a
+    pass's masks are drawn one adapter at a time, and not counted)."""
     low = precision == "bf16"
     C, BT = cfg.n_embd, B * T
     sets, inputs = saved_state(recompute, cfg.n_layer, recompute_keep)
@@ -401,7 +421,9 @@ def activation_bytes(cfg: ModelConfig, B: int, T: int, head_chunk_rows: int = 51
     lora = 0
     if lora_rank:
         dropped = 4 * BT * C if lora_dropout else 0
-        lora = itemsize * (2 * BT * lora_rank + dropped) + (4 * BT * C if low else 0)
+        lora = itemsize * (2 * BT * lora_rank + dropped)
+        if low:                         # u16, du16 (BT, r) and x16, d16 (BT, 4C): bf16 bits
+            lora += 2 * (2 * BT * lora_rank + 2 * BT * 4 * C)
     return itemsize * (sets * per_layer + inputs * BT * C + scratch + head) + lora
 
 
@@ -479,40 +501,36 @@ def _adapt(ad: BlockAdapters | None, weight: str, x: np.ndarray, out: np.ndarray
     pair = None if ad is None else ad.get(weight)
     if pair is None:
         return
-    xin = ls.input(x)
-    if ls.drop is not None:
-        xin = ls.dropped(xin, ls.drop.keep(layer, weight, xin.shape[1]))
-    ops.lora_forward(xin, pair[0], pair[1], ad.scale, out, ls.u)
+    keep = None if ls.drop is None else ls.drop.keep(layer, weight, x.shape[1])
+    ops.lora_forward(ls.input(x, keep), pair[0], pair[1], ad.scale, out, ls.u, ls.u16)
 
 
 def _adapt_backward(ad: BlockAdapters | None, dad: BlockAdapters | None, weight: str, dout: np.ndarray,
                     x: np.ndarray, ls: LoraScratch | None, accumulate: bool, layer: int
-                    ) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """The gradients of `weight`'s adapter, if it has one (into dad), and (its A, its dropout
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """The gradients of `weight`'s adapter, if it has one (into dad), and (du, its A, its dropout
     mask): the caller adds the input's part (_adapt_input) once the base linear has written the
     input's gradient."""
     pair = None if ad is None else ad.get(weight)
     if pair is None:
         return None
     da, db = dad.get(weight)
-    xin, keep = ls.input(x), None
-    if ls.drop is not None:
-        keep = ls.drop.keep(layer, weight, xin.shape[1])
-        xin = ls.dropped(xin, keep)
-    ops.lora_backward(dout, xin, pair[0], pair[1], ad.scale, da, db, ls.u, ls.du, accumulate)
-    return pair[0], keep
+    keep = None if ls.drop is None else ls.drop.keep(layer, weight, x.shape[1])
+    du = ops.lora_backward(ls.grad(dout), ls.input(x, keep), pair[0], pair[1], ad.scale, da, db, ls.u,
+                           ls.du, accumulate, ls.u16, ls.du16)
+    return du, pair[0], keep
 
 
-def _adapt_input(pending: tuple[np.ndarray, np.ndarray | None] | None, dx: np.ndarray,
+def _adapt_input(pending: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, dx: np.ndarray,
                  ls: LoraScratch | None) -> None:
     """dx += the adapter's part of its input's gradient (through its dropout mask, if any)."""
     if pending is None:
         return
-    a_weight, keep = pending
+    du, a_weight, keep = pending
     if keep is None:
-        ops.lora_input_grad(ls.du, a_weight, dx)
+        ops.lora_input_grad(du, a_weight, dx)
     else:
-        ops.lora_input_grad(ls.du, a_weight, dx, keep, ls.drop.scale, ls.work(dx.shape))
+        ops.lora_input_grad(du, a_weight, dx, keep, ls.drop.scale, ls.work(dx.shape))
 
 
 def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: ModelConfig, layer: int,
@@ -759,6 +777,7 @@ class GPT:
         self.lora_params = self.lora_grads = None
         self._adapters: list[BlockAdapters | None] = [None] * self.cfg.n_layer
         self._adapter_grads: list[BlockAdapters | None] = [None] * self.cfg.n_layer
+        self._pass_adapters, self._lora16 = self._adapters, None
         if lora is None:
             if lora_params is not None or lora_grads is not None:
                 raise ValueError("lora_params or lora_grads without a lora layout")
@@ -769,6 +788,10 @@ class GPT:
             raise ValueError("a LoRA model's base is frozen: it takes no base gradient buffer (grads)")
         self.lora_params = self._flat(lora_params, "LoRA parameter", lora.size)
         self._adapters = lora.blocks(self.lora_params)
+        # a bf16 model's adapter matmuls take the adapters' bf16 roundings (ops.lora_forward):
+        # remade from lora_params by every pass's trunk (9.8M values at XL r 8: a few ms)
+        self._lora16 = np.zeros(lora.size, np.uint16) if self.precision == "bf16" else None
+        self._pass_adapters = self._adapters if self._lora16 is None else lora.blocks(self._lora16)
         if self.trainable:
             self.lora_grads = self._flat(lora_grads, "LoRA gradient", lora.size)
             self._adapter_grads = lora.blocks(self.lora_grads)
@@ -853,6 +876,8 @@ class GPT:
         if t0 + T > cfg.block_size:
             raise ValueError(f"sequence length {t0 + T} exceeds block_size {cfg.block_size}")
         mw = self._matmul_weights()
+        if self._lora16 is not None:        # what backward's matmuls take too (the same parameters)
+            bf16.to_bf16(self.lora_params, self._lora16, parallel=True)
         x = a.x                                                                         # (BT, C)
         if w.wte is None:                   # base16: the rows' bits, widened (exactly)
             bf16.to_float32(np.take(mw.wte, idx.reshape(-1), axis=0), out=x)
@@ -864,7 +889,7 @@ class GPT:
             if layer < len(a.inputs):
                 a.inputs[layer][...] = x                # recompute: what this block's backward re-runs from
             block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, kern, mw.blocks[layer],
-                          cache, ad=self._adapters[layer], ls=a.lora)
+                          cache, ad=self._pass_adapters[layer], ls=a.lora)
         if cache is not None:
             cache.length += T
         a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
@@ -915,11 +940,12 @@ class GPT:
                                None if frozen else dw.lnf_b, dx, acc)
         kern = self.kernels
         for layer in reversed(range(cfg.n_layer)):
+            ad = self._pass_adapters[layer]         # (the forward's: its trunk made the bf16 ones)
             if layer < len(a.inputs):       # recompute: re-fill the shared set (it holds the last block's)
                 block_forward(a.inputs[layer], w.blocks[layer], a.block(layer), a.scratch, cfg, layer, drop,
-                              kern, mw.blocks[layer], state_only=True, ad=self._adapters[layer], ls=a.lora)
+                              kern, mw.blocks[layer], state_only=True, ad=ad, ls=a.lora)
             block_backward(dx, w.blocks[layer], None if frozen else dw.blocks[layer], a.block(layer),
-                           a.scratch, cfg, layer, drop, acc, kern, mw.blocks[layer], ad=self._adapters[layer],
+                           a.scratch, cfg, layer, drop, acc, kern, mw.blocks[layer], ad=ad,
                            dad=self._adapter_grads[layer], ls=a.lora, need_dx=not frozen or layer > 0)
             if hooks is not None:
                 hooks.block_done(layer)

@@ -220,55 +220,83 @@ def _linear_backward(gemm, a: np.ndarray, d: np.ndarray, wt: np.ndarray, dout: n
 
 # ----------------------------------------------------------------------------- LoRA adapters
 # A target's adapter adds scale * (x @ A.T) @ B.T to its linear's output; A (r, in), B (out, r) as
-# peft stores them (distgpt/lora.py). r is small (4-64): these products are thin, a few percent of
-# the base matmul's work at most, and run in the adapters' dtype (float32 also in a bf16 model,
-# whose base matmuls alone go through bf16). u = scale * x @ A.T (rows, r) is not saved for
-# backward: backward remakes it from x, which is saved anyway, for r/out of the layer's work.
+# peft stores them (distgpt/lora.py). r is small (4-64): these products are thin and bound by the
+# passes over x and dout, not by arithmetic. They run in the model's matmul precision: float32 in
+# an fp32 model; in a bf16 model on bf16 operands (x, dout, A, B and u rounded, as torch's autocast
+# rounds every input of peft's adapter Linears) with float32 accumulation, which reads the stored
+# bf16 activations as they are (half the bytes of float32, and no widening pass: on GPT-2 XL's
+# shapes the adapters' work per block halves, ~5% of a LoRA step). u = scale * x @ A.T (rows, r)
+# is not saved for backward: backward remakes it from x, which is saved anyway, for r/out of the
+# layer's work.
+
+def _lora_gemm(a: np.ndarray):
+    """The gemm of an adapter whose weight is `a`: bf16's for bf16 bits (uint16), else float32's."""
+    return gemm16.gemm_bf16 if a.dtype == np.uint16 else blas.gemm
+
+
+def _rounded(x: np.ndarray, x16: np.ndarray | None) -> np.ndarray:
+    """x itself (float32 adapters), or its bf16 rounding written into x16 (bf16 adapters)."""
+    return x if x16 is None else bf16.to_bf16(x, x16)
+
 
 def lora_forward(x: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, out: np.ndarray,
-                 u: np.ndarray) -> None:
-    """out += scale * (x @ a.T) @ b.T; u (rows, r) scratch, left holding scale * x @ a.T."""
+                 u: np.ndarray, u16: np.ndarray | None = None) -> None:
+    """out += scale * (x @ a.T) @ b.T; u (rows, r) scratch, left holding scale * x @ a.T. bf16
+    adapters (a, b and x bf16 bits): u16 (rows, r) takes u's rounding for the second product."""
+    gemm = _lora_gemm(a)
+
     def work(lo: int, hi: int) -> None:
-        blas.gemm(x[lo:hi], a.T, u[lo:hi])
+        gemm(x[lo:hi], a.T, u[lo:hi])
         u[lo:hi] *= scale
-        blas.gemm(u[lo:hi], b.T, out[lo:hi], accumulate=True)
+        gemm(_rounded(u[lo:hi], None if u16 is None else u16[lo:hi]), b.T, out[lo:hi], accumulate=True)
     parallel_for(x.shape[0], work, grain=64)
 
 
 def lora_backward(dout: np.ndarray, x: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float,
-                  da: np.ndarray, db: np.ndarray, u: np.ndarray, du: np.ndarray, accumulate: bool) -> None:
+                  da: np.ndarray, db: np.ndarray, u: np.ndarray, du: np.ndarray, accumulate: bool,
+                  u16: np.ndarray | None = None, du16: np.ndarray | None = None) -> np.ndarray:
     """The adapter's weight gradients from its output's gradient dout (rows, out) and its input x
     (rows, in): db (out, r) = dout.T @ u, da (r, in) = du.T @ x, accumulated (written if not
-    `accumulate`), with u = scale * x @ a.T remade here and du = scale * dout @ b left in `du`
-    (rows, r) for lora_input_grad, which adds the input's part once x's buffer may be overwritten."""
+    `accumulate`), with u = scale * x @ a.T remade here and du = scale * dout @ b. Returns du (du16,
+    its rounding, for bf16 adapters, whose dout and x are bf16 bits too) for lora_input_grad, which
+    adds the input's part once x's buffer may be overwritten."""
+    gemm = _lora_gemm(a)
+
     def rows(lo: int, hi: int) -> None:
-        blas.gemm(x[lo:hi], a.T, u[lo:hi])
+        gemm(x[lo:hi], a.T, u[lo:hi])
         u[lo:hi] *= scale
-        blas.gemm(dout[lo:hi], b, du[lo:hi])
+        _rounded(u[lo:hi], None if u16 is None else u16[lo:hi])
+        gemm(dout[lo:hi], b, du[lo:hi])
         du[lo:hi] *= scale
+        _rounded(du[lo:hi], None if du16 is None else du16[lo:hi])
     parallel_for(x.shape[0], rows, grain=64)
+    u_in = u if u16 is None else u16
+    du_in = du if du16 is None else du16
 
     def b_grad(lo: int, hi: int) -> None:
         # rows [lo, hi) of db are the output features [lo, hi): each thread owns its part
-        blas.gemm(dout[:, lo:hi].T, u, db[lo:hi], accumulate=accumulate)
+        gemm(dout[:, lo:hi].T, u_in, db[lo:hi], accumulate=accumulate)
     parallel_for(dout.shape[1], b_grad, grain=64)
 
     def a_grad(lo: int, hi: int) -> None:
         # da has only r rows: split its columns, the input features [lo, hi)
-        blas.gemm(du.T, x[:, lo:hi], da[:, lo:hi], accumulate=accumulate)
+        gemm(du_in.T, x[:, lo:hi], da[:, lo:hi], accumulate=accumulate)
     parallel_for(x.shape[1], a_grad, grain=64)
+    return du_in
 
 
 def lora_input_grad(du: np.ndarray, a: np.ndarray, dx: np.ndarray, keep: np.ndarray | None = None,
                     keep_scale: float = 1.0, tmp: np.ndarray | None = None) -> None:
-    """dx += du @ a: the adapter's part of its input's gradient (du from lora_backward); with
-    dropout on the adapter's input, through its mask: dx += (du @ a) * keep * keep_scale, the
-    product made in `tmp` (dx's shape)."""
+    """dx += du @ a: the adapter's part of its input's gradient (du as lora_backward returned it:
+    bf16 bits for bf16 adapters); with dropout on the adapter's input, through its mask:
+    dx += (du @ a) * keep * keep_scale, the product made in `tmp` (dx's shape, float32)."""
+    gemm = _lora_gemm(a)
+
     def work(lo: int, hi: int) -> None:
         if keep is None:
-            blas.gemm(du[lo:hi], a, dx[lo:hi], accumulate=True)
+            gemm(du[lo:hi], a, dx[lo:hi], accumulate=True)
             return
-        t = blas.gemm(du[lo:hi], a, tmp[lo:hi])
+        t = gemm(du[lo:hi], a, tmp[lo:hi])
         t *= keep[lo:hi]
         t *= keep_scale
         dx[lo:hi] += t

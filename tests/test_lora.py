@@ -277,9 +277,50 @@ def test_merged_weights_are_peft_s_merge_and_give_the_lora_model_s_logits():
             assert rel(mine[name], ref[f"transformer.{name}"]) < 1e-6, name
 
 
+def test_bf16_adapters_multiply_the_bf16_roundings_of_every_operand(bf16_here):
+    """A bf16 model's adapter products, stage by stage, against float64 on the roundings autocast
+    would make (x, dout, A, B, then u and du): u = s x@A.T, out += u16@B.T, du = s dout@B,
+    db = dout.T@u16, da = du16.T@x, dx += du16@A. Each stage is checked from the previous stage's
+    own output (a float32 u one ulp off the float64 one may round to another bf16 value), so the
+    only difference left is float32 accumulation over at most 40 exact bf16 products: ~40 x 2^-24
+    of the terms' magnitude, under the 1e-5 (norm-relative) used. The float32 adapters on the same
+    unrounded operands differ by ~2^-9 relative (the roundings), which that bound sees."""
+    from distgpt import bf16
+
+    rng = np.random.default_rng(7)
+    rows, n_in, n_out, r, scale = 37, 40, 24, 4, 2.0
+    x, dout = rng.standard_normal((rows, n_in), np.float32), rng.standard_normal((rows, n_out), np.float32)
+    a, b = rng.standard_normal((r, n_in), np.float32), rng.standard_normal((n_out, r), np.float32)
+    x16, d16, a16, b16 = (bf16.to_bf16(v) for v in (x, dout, a, b))
+    wide = lambda bits: bf16.to_float32(bits).astype(np.float64)  # noqa: E731
+    X, D, A, B = (wide(v) for v in (x16, d16, a16, b16))
+    out0 = rng.standard_normal((rows, n_out), np.float32)
+    out, u, u16 = out0.copy(), np.empty((rows, r), np.float32), np.empty((rows, r), np.uint16)
+    ops.lora_forward(x16, a16, b16, scale, out, u, u16)
+    assert rel(u, scale * X @ A.T) < 1e-5
+    np.testing.assert_array_equal(u16, bf16.to_bf16(u))
+    assert rel(out - out0, wide(u16) @ B.T) < 1e-5
+    plain = out0.copy()
+    ops.lora_forward(x, a, b, scale, plain, np.empty((rows, r), np.float32))
+    assert rel(plain - out0, out - out0) > 1e-4                     # float32 adapters: not rounded
+
+    da, db = np.zeros_like(a), np.zeros_like(b)
+    du, du16 = np.empty((rows, r), np.float32), np.empty((rows, r), np.uint16)
+    got = ops.lora_backward(d16, x16, a16, b16, scale, da, db, u, du, False, u16, du16)
+    assert got is du16
+    assert rel(du, scale * D @ B) < 1e-5
+    np.testing.assert_array_equal(du16, bf16.to_bf16(du))
+    assert rel(db, D.T @ wide(u16)) < 1e-5
+    assert rel(da, wide(du16).T @ X) < 1e-5
+    dx0 = rng.standard_normal((rows, n_in), np.float32)
+    dx = dx0.copy()
+    ops.lora_input_grad(du16, a16, dx)
+    assert rel(dx - dx0, wide(du16) @ A) < 1e-5
+
+
 def test_bf16_lora_matches_peft_under_autocast(bf16_here):
     """The autocast tolerances of test_bf16.py (loss 1e-2, gradients 3e-2 relative): both round the
-    base's matmul inputs to bf16 (autocast the adapters' too: ours keep them float32)."""
+    base's and the adapters' matmul inputs to bf16."""
     hf = hf_base()
     lo = lora_layout()
     m = ours(hf, lo, precision="bf16")
@@ -532,8 +573,9 @@ def test_activation_bytes_counts_the_adapters_scratch(precision, recompute):
     m = GPT(CFG, precision=precision, recompute=recompute, lora=lo)
     a = m._activations(B, T, training=True)
     without = activation_bytes(CFG, B, T, precision=precision, recompute=recompute)
-    extra = [a.lora.u, a.lora.du] + ([a.lora.x32] if precision == "bf16" else [])
-    assert (a.lora.x32 is None) == (precision == "fp32")
+    low = [a.lora.u16, a.lora.du16, a.lora.x16, a.lora.d16]
+    extra = [a.lora.u, a.lora.du] + (low if precision == "bf16" else [])
+    assert all((x is None) == (precision == "fp32") for x in low)
     assert activation_bytes(CFG, B, T, precision=precision, recompute=recompute, lora_rank=RANK) == (
         without + sum(x.nbytes for x in extra))
     dropped = GPT(CFG, precision=precision, recompute=recompute, lora=lora_layout(dropout=0.1))
