@@ -45,6 +45,7 @@ from distgpt.model import Layout, ModelConfig
 
 if TYPE_CHECKING:
     from distgpt.lora import LoraLayout
+    from distgpt.weights import LoraCheckpoint
 
 GPT2_VOCAB = 50257
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -193,63 +194,6 @@ def _base_source(meta: dict | None) -> str | None:
 
 
 @dataclass
-class LoraCheckpoint:
-    """A LoRA run's checkpoint as read: the run's model config (the base's shape), the adapters' layout
-    and flat vector, where its base is and the checksum training recorded for it."""
-
-    spec: str
-    cfg: ModelConfig
-    layout: LoraLayout
-    adapters: np.ndarray
-    base: str
-    base_sha256: str | None
-    tokenizer: str | None
-
-
-def read_lora(spec: str, base: str | None = None) -> LoraCheckpoint:
-    """A LoRA run's checkpoint (folder or out_dir): its adapters and what they need. `base` replaces
-    the base source that its manifest records (the base moved since training). WeightsError, one line,
-    for anything missing or inconsistent."""
-    from distgpt import checkpoint
-    from distgpt.lora import LoraLayout
-    from distgpt.weights import WeightsError, model_config
-
-    try:
-        manifest, lcfg, adapters = checkpoint.read_lora(spec)
-    except Exception as e:  # its errors vary (CheckpointError, OSError); relayed on one line
-        raise WeightsError(f"{spec}: not a readable distgpt checkpoint: {e}") from None
-    where = f"{spec}: the checkpoint's meta lora"
-    if not isinstance(lcfg, dict):
-        raise WeightsError(f"{where} is {lcfg!r}, expected a mapping of rank, alpha, targets, base")
-    missing = [k for k in ("rank", "alpha", "targets", "base") if k not in lcfg]
-    if missing:
-        raise WeightsError(f"{where} has no {', '.join(missing)}")
-    recorded = lcfg["base"]
-    source = recorded.get("source") if isinstance(recorded, dict) else None
-    if not isinstance(source, str) or not source:
-        raise WeightsError(f"{where}.base is {recorded!r}, expected {{source: the weights it was trained "
-                           "on, sha256: their checksum}")
-    meta = manifest["meta"]
-    saved = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
-    if not isinstance(saved, dict) or not saved:
-        raise WeightsError(f"{spec}: the checkpoint's meta has no config.model (the shape of the base)")
-    cfg = model_config({k: v for k, v in saved.items() if k in ModelConfig.model_fields},
-                       f"{spec}: the checkpoint's model config")
-    try:
-        layout = LoraLayout(cfg, lcfg["rank"], lcfg["alpha"], lcfg["targets"], lcfg.get("dropout", 0.0))
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{where}: {e}") from None
-    adapters = np.ascontiguousarray(adapters, dtype=np.float32)
-    if adapters.shape != (layout.size,) or manifest.get("layout") != layout.describe():
-        raise WeightsError(f"{spec}: its {adapters.size} adapter values and layout do not fit the LoRA its "
-                           f"meta describes (rank {layout.rank}, targets {', '.join(layout.targets)}, "
-                           f"{cfg.n_layer} layers, n_embd {cfg.n_embd}: {layout.size} values)")
-    sha = recorded.get("sha256")
-    return LoraCheckpoint(spec, cfg, layout, adapters, base or source,
-                          sha if isinstance(sha, str) else None, meta.get("tokenizer"))
-
-
-@dataclass
 class Weights:
     """What export and sample read: a model config, flat float32 parameters in its layout, the
     tokenizer's name if known, and for a LoRA run's checkpoint what it was merged from."""
@@ -264,7 +208,7 @@ def load_weights(spec: str, base: str | None = None) -> Weights:
     """Anything weights.load_for_inference reads, and a LoRA run's checkpoint: its base (`base`, else
     the source its manifest records) with the adapters merged in (LoraLayout.merged: peft's merge),
     a plain GPT-2 for sampling and for the hf and llmc formats."""
-    from distgpt.weights import WeightsError, load_for_inference, lora_base
+    from distgpt.weights import WeightsError, load_for_inference, lora_checkpoint, merged_lora
 
     meta = peek_meta(spec)
     if not is_lora(meta):
@@ -273,10 +217,8 @@ def load_weights(spec: str, base: str | None = None) -> Weights:
                                "meta lora), so it has no base to replace")
         cfg, params, tokenizer = load_for_inference(spec)
         return Weights(cfg, params, tokenizer)
-    ck = read_lora(spec, base)
-    params = lora_base(ck.spec, ck.cfg, ck.base, ck.base_sha256)
-    ck.layout.merge_into(params, ck.adapters)
-    return Weights(ck.cfg, params, ck.tokenizer, ck)
+    ck = lora_checkpoint(spec, base)
+    return Weights(ck.cfg, merged_lora(ck), ck.tokenizer, ck)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -385,6 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         HF_EXPORT_FILES,
         HF_EXPORT_MARKER,
         gpt2_tokenizer_files,
+        lora_checkpoint,
         save_hf,
         save_llmc,
     )
@@ -396,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     names = own if fresh else ()
     try:
         if args.format == "peft":
-            ck = read_lora(args.ckpt, args.base)
+            ck = lora_checkpoint(args.ckpt, args.base)
             created = make_dirs(out)
             base_model = _peft_base_name(ck.base)
             save_peft(out, ck.layout, ck.adapters, base_model)

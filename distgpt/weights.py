@@ -22,6 +22,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from distgpt import bf16
 from distgpt.config import SHAPE_KEYS
 from distgpt.fileio import atomic_write, fsync_dir, write_json_atomic
 from distgpt.model import BLOCK_PARAMS, Layout, ModelConfig
+
+if TYPE_CHECKING:                   # lora.py builds on model.py, as this module does
+    from distgpt.lora import LoraLayout
 
 
 class WeightsError(ValueError):
@@ -249,28 +253,77 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
                 f"{spec}: not a Hugging Face folder (no config.json) nor a readable distgpt checkpoint: {e}"
             ) from None
         meta = manifest.get("meta", {})
+        if meta.get("lora"):            # its params are the adapters: read and checked as export reads them
+            ck = lora_checkpoint(spec)
+            return ck.cfg, merged_lora(ck), ck.tokenizer
         cfg = _checkpoint_model(meta, spec)
-        params = np.ascontiguousarray(params, dtype=np.float32)
-        if meta.get("lora"):
-            params = merged_lora(spec, cfg, meta["lora"], params)
-        return cfg, params, meta.get("tokenizer")
+        return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
     cfg, params = load_init(spec)
     return cfg, params, None
 
 
-def merged_lora(spec: str, cfg: ModelConfig, lora: dict, adapters: np.ndarray) -> np.ndarray:
-    """A LoRA checkpoint's model as one flat float32 vector: the base its meta["lora"]["base"]
-    records (lora_base) with the adapters merged in place (lora.LoraLayout.merge_into: peft's
-    merge), so that one model's worth of memory is held."""
+@dataclass
+class LoraCheckpoint:
+    """A LoRA run's checkpoint as read: the run's model config (the base's shape), the adapters' layout
+    and flat vector, where its base is and the checksum training recorded for it."""
+
+    spec: str
+    cfg: ModelConfig
+    layout: LoraLayout
+    adapters: np.ndarray
+    base: str
+    base_sha256: str | None
+    tokenizer: str | None
+
+
+def lora_checkpoint(spec: str, base: str | None = None) -> LoraCheckpoint:
+    """A LoRA run's checkpoint (folder or out_dir): its adapters and what they need. `base` replaces
+    the base source that its manifest records (the base moved since training). WeightsError, one line,
+    for anything missing or inconsistent."""
+    from distgpt import checkpoint
     from distgpt.lora import LoraLayout
 
-    recorded = lora.get("base") or {}
-    source = recorded.get("source")
-    if not isinstance(source, str):
-        raise WeightsError(f"{spec}: a LoRA checkpoint that does not record its base (meta lora.base.source)")
-    params = lora_base(spec, cfg, source, recorded.get("sha256"))
-    layout = LoraLayout(cfg, lora["rank"], lora["alpha"], lora["targets"], lora.get("dropout", 0.0))
-    layout.merge_into(params, adapters)
+    try:
+        manifest, lcfg, adapters = checkpoint.read_lora(spec)
+    except Exception as e:  # its errors vary (CheckpointError, OSError); relayed on one line
+        raise WeightsError(f"{spec}: not a readable distgpt checkpoint: {e}") from None
+    where = f"{spec}: the checkpoint's meta lora"
+    if not isinstance(lcfg, dict):
+        raise WeightsError(f"{where} is {lcfg!r}, expected a mapping of rank, alpha, targets, base")
+    missing = [k for k in ("rank", "alpha", "targets", "base") if k not in lcfg]
+    if missing:
+        raise WeightsError(f"{where} has no {', '.join(missing)}")
+    recorded = lcfg["base"]
+    source = recorded.get("source") if isinstance(recorded, dict) else None
+    if not isinstance(source, str) or not source:
+        raise WeightsError(f"{where}.base is {recorded!r}, expected {{source: the weights it was trained "
+                           "on, sha256: their checksum}")
+    meta = manifest["meta"]
+    saved = (meta.get("config") or {}).get("model") if isinstance(meta.get("config"), dict) else None
+    if not isinstance(saved, dict) or not saved:
+        raise WeightsError(f"{spec}: the checkpoint's meta has no config.model (the shape of the base)")
+    cfg = model_config({k: v for k, v in saved.items() if k in ModelConfig.model_fields},
+                       f"{spec}: the checkpoint's model config")
+    try:
+        layout = LoraLayout(cfg, lcfg["rank"], lcfg["alpha"], lcfg["targets"], lcfg.get("dropout", 0.0))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{where}: {e}") from None
+    adapters = np.ascontiguousarray(adapters, dtype=np.float32)
+    if adapters.shape != (layout.size,) or manifest.get("layout") != layout.describe():
+        raise WeightsError(f"{spec}: its {adapters.size} adapter values and layout do not fit the LoRA its "
+                           f"meta describes (rank {layout.rank}, targets {', '.join(layout.targets)}, "
+                           f"{cfg.n_layer} layers, n_embd {cfg.n_embd}: {layout.size} values)")
+    sha = recorded.get("sha256")
+    return LoraCheckpoint(spec, cfg, layout, adapters, base or source,
+                          sha if isinstance(sha, str) else None, meta.get("tokenizer"))
+
+
+def merged_lora(ck: LoraCheckpoint) -> np.ndarray:
+    """A LoRA checkpoint's model as one flat float32 vector: its base (lora_base, checked against
+    the recorded checksum) with the adapters merged in place (lora.LoraLayout.merge_into: peft's
+    merge), so that one model's worth of memory is held."""
+    params = lora_base(ck.spec, ck.cfg, ck.base, ck.base_sha256)
+    ck.layout.merge_into(params, ck.adapters)
     return params
 
 

@@ -353,6 +353,20 @@ def test_adapters_that_do_not_fit_their_meta_are_one_line(run, tmp_path):
     one_line_error(export("--ckpt", str(lora), "--format", "peft", "--out", str(tmp_path / "a")), "export",
                    "rank 2", "do not fit")
     assert not (tmp_path / "a").exists()
+    from distgpt.weights import WeightsError, load_for_inference
+
+    with pytest.raises(WeightsError, match="do not fit.*rank 2"):     # the library's reader checks as much
+        load_for_inference(str(lora))
+
+
+def test_load_for_inference_merges_a_lora_checkpoint_as_export_does(run):
+    from distgpt.export import load_weights
+    from distgpt.weights import load_for_inference
+
+    cfg, params, _ = load_for_inference(str(run.out))
+    assert cfg == run.cfg
+    np.testing.assert_array_equal(params, load_weights(str(run.out)).params)
+    np.testing.assert_array_equal(params, run.merged)       # the same merge (merge_into) on the same base
 
 
 def test_a_changed_base_is_one_line(run, tmp_path):
