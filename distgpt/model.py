@@ -30,7 +30,8 @@ already keeps neither attention's probabilities nor the GELU's output, so what i
 the LayerNorms' outputs, 4 of a block's 36 bytes per row and width in bf16 (8 of 48 in fp32).
 
 lora (distgpt/lora.py): low-rank adapters on a frozen base. Each adapted linear adds
-scale * (x @ A.T) @ B.T to its output (float32 matmuls, also in a bf16 model); the adapters are one
+scale * (x @ A.T) @ B.T to its output (in the model's matmul precision: a bf16 model rounds x, A,
+B and the products between, as autocast does for peft's adapters); the adapters are one
 flat vector of their own with its own gradient buffer, and the base has none: backward computes
 the input gradients through the frozen layers and the adapters' gradients, nothing else.
 """
@@ -775,9 +776,11 @@ class GPT:
                    lora_grads: np.ndarray | None) -> None:
         """The adapters' flat buffers and their per-block views (the class docstring)."""
         self.lora_params = self.lora_grads = None
+        # the adapters as the passes multiply them: views of lora_params, or in a bf16 model of their
+        # bf16 roundings (_lora16), remade from lora_params by every pass's trunk (9.8M values at XL r 8)
         self._adapters: list[BlockAdapters | None] = [None] * self.cfg.n_layer
         self._adapter_grads: list[BlockAdapters | None] = [None] * self.cfg.n_layer
-        self._pass_adapters, self._lora16 = self._adapters, None
+        self._lora16: np.ndarray | None = None
         if lora is None:
             if lora_params is not None or lora_grads is not None:
                 raise ValueError("lora_params or lora_grads without a lora layout")
@@ -787,11 +790,9 @@ class GPT:
         if grads is not None:
             raise ValueError("a LoRA model's base is frozen: it takes no base gradient buffer (grads)")
         self.lora_params = self._flat(lora_params, "LoRA parameter", lora.size)
-        self._adapters = lora.blocks(self.lora_params)
-        # a bf16 model's adapter matmuls take the adapters' bf16 roundings (ops.lora_forward):
-        # remade from lora_params by every pass's trunk (9.8M values at XL r 8: a few ms)
-        self._lora16 = np.zeros(lora.size, np.uint16) if self.precision == "bf16" else None
-        self._pass_adapters = self._adapters if self._lora16 is None else lora.blocks(self._lora16)
+        if self.precision == "bf16":
+            self._lora16 = np.zeros(lora.size, np.uint16)
+        self._adapters = lora.blocks(self.lora_params if self._lora16 is None else self._lora16)
         if self.trainable:
             self.lora_grads = self._flat(lora_grads, "LoRA gradient", lora.size)
             self._adapter_grads = lora.blocks(self.lora_grads)
@@ -889,7 +890,7 @@ class GPT:
             if layer < len(a.inputs):
                 a.inputs[layer][...] = x                # recompute: what this block's backward re-runs from
             block_forward(x, block, a.block(layer), a.scratch, cfg, layer, drop, kern, mw.blocks[layer],
-                          cache, ad=self._pass_adapters[layer], ls=a.lora)
+                          cache, ad=self._adapters[layer], ls=a.lora)
         if cache is not None:
             cache.length += T
         a.lnf_rstd[:] = ops.layernorm_forward(x, w.lnf_w, w.lnf_b, a.lnf_out, a.lnf_xhat)
@@ -940,7 +941,7 @@ class GPT:
                                None if frozen else dw.lnf_b, dx, acc)
         kern = self.kernels
         for layer in reversed(range(cfg.n_layer)):
-            ad = self._pass_adapters[layer]         # (the forward's: its trunk made the bf16 ones)
+            ad = self._adapters[layer]         # (the forward's: its trunk made the bf16 ones)
             if layer < len(a.inputs):       # recompute: re-fill the shared set (it holds the last block's)
                 block_forward(a.inputs[layer], w.blocks[layer], a.block(layer), a.scratch, cfg, layer, drop,
                               kern, mw.blocks[layer], state_only=True, ad=ad, ls=a.lora)

@@ -253,8 +253,8 @@ def load_for_inference(spec: str) -> tuple[ModelConfig, np.ndarray, str | None]:
                 f"{spec}: not a Hugging Face folder (no config.json) nor a readable distgpt checkpoint: {e}"
             ) from None
         meta = manifest.get("meta", {})
-        if meta.get("lora"):            # its params are the adapters: read and checked as export reads them
-            ck = lora_checkpoint(spec)
+        if meta.get("lora"):            # its params are the adapters: checked as export checks them
+            ck = _lora_checkpoint(spec, manifest, params, None)
             return ck.cfg, merged_lora(ck), ck.tokenizer
         cfg = _checkpoint_model(meta, spec)
         return cfg, np.ascontiguousarray(params, dtype=np.float32), meta.get("tokenizer")
@@ -281,12 +281,19 @@ def lora_checkpoint(spec: str, base: str | None = None) -> LoraCheckpoint:
     the base source that its manifest records (the base moved since training). WeightsError, one line,
     for anything missing or inconsistent."""
     from distgpt import checkpoint
-    from distgpt.lora import LoraLayout
 
     try:
-        manifest, lcfg, adapters = checkpoint.read_lora(spec)
+        manifest, _, adapters = checkpoint.read_lora(spec)
     except Exception as e:  # its errors vary (CheckpointError, OSError); relayed on one line
         raise WeightsError(f"{spec}: not a readable distgpt checkpoint: {e}") from None
+    return _lora_checkpoint(spec, manifest, adapters, base)
+
+
+def _lora_checkpoint(spec: str, manifest: dict, adapters: np.ndarray, base: str | None) -> LoraCheckpoint:
+    """lora_checkpoint's checks, on a LoRA checkpoint's manifest and flat adapters as read."""
+    from distgpt.lora import LoraLayout
+
+    lcfg = manifest["meta"]["lora"]
     where = f"{spec}: the checkpoint's meta lora"
     if not isinstance(lcfg, dict):
         raise WeightsError(f"{where} is {lcfg!r}, expected a mapping of rank, alpha, targets, base")

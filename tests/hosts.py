@@ -60,6 +60,18 @@ def _signal(pid: int, sig: int) -> None:
         pass
 
 
+def _drain(fd: int, into: bytearray) -> None:
+    """Append what a non-blocking pipe holds now (until it is empty or closed by every writer)."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not chunk:
+            return
+        into += chunk
+
+
 def _exited(pid: int) -> bool:
     """Gone, or a zombie its stopped parent has not reaped: either way its stderr is closed."""
     st = _read(f"/proc/{pid}/stat")
@@ -174,14 +186,7 @@ class Hosts:
             deadline = time.monotonic() + wait_s
             while True:
                 for fd, text in pipes.values():
-                    while True:
-                        try:
-                            chunk = os.read(fd, 65536)
-                        except BlockingIOError:
-                            break
-                        if not chunk:
-                            break
-                        text += chunk
+                    _drain(fd, text)
                 if all(_exited(pid) for _, pid in python) or time.monotonic() > deadline:
                     break
                 time.sleep(0.05)
