@@ -508,18 +508,30 @@ def _adapt(ad: BlockAdapters | None, weight: str, x: np.ndarray, out: np.ndarray
 
 def _adapt_backward(ad: BlockAdapters | None, dad: BlockAdapters | None, weight: str, dout: np.ndarray,
                     x: np.ndarray, ls: LoraScratch | None, accumulate: bool, layer: int
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
-    """The gradients of `weight`'s adapter, if it has one (into dad), and (du, its A, its dropout
-    mask): the caller adds the input's part (_adapt_input) once the base linear has written the
-    input's gradient."""
+                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, np.ndarray | None]:
+    """The gradients of `weight`'s adapter, if it has one (into dad). Returns (pending, dout16):
+    pending is (du, its A, its dropout mask), for the caller to add the input's part
+    (_adapt_input) once the base linear has written the input's gradient; dout16 the bf16
+    rounding of dout the adapter took (bf16 adapters), which the base linear's backward takes too
+    instead of rounding dout again. (None, None) without an adapter."""
     pair = None if ad is None else ad.get(weight)
     if pair is None:
-        return None
+        return None, None
     da, db = dad.get(weight)
     keep = None if ls.drop is None else ls.drop.keep(layer, weight, x.shape[1])
-    du = ops.lora_backward(ls.grad(dout), ls.input(x, keep), pair[0], pair[1], ad.scale, da, db, ls.u,
+    dout_in = ls.grad(dout)
+    du = ops.lora_backward(dout_in, ls.input(x, keep), pair[0], pair[1], ad.scale, da, db, ls.u,
                            ls.du, accumulate, ls.u16, ls.du16)
-    return du, pair[0], keep
+    return (du, pair[0], keep), (dout_in if dout_in.dtype == np.uint16 else None)
+
+
+def _shared_rounding(ad: BlockAdapters | None, weight: str, x: np.ndarray, ls: LoraScratch | None
+                     ) -> np.ndarray:
+    """x as `weight`'s base linear and its adapter both take it: in a bf16 model whose adapter
+    reads x undropped, x's bf16 rounding, made once here (both would make the same one); else x."""
+    if ad is None or ad.get(weight) is None or ls.x16 is None or ls.drop is not None:
+        return x
+    return ls.input(x)
 
 
 def _adapt_input(pending: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None, dx: np.ndarray,
@@ -584,8 +596,9 @@ def block_forward(x: np.ndarray, w: BlockParams, a: BlockActs, s: Scratch, cfg: 
     if state_only:
         return
     ops.gelu_forward(a.fc_pre, s.hidden)                                                # (BT, 4C)
-    kern.linear_forward(s.hidden, mw.mlp_proj_w, w.mlp_proj_b, s.branch)                # (BT, C)
-    _adapt(ad, "mlp_proj_w", s.hidden, s.branch, ls, layer)
+    hidden = _shared_rounding(ad, "mlp_proj_w", s.hidden, ls)
+    kern.linear_forward(hidden, mw.mlp_proj_w, w.mlp_proj_b, s.branch)                  # (BT, C)
+    _adapt(ad, "mlp_proj_w", hidden, s.branch, ls, layer)
     drop.apply_(s.branch, "res2", layer)
     x += s.branch
 
@@ -608,21 +621,22 @@ def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams | None, a: Blo
     d_branch = drop.applied(dx, "res2", layer, out=s.branch)                            # (BT, C)
     ops.gelu_forward(a.fc_pre, s.hidden, slope=s.gelu_slope)       # recompute the output; slope from its exp
     # (the adapter reads the GELU's output before the base linear overwrites it with its gradient)
-    lora_a = _adapt_backward(ad, dad, "mlp_proj_w", d_branch, s.hidden, ls, accumulate, layer)
+    lora_a, d16 = _adapt_backward(ad, dad, "mlp_proj_w", d_branch, s.hidden, ls, accumulate, layer)
     kern.linear_backward(d_branch, s.hidden, mw.mlp_proj_w, g.mlp_proj_w, g.mlp_proj_b, s.hidden,
-                         accumulate)                                                    # (BT, 4C) d hidden
+                         accumulate, dout16=d16)                                        # (BT, 4C) d hidden
     _adapt_input(lora_a, s.hidden, ls)
     ops.multiply_(s.hidden, s.gelu_slope)                                               # (BT, 4C) d fc_pre
-    lora_a = _adapt_backward(ad, dad, "fc_w", s.hidden, a.ln2_out, ls, accumulate, layer)
-    kern.linear_backward(s.hidden, a.ln2_out, mw.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate)  # (BT, C)
+    lora_a, d16 = _adapt_backward(ad, dad, "fc_w", s.hidden, a.ln2_out, ls, accumulate, layer)
+    kern.linear_backward(s.hidden, a.ln2_out, mw.fc_w, g.fc_w, g.fc_b, s.d_in, accumulate,
+                         dout16=d16)                                                    # (BT, C)
     _adapt_input(lora_a, s.d_in, ls)
     ops.layernorm_backward(s.d_in, a.ln2_xhat, a.ln2_rstd, w.ln2_w, g.ln2_w, g.ln2_b, s.d_in, accumulate)
     dx += s.d_in
     # attention branch: x = x + attn_proj(attention(ln_1(x)))
     d_branch = drop.applied(dx, "res1", layer, out=s.branch)                            # (BT, C)
-    lora_a = _adapt_backward(ad, dad, "attn_proj_w", d_branch, a.attn_y, ls, accumulate, layer)
+    lora_a, d16 = _adapt_backward(ad, dad, "attn_proj_w", d_branch, a.attn_y, ls, accumulate, layer)
     kern.linear_backward(d_branch, a.attn_y, mw.attn_proj_w, g.attn_proj_w, g.attn_proj_b, s.d_in,
-                         accumulate)                                                    # (BT, C) d attn_y
+                         accumulate, dout16=d16)                                        # (BT, C) d attn_y
     _adapt_input(lora_a, s.d_in, ls)
     q, k, v = split(a.qkv)                                                              # (B, nh, T, hs)
     (y,) = split(a.attn_y)                         # (bf16 attention takes its row sums from its blocks)
@@ -630,10 +644,11 @@ def block_backward(dx: np.ndarray, w: BlockParams, g: BlockParams | None, a: Blo
     dq, dk, dv = split(s.d_qkv)
     kern.attention_backward(dy, q, k, v, y, a.lse, cfg.layer_window(layer), dq, dk, dv,
                             drop.keep("att", layer), drop.scale)
-    lora_a = _adapt_backward(ad, dad, "qkv_w", s.d_qkv, a.ln1_out, ls, accumulate, layer)
+    lora_a, d16 = _adapt_backward(ad, dad, "qkv_w", s.d_qkv, a.ln1_out, ls, accumulate, layer)
     if not need_dx and g is FROZEN_BLOCK:
         return
-    kern.linear_backward(s.d_qkv, a.ln1_out, mw.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate)  # (BT, C)
+    kern.linear_backward(s.d_qkv, a.ln1_out, mw.qkv_w, g.qkv_w, g.qkv_b, s.d_in, accumulate,
+                         dout16=d16)                                                    # (BT, C)
     _adapt_input(lora_a, s.d_in, ls)
     ops.layernorm_backward(s.d_in, a.ln1_xhat, a.ln1_rstd, w.ln1_w, g.ln1_w, g.ln1_b, s.d_in, accumulate)
     dx += s.d_in

@@ -183,20 +183,27 @@ def linear_backward(dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarr
 
 def linear_backward_bf16(dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray | None,
                          db: np.ndarray | None, dx: np.ndarray | None, accumulate: bool,
-                         ws: bf16.Workspace) -> None:
+                         ws: bf16.Workspace, dout16: np.ndarray | None = None) -> None:
     """linear_backward with w's bf16 copy w16: the matmuls take bf16 roundings of dout and x (made
     in `ws`; x may already be bf16 bits, as a bf16 model stores it), and dw still accumulates in
-    float32. dw None (frozen): x is not needed, and not rounded."""
+    float32. dw None (frozen): x is not needed, and not rounded. dout16: dout's rounding, if the
+    caller has it already (a LoRA adapter's backward made it): not made again."""
     # a frozen layer's backward never reads x: nothing to round (x's buffer may be dx's, too)
     stored = _bf16_input(x) or dw is None
     x16 = x if stored else ws.get("x", x.shape)
-    dout16 = ws.get("dout", dout.shape)
+    rounded = dout16 is not None
+    if not rounded:
+        dout16 = ws.get("dout", dout.shape)
+    elif dout16.shape != dout.shape or dout16.dtype != np.uint16:
+        raise ValueError(f"dout16 {dout16.dtype}{dout16.shape} is not the rounding of dout {dout.shape}")
 
     def convert(lo: int, hi: int) -> None:
         if not stored:
             bf16.to_bf16(x[lo:hi], x16[lo:hi])
-        bf16.to_bf16(dout[lo:hi], dout16[lo:hi])
-    parallel_for(x.shape[0], convert, grain=64)
+        if not rounded:
+            bf16.to_bf16(dout[lo:hi], dout16[lo:hi])
+    if not (stored and rounded):
+        parallel_for(x.shape[0], convert, grain=64)
     _linear_backward(gemm16.gemm_bf16, x16, dout16, w16.T, dout, dw, db, dx, accumulate)
 
 
@@ -743,7 +750,9 @@ class Fp32Kernels:
         return linear_forward(x, w, b, out)
 
     def linear_backward(self, dout: np.ndarray, x: np.ndarray, w: np.ndarray, dw: np.ndarray, db: np.ndarray,
-                        dx: np.ndarray | None, accumulate: bool) -> None:
+                        dx: np.ndarray | None, accumulate: bool, dout16: None = None) -> None:
+        if dout16 is not None:
+            raise ValueError("an fp32 linear takes no bf16 rounding of dout")
         linear_backward(dout, x, w, dw, db, dx, accumulate)
 
     def attention_forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None,
@@ -780,8 +789,9 @@ class Bf16Kernels:
         return linear_forward_bf16(x, w16, b, out, self.ws)
 
     def linear_backward(self, dout: np.ndarray, x: np.ndarray, w16: np.ndarray, dw: np.ndarray,
-                        db: np.ndarray, dx: np.ndarray | None, accumulate: bool) -> None:
-        linear_backward_bf16(dout, x, w16, dw, db, dx, accumulate, self.ws)
+                        db: np.ndarray, dx: np.ndarray | None, accumulate: bool,
+                        dout16: np.ndarray | None = None) -> None:
+        linear_backward_bf16(dout, x, w16, dw, db, dx, accumulate, self.ws, dout16)
 
     def attention_forward(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, window: int | None,
                           y: np.ndarray, lse: np.ndarray, keep: np.ndarray | None, keep_scale: float,

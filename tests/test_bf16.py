@@ -354,3 +354,24 @@ def test_bf16_training_follows_fp32_and_says_so(tmp_path, shakespeare_bytes):
     assert len(l32) == len(l16) == 8
     assert not np.array_equal(l32, l16)
     assert np.abs(l16 - l32).max() < 2e-3 * l32.max()
+
+
+def test_a_frozen_bf16_linear_takes_its_callers_rounding_of_dout(bf16_here):
+    """A LoRA adapter's backward rounds its linear's output gradient to bf16 already; the frozen
+    base's backward takes that rounding (dout16) instead of making it again. dout itself is then
+    not read (NaNs in it do not reach dx), and the result is the same bits as rounding it here."""
+    from distgpt import ops
+    rng = np.random.default_rng(0)
+    rows, n_in, n_out = 70, 24, 40
+    dout = rng.standard_normal((rows, n_out)).astype(np.float32)
+    w16 = bf16.to_bf16(rng.standard_normal((n_in, n_out)).astype(np.float32))
+    x16 = bf16.to_bf16(rng.standard_normal((rows, n_in)).astype(np.float32))
+    ws = bf16.Workspace()
+    rounded_here = np.empty((rows, n_in), np.float32)
+    ops.linear_backward_bf16(dout, x16, w16, None, None, rounded_here, False, ws)
+    given = np.empty_like(rounded_here)
+    ops.linear_backward_bf16(np.full_like(dout, np.nan), x16, w16, None, None, given, False, ws,
+                             dout16=bf16.to_bf16(dout))
+    assert np.array_equal(given.view(np.uint32), rounded_here.view(np.uint32))
+    with pytest.raises(ValueError, match="dout16"):
+        ops.linear_backward_bf16(dout, x16, w16, None, None, given, False, ws, dout16=bf16.to_bf16(dout[1:]))
