@@ -522,14 +522,15 @@ def _adapt_backward(ad: BlockAdapters | None, dad: BlockAdapters | None, weight:
     dout_in = ls.grad(dout)
     du = ops.lora_backward(dout_in, ls.input(x, keep), pair[0], pair[1], ad.scale, da, db, ls.u,
                            ls.du, accumulate, ls.u16, ls.du16)
-    return (du, pair[0], keep), (dout_in if dout_in.dtype == np.uint16 else None)
+    return (du, pair[0], keep), (None if ls.d16 is None else dout_in)    # d16: a bf16 model's
 
 
 def _shared_rounding(ad: BlockAdapters | None, weight: str, x: np.ndarray, ls: LoraScratch | None
                      ) -> np.ndarray:
     """x as `weight`'s base linear and its adapter both take it: in a bf16 model whose adapter
-    reads x undropped, x's bf16 rounding, made once here (both would make the same one); else x."""
-    if ad is None or ad.get(weight) is None or ls.x16 is None or ls.drop is not None:
+    reads x undropped, x's bf16 rounding, made once here (both would make the same one); else x
+    (LoraScratch.input gives x itself in an fp32 model)."""
+    if ad is None or ad.get(weight) is None or ls.drop is not None:
         return x
     return ls.input(x)
 
